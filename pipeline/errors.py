@@ -1,0 +1,27 @@
+"""One small exception hierarchy.
+
+Every error a user can fix derives from :class:`PipelineError`; the Hydra entry
+point prints its message as one line and exits non-zero, never a traceback.
+Messages follow one rule: name the key or file, the value, what is allowed, and
+the fix.
+"""
+
+
+class PipelineError(Exception):
+    """Base class for errors the user can fix."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration key holds a value the pipeline cannot use."""
+
+
+class SignalError(PipelineError):
+    """A signal file cannot be read or used (unreadable, empty, NaN, too short)."""
+
+
+class DataError(PipelineError):
+    """A dataset as a whole cannot be used (no files, a class with too few files)."""
+
+
+class BundleError(PipelineError):
+    """A saved model bundle is missing, incomplete or of an incompatible format."""
