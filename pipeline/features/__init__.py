@@ -1,0 +1,1 @@
+"""Time-frequency images of signal windows."""

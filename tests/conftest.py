@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny datasets written to temporary folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+def write_tone_dataset(root: Path, *, n_per_class: int = 6, rate: int = 1000, seconds: float = 0.5) -> Path:
+    """Three classes of noisy tones (low, mid, high) as real WAV files under root/<class>/."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(rate * seconds)) / rate
+    for label, freq in (("low", 60.0), ("mid", 180.0), ("high", 350.0)):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            x = np.sin(2 * np.pi * (freq + rng.uniform(-10, 10)) * t) + 0.5 * rng.standard_normal(t.size)
+            sf.write(folder / f"{label}_{i:02d}.wav", (0.3 * x).astype(np.float32), rate, subtype="FLOAT")
+    return root
+
+
+@pytest.fixture
+def tone_dataset(tmp_path: Path) -> Path:
+    return write_tone_dataset(tmp_path / "tones")
