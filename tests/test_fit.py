@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.fit import TrainSettings, _lr_factor, fit, predict_logits, resolve_device
+
+
+class TinyNet(nn.Module):
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Linear(8, n_classes)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def blobs(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
+    for c in range(3):
+        x[y == c, :, 2 * c : 2 * c + 2, :] += 1.5  # the class is a bright band
+    return x, y
+
+
+def test_fit_learns_keeps_best_epoch_and_is_deterministic():
+    x, y = blobs(96, 0)
+    xv, yv = blobs(30, 1)
+    settings = TrainSettings(epochs=6, batch_size=16, lr=0.05)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinyNet()
+        result = fit(model, x, y, xv, yv, settings=settings, device=torch.device("cpu"), seed=0, progress=False)
+        runs.append((model, result))
+    (model, result), (model2, result2) = runs
+    assert len(result.history) == 6
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    best = min(result.history, key=lambda h: (h["val_error"], h["val_loss"]))
+    assert result.best_epoch == best["epoch"]
+    logits = predict_logits(model, xv, device=torch.device("cpu"))
+    assert (logits.argmax(1) != yv).float().mean().item() == pytest.approx(best["val_error"])
+    assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in result2.history]
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_patience_stops_early():
+    x, y = blobs(48, 0)
+    # A learning rate too small to change the accuracy: no epoch beats the first by accuracy,
+    # and loss-only improvements are counted, so stopping must come well before 30 epochs.
+    settings = TrainSettings(epochs=30, batch_size=16, lr=1e-12, patience=2, schedule="constant")
+    result = fit(TinyNet(), x, y, x, y, settings=settings, device=torch.device("cpu"), seed=0, progress=False)
+    assert len(result.history) < 30
+
+
+def test_multistep_schedule_divides_by_ten_at_milestones():
+    s = TrainSettings(epochs=4, milestones=(0.5, 0.75))
+    factors = [_lr_factor(step, steps_per_epoch=10, s=s) for step in (0, 19, 20, 29, 30, 39)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    warm = TrainSettings(epochs=4, warmup_epochs=1, schedule="cosine")
+    assert _lr_factor(0, steps_per_epoch=10, s=warm) == pytest.approx(0.1)
+    assert _lr_factor(39, steps_per_epoch=10, s=warm) < 0.01
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"epochs": 0}, "train.epochs=0 must be a positive integer"),
+        ({"optimizer": "lbfgs"}, "train.optimizer='lbfgs' must be one of"),
+        ({"lr": 0.0}, "train.lr=0.0 must be positive"),
+        ({"milestones": (50,)}, r"train.milestones=\[50\] must be fractions"),
+    ],
+)
+def test_bad_settings(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainSettings(**kw)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ConfigError, match="device='gpu0' is not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda:1")
