@@ -1,0 +1,1 @@
+"""Datasets: records, splits, windows and the synthetic default."""
