@@ -33,7 +33,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 class TrainSettings:
     """Settings of one training run (the ``train`` config group)."""
 
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -55,19 +55,23 @@ class TrainSettings:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"train.{key}={value!r} must be a positive integer")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}")
+            raise ConfigError(
+                f"train.optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r} must be one of {list(SCHEDULES)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr={self.lr!r} must be positive")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(
-                f"train.milestones={list(self.milestones)} must be fractions of the epochs in (0, 1)"
+                f"train.milestones={list(self.milestones)} must be fractions of training in (0, 1)"
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
         if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"train.patience={self.patience!r} must be a positive integer or null")
+            raise ConfigError(
+                f"train.patience={self.patience!r} must be a positive integer or null"
+            )
 
 
 @dataclass
@@ -97,7 +101,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from err
+        raise ConfigError(
+            f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():

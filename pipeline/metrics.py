@@ -32,7 +32,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "n_test": int(len(y_true)),
         "per_class": {
             name: {
@@ -57,7 +59,5 @@ def file_level_accuracy(scores: np.ndarray, y_true: np.ndarray, record: np.ndarr
     """
     probs = softmax(scores, axis=1)
     files = np.unique(record)
-    correct = [
-        probs[record == f].mean(axis=0).argmax() == y_true[record == f][0] for f in files
-    ]
+    correct = [probs[record == f].mean(axis=0).argmax() == y_true[record == f][0] for f in files]
     return float(np.mean(correct))

@@ -102,7 +102,9 @@ def select_channels(samples: np.ndarray, channels: str | list[int], *, path: Pat
     n = samples.shape[0]
     bad = [c for c in channels if not -n <= c < n]
     if bad:
-        raise SignalError(f"{path}: has {n} channel(s), so data.channels={list(channels)} is out of range")
+        raise SignalError(
+            f"{path}: has {n} channel(s), so data.channels={list(channels)} is out of range"
+        )
     return samples[list(channels)]
 
 
@@ -117,7 +119,9 @@ def _read_audio(path: Path) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)  # (samples, channels)
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-        raise SignalError(f"{path}: not a readable audio file ({err}); re-export or remove it") from err
+        raise SignalError(
+            f"{path}: not a readable audio file ({err}); re-export or remove it"
+        ) from err
     return data.T, int(rate)
 
 
@@ -125,7 +129,9 @@ def _read_npy(path: Path) -> np.ndarray:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise SignalError(f"{path}: not a readable .npy array ({err}); re-save it with numpy.save") from err
+        raise SignalError(
+            f"{path}: not a readable .npy array ({err}); re-save it with numpy.save"
+        ) from err
     if data.ndim == 1:
         data = data[None, :]
     elif data.ndim == 2:
@@ -133,7 +139,9 @@ def _read_npy(path: Path) -> np.ndarray:
         if data.shape[0] > data.shape[1]:
             data = data.T
     else:
-        raise SignalError(f"{path}: array of shape {data.shape} is not 1-D or 2-D; save one signal per file")
+        raise SignalError(
+            f"{path}: array of shape {data.shape} is not 1-D or 2-D; save one signal per file"
+        )
     if not np.issubdtype(data.dtype, np.number):
         raise SignalError(f"{path}: array dtype {data.dtype} is not numeric")
     return data.astype(np.float32)

@@ -9,7 +9,9 @@ import pytest
 import soundfile as sf
 
 
-def write_tone_dataset(root: Path, *, n_per_class: int = 6, rate: int = 1000, seconds: float = 0.5) -> Path:
+def write_tone_dataset(
+    root: Path, *, n_per_class: int = 6, rate: int = 1000, seconds: float = 0.5
+) -> Path:
     """Three classes of noisy tones (low, mid, high) as real WAV files under root/<class>/."""
     rng = np.random.default_rng(0)
     t = np.arange(int(rate * seconds)) / rate
@@ -17,8 +19,12 @@ def write_tone_dataset(root: Path, *, n_per_class: int = 6, rate: int = 1000, se
         folder = root / label
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
-            x = np.sin(2 * np.pi * (freq + rng.uniform(-10, 10)) * t) + 0.5 * rng.standard_normal(t.size)
-            sf.write(folder / f"{label}_{i:02d}.wav", (0.3 * x).astype(np.float32), rate, subtype="FLOAT")
+            x = np.sin(2 * np.pi * (freq + rng.uniform(-10, 10)) * t) + 0.5 * rng.standard_normal(
+                t.size
+            )
+            sf.write(
+                folder / f"{label}_{i:02d}.wav", (0.3 * x).astype(np.float32), rate, subtype="FLOAT"
+            )
     return root
 
 

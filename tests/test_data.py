@@ -50,7 +50,13 @@ def test_records_and_windows_skip_broken_files(tone_dataset):
     assert sorted({r.label for r in records}) == ["high", "low", "mid"]
     assert len(records) == 19
     windows = load_windows(
-        records, sample_rate=1000, channels="mix", length_seconds=0.2, hop_seconds=0.1, pad=False, progress=False
+        records,
+        sample_rate=1000,
+        channels="mix",
+        length_seconds=0.2,
+        hop_seconds=0.1,
+        pad=False,
+        progress=False,
     )
     assert [s.path.name for s in windows.skipped] == ["broken.wav"]
     assert windows.x.shape[1:] == (1, 200) and windows.length == 200 and windows.hop == 100

@@ -15,13 +15,23 @@ def params(**kw):
     return STFTParams(**{**base, **kw})
 
 
-@pytest.mark.parametrize("center,pad_mode", [(True, "reflect"), (True, "constant"), (False, "reflect")])
+@pytest.mark.parametrize(
+    "center,pad_mode", [(True, "reflect"), (True, "constant"), (False, "reflect")]
+)
 def test_magnitude_matches_librosa(center, pad_mode):
     x = np.random.default_rng(0).standard_normal(3001).astype(np.float32)
     p = params(center=center, pad_mode=pad_mode)
     ours = stft_image(torch.from_numpy(x)[None], make_window(p), p)[0].numpy()
     ref = np.abs(
-        librosa.stft(x, n_fft=256, hop_length=64, win_length=200, window="hann", center=center, pad_mode=pad_mode)
+        librosa.stft(
+            x,
+            n_fft=256,
+            hop_length=64,
+            win_length=200,
+            window="hann",
+            center=center,
+            pad_mode=pad_mode,
+        )
     )
     assert ours.shape == ref.shape == (129, p.n_frames(3001))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.max())
@@ -31,7 +41,9 @@ def test_db_scale_matches_librosa_power_to_db():
     x = np.random.default_rng(1).standard_normal(2000).astype(np.float32)
     p = params(power=2, scale="db", top_db=60.0)
     ours = stft_image(torch.from_numpy(x)[None], make_window(p), p)[0].numpy()
-    stft = librosa.stft(x, n_fft=256, hop_length=64, win_length=200, window="hann", pad_mode="reflect")
+    stft = librosa.stft(
+        x, n_fft=256, hop_length=64, win_length=200, window="hann", pad_mode="reflect"
+    )
     power = np.abs(stft) ** 2  # librosa pads with zeros by default; torchaudio with reflect
     ref = librosa.power_to_db(power, ref=1.0, amin=1e-10, top_db=60.0)
     np.testing.assert_allclose(ours, ref, atol=1e-3)

@@ -33,7 +33,17 @@ def test_fit_learns_keeps_best_epoch_and_is_deterministic():
     for _ in range(2):
         torch.manual_seed(0)
         model = TinyNet()
-        result = fit(model, x, y, xv, yv, settings=settings, device=torch.device("cpu"), seed=0, progress=False)
+        result = fit(
+            model,
+            x,
+            y,
+            xv,
+            yv,
+            settings=settings,
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+        )
         runs.append((model, result))
     (model, result), (model2, result2) = runs
     assert len(result.history) == 6
@@ -52,7 +62,9 @@ def test_patience_stops_early():
     # A learning rate too small to change the accuracy: no epoch beats the first by accuracy,
     # and loss-only improvements are counted, so stopping must come well before 30 epochs.
     settings = TrainSettings(epochs=30, batch_size=16, lr=1e-12, patience=2, schedule="constant")
-    result = fit(TinyNet(), x, y, x, y, settings=settings, device=torch.device("cpu"), seed=0, progress=False)
+    result = fit(
+        TinyNet(), x, y, x, y, settings=settings, device=torch.device("cpu"), seed=0, progress=False
+    )
     assert len(result.history) < 30
 
 
@@ -71,7 +83,7 @@ def test_multistep_schedule_divides_by_ten_at_milestones():
         ({"epochs": 0}, "train.epochs=0 must be a positive integer"),
         ({"optimizer": "lbfgs"}, "train.optimizer='lbfgs' must be one of"),
         ({"lr": 0.0}, "train.lr=0.0 must be positive"),
-        ({"milestones": (50,)}, r"train.milestones=\[50\] must be fractions"),
+        ({"milestones": (50,)}, r"train.milestones=\[50\] must be fractions of training"),
     ],
 )
 def test_bad_settings(kw, match):

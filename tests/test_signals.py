@@ -40,7 +40,11 @@ def test_npy_takes_the_configured_rate_and_channel_layout(tmp_path):
 @pytest.mark.parametrize(
     ("name", "write", "match"),
     [
-        ("corrupt.wav", lambda p: p.write_bytes(b"RIFF\x00\x00garbage"), "not a readable audio file"),
+        (
+            "corrupt.wav",
+            lambda p: p.write_bytes(b"RIFF\x00\x00garbage"),
+            "not a readable audio file",
+        ),
         ("empty.wav", lambda p: p.write_bytes(b""), "not a readable audio file"),
         ("nan.npy", lambda p: np.save(p, np.array([0.0, np.nan, 1.0])), "NaN or infinite"),
         ("none.npy", lambda p: np.save(p, np.zeros(0)), "holds no samples"),

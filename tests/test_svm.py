@@ -245,3 +245,14 @@ def test_one_class_is_refused(data):
     X_train, y_train, *_ = data
     with pytest.raises(ValueError, match=r"y has 1 class \(\[0\]\); an SVM needs at least 2"):
         SVMClassifier().fit(X_train[y_train == 0], y_train[y_train == 0])
+
+
+def test_parameter_count_is_what_the_fitted_pipeline_stores(data):
+    X_train, y_train = data[0], data[1]
+    model = SVMClassifier(C=[1.0], gamma=["scale"], cv=2).fit(X_train, y_train)
+    scaler, svc = model.estimator_.steps[0][1], model.estimator_.steps[-1][1]
+    expected = (
+        scaler.mean_.size + scaler.scale_.size + svc.support_vectors_.size
+        + svc.dual_coef_.size + svc.intercept_.size
+    )  # fmt: skip
+    assert model.n_params_ == expected > 0

@@ -37,7 +37,9 @@ def find_records(root: str | Path, *, suffixes: tuple[str, ...] = SUFFIXES) -> l
         )
     records = [
         Record(path, class_dir.name)
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for class_dir in sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         for path in sorted(class_dir.rglob("*"))
         if path.is_file() and path.suffix.lower() in suffixes
     ]

@@ -41,7 +41,8 @@ class STFTParams:
         hop_length: samples between frames.
         win_length: window length in samples, at most ``n_fft``.
         window: one of :data:`WINDOWS` (periodic form).
-        center: pad ``n_fft // 2`` samples on both sides so frame t is centred at ``t * hop_length``.
+        center: pad ``n_fft // 2`` samples on both sides, so frame t is centred
+            at sample ``t * hop_length``.
         pad_mode: padding used when ``center`` is true.
         power: 1 for magnitude, 2 for power.
         scale: ``db`` (10·log10 of power or 20·log10 of magnitude), ``log1p``,
@@ -73,7 +74,9 @@ class STFTParams:
         if self.window not in WINDOWS:
             raise ConfigError(f"features.window={self.window!r} must be one of {sorted(WINDOWS)}")
         if self.pad_mode not in PAD_MODES:
-            raise ConfigError(f"features.pad_mode={self.pad_mode!r} must be one of {list(PAD_MODES)}")
+            raise ConfigError(
+                f"features.pad_mode={self.pad_mode!r} must be one of {list(PAD_MODES)}"
+            )
         if self.power not in (1, 2):
             raise ConfigError(f"features.power={self.power!r} must be 1 (magnitude) or 2 (power)")
         if self.scale not in SCALES:
@@ -96,7 +99,9 @@ class STFTParams:
 
     def image_shape(self, n_samples: int) -> tuple[int, int]:
         """(height, width) of the image of a signal of ``n_samples``."""
-        return self.size if self.size is not None else (self.n_fft // 2 + 1, self.n_frames(n_samples))
+        return (
+            self.size if self.size is not None else (self.n_fft // 2 + 1, self.n_frames(n_samples))
+        )
 
 
 def make_window(params: STFTParams, device: torch.device | str | None = None) -> Tensor:
@@ -141,7 +146,9 @@ def stft_image(x: Tensor, window: Tensor, params: STFTParams) -> Tensor:
         multiplier = 10.0 if params.power == 2 else 20.0
         lead = spec.shape[:-3]
         spec = AF.amplitude_to_DB(
-            spec.reshape(-1, *spec.shape[-3:]),  # top_db floors per item over (channels, freq, time)
+            spec.reshape(
+                -1, *spec.shape[-3:]
+            ),  # top_db floors per item over (channels, freq, time)
             multiplier=multiplier,
             amin=1e-10,
             db_multiplier=0.0,
@@ -157,7 +164,7 @@ def stft_image(x: Tensor, window: Tensor, params: STFTParams) -> Tensor:
 
 
 class STFTImage(nn.Module):
-    """Module form of :func:`stft_image`; holds the window as a buffer so ``.to(device)`` moves it."""
+    """Module form of :func:`stft_image`; the window is a buffer, so ``.to(device)`` moves it."""
 
     def __init__(self, params: STFTParams) -> None:
         super().__init__()
@@ -225,7 +232,11 @@ class Normalizer:
         mean = images.mean(axis=axes, dtype=np.float64)
         std = images.std(axis=axes, dtype=np.float64)
         shape = (1, 1, 1) if mode == "global" else (images.shape[1], images.shape[2], 1)
-        return cls(mode, mean.reshape(shape).astype(np.float32), np.maximum(std, 1e-6).reshape(shape).astype(np.float32))
+        return cls(
+            mode,
+            mean.reshape(shape).astype(np.float32),
+            np.maximum(std, 1e-6).reshape(shape).astype(np.float32),
+        )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Standardise (n, channels, height, width) images."""

@@ -250,6 +250,7 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
 
         self.classes_ = self.estimator_.classes_
         self.image_shape_ = tuple(int(d) for d in X.shape[1:])
+        self.n_params_ = _count_parameters(self.estimator_)
         return self
 
     def _features(self, X) -> np.ndarray:
@@ -315,6 +316,20 @@ TRUSTED_TYPES = frozenset(
         "sklearn.model_selection._split.StratifiedKFold",
     }
 )
+
+
+def _count_parameters(pipeline) -> int:
+    """Numbers a fitted pipeline stores to predict: scaler statistics, PCA basis,
+    support vectors, dual coefficients and intercepts (the SVM's "parameters")."""
+    names = ("mean_", "scale_", "components_", "support_vectors_", "dual_coef_", "intercept_")
+    return int(
+        sum(
+            np.size(getattr(step, name))
+            for _, step in pipeline.steps
+            for name in names
+            if getattr(step, name, None) is not None
+        )
+    )
 
 
 def save_svm(model: SVMClassifier, path: str | os.PathLike) -> None:

@@ -1,0 +1,43 @@
+"""Hydra entry point: ``python -m pipeline.run [overrides]``. Picks the task, nothing else."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def _tasks():
+    from pipeline.tasks import compare
+
+    return {"compare": compare.run}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        tasks = _tasks()
+        if cfg.task not in tasks:
+            raise ConfigError(f"task={cfg.task!r} must be one of {sorted(tasks)}")
+        tasks[cfg.task](cfg, run_dir=run_dir)
+    except PipelineError as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        log.error("%s: %s; set it on the command line, e.g. %s=<value>", key, reason, key)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tasks: the only code that reads the Hydra config."""

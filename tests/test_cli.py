@@ -1,0 +1,147 @@
+"""End-to-end runs of ``python -m pipeline.run`` on tiny data, as a user would start them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("resnet", "plain_cnn", "svm")
+
+
+def run_cli(*overrides: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def tiny(tmp: Path, run: str, *extra: str) -> list[str]:
+    """A tiny version of the default job: few files, one epoch, small grid."""
+    return [
+        f"data.root={tmp / 'synthetic'}",
+        "data.generate.n_per_class=8",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "svm.C=[1.0,10.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "progress=false",
+        f"hydra.run.dir={tmp / run}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = run_cli(*tiny(tmp, "run1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp, proc
+
+
+@pytest.mark.slow
+def test_default_job_writes_metrics_report_and_models(default_run):
+    tmp, proc = default_run
+    run_dir = tmp / "run1"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["models"]) == set(MODELS)
+    for name in MODELS:
+        m = metrics["models"][name]
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+        assert m["n_params"] > 0 and m["train_seconds"] > 0
+        assert (run_dir / "models" / name / "bundle.json").is_file()
+        with open(run_dir / "predictions" / f"{name}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == metrics["dataset"]["n_test"]
+        correct = sum(r["true"] == r["predicted"] for r in rows) / len(rows)
+        assert correct == pytest.approx(m["accuracy"])
+    ds = metrics["dataset"]
+    assert len(ds["classes"]) == 7
+    assert ds["n_train"] + ds["n_val"] + ds["n_test"] == 7 * 8
+    # the ResNet and its plain twin differ only by the shortcuts (option B adds projections)
+    assert metrics["models"]["resnet"]["n_params"] > metrics["models"]["plain_cnn"]["n_params"]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "figures" / "learning_curves.png").is_file()
+    # the printed table and the report path
+    assert re.search(r"^resnet\s+\d\.\d{4}", proc.stdout, re.M)
+    assert f"report: {run_dir / 'report.md'}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_report_headline_numbers_equal_metrics(default_run):
+    tmp, _ = default_run
+    metrics = json.loads((tmp / "run1" / "metrics.json").read_text())
+    report = (tmp / "run1" / "report.md").read_text()
+    for name in MODELS:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        m = metrics["models"][name]
+        assert cells[1] == f"{m['accuracy']:.4f}"
+        assert cells[2] == f"{m['balanced_accuracy']:.4f}"
+        assert cells[3] == f"{m['macro_f1']:.4f}"
+        assert cells[4] == f"{m['n_params']:,}"
+    assert "![learning curves](figures/learning_curves.png)" in report
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", report):
+        assert (tmp / "run1" / figure).is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_results(default_run):
+    tmp, _ = default_run
+    proc = run_cli(*tiny(tmp, "run2"))  # the dataset exists now: it is reused, not regenerated
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = json.loads((tmp / "run1" / "metrics.json").read_text())["models"]
+    second = json.loads((tmp / "run2" / "metrics.json").read_text())["models"]
+    for name in MODELS:
+        assert first[name]["accuracy"] == second[name]["accuracy"]
+        assert first[name]["confusion"] == second[name]["confusion"]
+    for name in MODELS:
+        a = (tmp / "run1" / "predictions" / f"{name}.csv").read_text()
+        b = (tmp / "run2" / "predictions" / f"{name}.csv").read_text()
+        assert a == b
+
+
+@pytest.mark.slow
+def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
+    (tone_dataset / "mid" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    proc = run_cli(
+        "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000",
+        "models=[resnet,svm]", "train.epochs=1", "features.n_fft=64", "features.hop_length=16",
+        "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
+        "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"resnet", "svm"}
+    assert metrics["dataset"]["classes"] == ["high", "low", "mid"]
+    assert [s["path"] for s in metrics["dataset"]["skipped"]] == [
+        str(tone_dataset / "mid" / "broken.wav")
+    ]
+    assert "broken.wav" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.epochs=0"], "train.epochs=0 must be a positive integer"),
+        (["models=[resnet,lstm]"], "'lstm' is not a configured model; choose from"),
+        (["resnet.depth=21"], "depth=21 is not of the form 6n+2"),
+        (["features.window=kaiser"], "features.window='kaiser' must be one of"),
+        (["data=folder"], "data.root"),
+        (["trian.epochs=3"], "Could not override 'trian.epochs'"),
+        (["data=nowhere"], "Could not find 'data/nowhere'"),
+    ],
+)
+def test_bad_overrides_end_with_one_clear_line(tmp_path, overrides, message):
+    proc = run_cli(*overrides, "progress=false", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in out
+    assert "Traceback" not in out
