@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +136,7 @@ def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
         (["resnet.depth=21"], "depth=21 is not of the form 6n+2"),
         (["features.window=kaiser"], "features.window='kaiser' must be one of"),
         (["data=folder"], "data.root"),
+        (["data.split=bogus"], "data.split='bogus' must be one of"),
         (["trian.epochs=3"], "Could not override 'trian.epochs'"),
         (["data=nowhere"], "Could not find 'data/nowhere'"),
     ],
@@ -145,3 +147,61 @@ def test_bad_overrides_end_with_one_clear_line(tmp_path, overrides, message):
     assert proc.returncode != 0
     assert message in out
     assert "Traceback" not in out
+
+
+FSDD = REPO.parent / "shared" / "datasets" / "fsdd" / "recordings"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDD.is_dir(), reason=f"the Free Spoken Digit Dataset is not at {FSDD}")
+def test_real_recordings_official_split_through_a_manifest(tmp_path):
+    """FSDD's official split (index 0-4 is test) on a subset: 3 digits, 2 speakers, 12 takes."""
+    rows = ["path,label"]
+    for digit in "017":
+        for speaker in ("jackson", "theo"):
+            rows += [f"{FSDD / f'{digit}_{speaker}_{i}.wav'},{digit}" for i in range(12)]
+    (tmp_path / "subset.csv").write_text("\n".join(rows) + "\n")
+    proc = run_cli(
+        "data=folder", f"data.root={FSDD}", f"data.manifest={tmp_path / 'subset.csv'}",
+        "data.split=regex", "data.test_regex='_[0-4]\\.wav$'", "data.segment.length_seconds=1.0",
+        "models=[resnet,svm]", "train.epochs=3", "train.batch_size=16", "svm.C=[1.0]",
+        "svm.gamma=[scale]", "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ds = metrics["dataset"]
+    assert ds["classes"] == ["0", "1", "7"] and ds["sample_rate"] == 8000
+    assert ds["files"]["test"] == 3 * 2 * 5 and ds["layout"] == "manifest"
+    with open(tmp_path / "run" / "predictions" / "resnet.csv") as f:
+        tested = {Path(r["path"]).name for r in csv.DictReader(f)}
+    assert all(re.search(r"_[0-4]\.wav$", name) for name in tested)
+
+
+@pytest.mark.slow
+def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
+    """One long two-channel .mat recording per class, as test rigs save them; split by time."""
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(0)
+    t = np.arange(30_000) / 2000
+    for label, f in (("inner", 130.0), ("outer", 310.0), ("ball", 520.0)):
+        x = np.stack([np.sin(2 * np.pi * f * t), 0.5 * rng.standard_normal(t.size)], axis=1)
+        (tmp_path / "rig" / label).mkdir(parents=True)
+        scipy_io.savemat(tmp_path / "rig" / label / "run.mat", {"X1_DE_time": x, "X1RPM": 1797.0})
+    proc = run_cli(
+        "data=folder", f"data.root={tmp_path / 'rig'}", "data.sample_rate=2000",
+        "data.mat_key=DE_time", "data.channels=all", "data.split=time",
+        "data.segment.length_seconds=0.25", "data.segment.hop_seconds=0.125",
+        "features.n_fft=64", "features.hop_length=16", "features.win_length=64",
+        "features.size=[16,16]", "models=[plain_cnn,svm]", "train.epochs=1",
+        "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2", "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ds = metrics["dataset"]
+    assert ds["split"] == "time" and metrics["features"]["image_shape"] == [2, 16, 16]
+    for c in ("inner", "outer", "ball"):
+        assert all(ds["per_class"][c][s]["files"] == 1 for s in ("train", "val", "test"))
+    with open(tmp_path / "run" / "predictions" / "svm.csv") as f:
+        starts = [float(r["segment_start_seconds"]) for r in csv.DictReader(f)]
+    assert min(starts) >= 15.0 * (1 - 0.15)  # test windows lie in the last 15 % of each recording

@@ -1,21 +1,25 @@
-"""Read the recordings of a dataset and cut them into windows.
+"""Read the recordings of a dataset file by file and cut them into windows.
 
-A file that cannot be used is skipped and reported, never a crash of the run.
+Reading streams: :func:`iter_windows` yields one file's windows at a time, so
+no more than one raw signal is held at once. A file that cannot be used is
+skipped with its reason, never a crash of the run.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 from tqdm import tqdm
 
 from pipeline.data.records import Record
 from pipeline.data.segments import segment
-from pipeline.errors import DataError, SignalError
-from pipeline.signals import read_signal
+from pipeline.errors import ConfigError, SignalError
+from pipeline.signals import AUDIO_SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
 
@@ -28,103 +32,174 @@ class Skipped:
     reason: str
 
 
-@dataclass
-class Windows:
-    """Fixed-length windows of many recordings.
+@dataclass(frozen=True)
+class FileWindows:
+    """The windows of one file.
 
     Attributes:
-        x: float32 array (n, channels, length).
-        record: (n,) index of each window's recording in the record list.
-        start: (n,) start of each window in samples.
-        length: window length in samples.
-        hop: distance between window starts in samples.
-        resampled: paths of files read at another rate and resampled.
-        skipped: files left out, with the reason.
+        index: the file's index in the record list.
+        x: float32 array (windows, channels, length).
+        start: (windows,) start of each window in samples.
+        split: (windows,) split name of each window.
+        n_samples: length of the file at the working rate.
+        source_rate: the file's own sample rate.
     """
 
+    index: int
     x: np.ndarray
-    record: np.ndarray
     start: np.ndarray
+    split: np.ndarray
+    n_samples: int
+    source_rate: int
+
+
+@dataclass(frozen=True)
+class Segmenting:
+    """How files become windows, in samples at the working rate.
+
+    Attributes:
+        length: window length.
+        hop: distance between window starts.
+        pad: zero-pad short signals and a long-enough tail.
+    """
+
     length: int
-    hop: int = 0
-    resampled: list[Path] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
+    hop: int
+    pad: bool
 
 
-def load_windows(
-    records: list[Record],
+def segmenting(
     *,
     sample_rate: int,
-    channels: str | list[int],
     length_seconds: float | None,
     hop_seconds: float | None,
     pad: bool,
-    progress: bool = True,
-) -> Windows:
-    """Read every record and cut it into windows.
+    whole_length: int | None = None,
+) -> Segmenting:
+    """Turn the ``data.segment`` settings into samples.
 
     Args:
-        records: the files to read.
-        sample_rate: working rate; files at another rate are resampled.
-        channels: see :func:`pipeline.signals.read_signal`.
-        length_seconds: window length; None takes each file whole, zero-padded
-            to the longest file.
-        hop_seconds: distance between windows; None means ``length_seconds``
-            (no overlap).
-        pad: see :func:`pipeline.data.segments.segment`.
-        progress: show a progress bar.
-
-    Returns:
-        The windows of all usable files, in record order.
-
-    Raises:
-        DataError: no file could be used.
+        length_seconds: window length (with ``sample_rate=1``, in samples); None
+            for whole files, which then need ``whole_length``.
+        hop_seconds: distance between windows; None for no overlap.
+        whole_length: the length whole files are padded to (the longest file).
     """
-    signals: list[tuple[int, np.ndarray]] = []
-    out = Windows(np.empty(0), np.empty(0), np.empty(0), length=0)
+    if length_seconds is None:
+        assert whole_length is not None
+        return Segmenting(whole_length, whole_length, True)
+    if not length_seconds > 0:
+        raise ConfigError(f"data.segment.length_seconds={length_seconds} must be positive or null")
+    if hop_seconds is not None and not hop_seconds > 0:
+        raise ConfigError(f"data.segment.hop_seconds={hop_seconds} must be positive or null")
+    length = max(1, round(length_seconds * sample_rate))
+    hop = max(1, round((hop_seconds or length_seconds) * sample_rate))
+    return Segmenting(length, hop, pad)
+
+
+def probe_length(path: Path, *, sample_rate: int, read: dict) -> int | None:
+    """Length of a file at the working rate, from its header where possible; None if unreadable."""
+    try:
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            info = sf.info(path)
+            return int(round(info.frames * sample_rate / info.samplerate))
+        if path.suffix.lower() == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return int(max(shape)) if shape else None
+        return read_signal(path, sample_rate=sample_rate, **read).samples.shape[-1]
+    except (SignalError, RuntimeError, ValueError, OSError, sf.LibsndfileError):
+        return None
+
+
+def time_regions(
+    n: int, *, length: int, val_fraction: float, test_fraction: float
+) -> dict[str, tuple[int, int]]:
+    """Contiguous [start, stop) sample ranges of one long recording: train, then val, then test.
+
+    The last ``test_fraction`` of the samples is the test region, the
+    ``val_fraction`` before it the validation region; a gap of one window
+    separates neighbouring regions, so no window and no sample is in two splits
+    and the windows next to a boundary are not neighbours in time.
+    """
+    n_test = round(n * test_fraction)
+    n_val = round(n * val_fraction)
+    test = (n - n_test, n)
+    val = (test[0] - length - n_val, test[0] - length) if n_val else (test[0], test[0])
+    train_stop = (val[0] if n_val else test[0]) - length
+    return {"train": (0, max(0, train_stop)), "val": val, "test": test}
+
+
+def iter_windows(
+    records: Sequence[Record],
+    splits: Sequence[str],
+    *,
+    sample_rate: int,
+    read: dict,
+    seg: Segmenting,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    progress: bool = True,
+) -> Iterator[FileWindows | Skipped]:
+    """Yield each file's windows (or why it was skipped), one file at a time.
+
+    Args:
+        records: the files.
+        splits: each record's split; ``"time"`` splits the file's own samples
+            with :func:`time_regions`.
+        sample_rate: working rate.
+        read: keyword arguments of :func:`pipeline.signals.read_signal`
+            (channels, mat_key, npz_key, csv_columns).
+        seg: window length, hop and padding in samples.
+        val_fraction: share of each recording for validation under the time split.
+        test_fraction: share of each recording for testing under the time split.
+        progress: show a progress bar.
+    """
+    n_channels = None
     for i, rec in enumerate(tqdm(records, desc="read", unit="file", disable=not progress)):
         try:
-            sig = read_signal(rec.path, sample_rate=sample_rate, channels=channels)
+            sig = read_signal(rec.path, sample_rate=sample_rate, **read)
         except SignalError as err:
             log.warning("skipped %s", err)
-            out.skipped.append(Skipped(rec.path, str(err)))
+            yield Skipped(rec.path, str(err))
             continue
-        if sig.resampled:
-            out.resampled.append(rec.path)
-        signals.append((i, sig.samples))
-    if not signals:
-        raise DataError(f"none of the {len(records)} files could be read; see the messages above")
-    n_channels = {s.shape[0] for _, s in signals}
-    if len(n_channels) > 1:
-        raise DataError(
-            f"files have different channel counts {sorted(n_channels)}; set data.channels=mix "
-            "or pick channels every file has, e.g. data.channels=[0]"
-        )
-    if length_seconds is None:
-        length = max(s.shape[-1] for _, s in signals)
-        hop = length
-    else:
-        length = max(1, round(length_seconds * sample_rate))
-        hop = max(1, round((hop_seconds or length_seconds) * sample_rate))
-    xs, rec_idx, starts = [], [], []
-    for i, samples in signals:
-        w = segment(samples, length=length, hop=hop, pad=pad)
-        if len(w) == 0:
+        samples = sig.samples
+        if n_channels is None:
+            n_channels = samples.shape[0]
+        elif samples.shape[0] != n_channels:
             reason = (
-                f"{records[i].path}: {samples.shape[-1]} samples is shorter than one window of "
-                f"{length}; set data.segment.pad=true to zero-pad it"
+                f"{rec.path}: has {samples.shape[0]} channel(s), the files before it "
+                f"{n_channels}; set data.channels=mix or pick channels every file has"
             )
             log.warning("skipped %s", reason)
-            out.skipped.append(Skipped(records[i].path, reason))
+            yield Skipped(rec.path, reason)
             continue
-        xs.append(w)
-        rec_idx.append(np.full(len(w), i))
-        starts.append(np.arange(len(w)) * hop)
-    if not xs:
-        raise DataError("no file is long enough for one window; lower data.segment.length_seconds")
-    out.x = np.concatenate(xs)
-    out.record = np.concatenate(rec_idx)
-    out.start = np.concatenate(starts)
-    out.length = length
-    out.hop = hop
-    return out
+        if splits[i] == "time":
+            regions = time_regions(
+                samples.shape[-1], length=seg.length,
+                val_fraction=val_fraction, test_fraction=test_fraction,
+            )  # fmt: skip
+        else:
+            regions = {splits[i]: (0, samples.shape[-1])}
+        xs, starts, names = [], [], []
+        for name, (a, b) in regions.items():
+            if b - a <= 0:
+                continue
+            w = segment(samples[:, a:b], length=seg.length, hop=seg.hop, pad=seg.pad)
+            xs.append(w)
+            starts.append(a + np.arange(len(w)) * seg.hop)
+            names.append(np.full(len(w), name))
+        if not xs or sum(len(w) for w in xs) == 0:
+            reason = (
+                f"{rec.path}: {samples.shape[-1]} samples is shorter than one window of "
+                f"{seg.length}; set data.segment.pad=true to zero-pad it, or shorten the window"
+            )
+            log.warning("skipped %s", reason)
+            yield Skipped(rec.path, reason)
+            continue
+        yield FileWindows(
+            index=i,
+            x=np.concatenate(xs),
+            start=np.concatenate(starts),
+            split=np.concatenate(names),
+            n_samples=samples.shape[-1],
+            source_rate=sig.source_rate,
+        )

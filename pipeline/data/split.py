@@ -6,11 +6,15 @@ are near-duplicates, and a split by window would put them on both sides.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -65,3 +69,143 @@ def stratified_split(
         parts["val"].append(idx[n_test : n_test + n_val])
         parts["train"].append(idx[n_test + n_val :])
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+
+
+STRATEGIES = ("auto", "random", "group", "time", "regex", "folders", "manifest")
+
+
+def split_records(
+    records: Sequence,
+    *,
+    strategy: str,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    test_regex: str | None = None,
+    test_groups: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Assign each record (file) to ``train``, ``val`` or ``test``, before any segmentation.
+
+    Strategies:
+        ``random``: stratified by class, ``val_fraction`` and ``test_fraction``
+        of each class. ``group``: whole groups (``Record.group``) go to test:
+        ``test_groups``, or a seeded draw of ``test_fraction`` of the groups;
+        validation takes whole groups of the rest the same way. ``regex``:
+        files whose path matches ``test_regex`` are the test split. ``folders``
+        and ``manifest``: the split each record carries. ``time``: every
+        record is ``"time"``; its windows are split by position later (see
+        :func:`pipeline.data.dataset.time_regions`). ``auto``: ``folders`` or
+        ``manifest`` when the records carry a split, else ``random``.
+        Where no validation files are given, they are drawn from the training
+        side, stratified: ``val_fraction`` of it.
+
+    Returns:
+        An array of split names, one per record.
+
+    Raises:
+        ConfigError: an unknown strategy or a missing strategy setting.
+        DataError: a class or group is missing where the split needs it.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"data.split={strategy!r} must be one of {list(STRATEGIES)}")
+    labels = np.array([r.label for r in records])
+    carried = [r.split for r in records]
+    if strategy == "auto":
+        strategy = "folders" if any(carried) else "random"
+    if strategy == "random":
+        parts = stratified_split(
+            labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
+        out = np.empty(len(records), dtype=object)
+        for name, idx in parts.items():
+            out[idx] = name
+        return out.astype(str)
+    if strategy == "time":
+        return np.full(len(records), "time")
+    out = np.full(len(records), "train", dtype=object)
+    if strategy in ("folders", "manifest"):
+        if not all(carried):
+            missing = next(r.path for r in records if not r.split)
+            raise DataError(
+                f"data.split={strategy} needs a split for every file; {missing} has none "
+                "(put it under train/, val/ or test/, or fill the manifest's split column)"
+            )
+        out[:] = carried
+    elif strategy == "regex":
+        if not test_regex:
+            raise ConfigError("data.split=regex needs data.test_regex, e.g. '_[0-4]\\.wav$'")
+        try:
+            pattern = re.compile(test_regex)
+        except re.error as err:
+            raise ConfigError(
+                f"data.test_regex={test_regex!r} is not a regular expression ({err})"
+            ) from err
+        is_test = np.array([bool(pattern.search(str(r.path))) for r in records])
+        if not is_test.any() or is_test.all():
+            raise DataError(
+                f"data.test_regex={test_regex!r} matches {int(is_test.sum())} of {len(records)} "
+                "files; it must pick some but not all of them"
+            )
+        out[is_test] = "test"
+    elif strategy == "group":
+        out = _split_groups(records, val_fraction, test_fraction, seed, test_groups)
+    if strategy != "group" and not (out == "val").any() and val_fraction > 0:
+        train = np.flatnonzero(out == "train")
+        parts = stratified_split(
+            labels[train], val_fraction=val_fraction, test_fraction=0, seed=seed
+        )
+        out[train[parts["val"]]] = "val"
+    _check_classes(labels, out.astype(str), strategy)
+    return out.astype(str)
+
+
+def _split_groups(records, val_fraction, test_fraction, seed, test_groups) -> np.ndarray:
+    groups = np.array([r.group for r in records], dtype=object)
+    if any(g is None for g in groups):
+        raise ConfigError(
+            "data.split=group needs a group for every file: set data.group_regex (e.g. "
+            "'^\\d+_([a-z]+)_' for 7_jackson_32.wav) or a manifest 'group' column"
+        )
+    names = sorted(set(groups.tolist()))
+    rng = np.random.default_rng(seed)
+    if test_groups:
+        unknown = sorted(set(test_groups) - set(names))
+        if unknown:
+            raise DataError(
+                f"data.test_groups={list(test_groups)}: {unknown} not among the groups {names}"
+            )
+        test = set(test_groups)
+    else:
+        if len(names) < 2:
+            raise DataError(f"data.split=group needs at least two groups; found {names}")
+        n_test = min(len(names) - 1, max(1, round(len(names) * test_fraction)))
+        test = set(rng.permutation(names)[:n_test].tolist())
+    rest = [g for g in names if g not in test]
+    if not rest:
+        raise DataError(f"data.test_groups={sorted(test)} leaves no group for training")
+    val: set[str] = set()
+    if val_fraction > 0 and len(rest) >= 2:
+        n_val = min(len(rest) - 1, max(1, round(len(rest) * val_fraction)))
+        val = set(rng.permutation(rest)[:n_val].tolist())
+    out = np.full(len(records), "train", dtype=object)
+    out[np.isin(groups, list(test))] = "test"
+    out[np.isin(groups, list(val))] = "val"
+    if not val and val_fraction > 0:  # one training group: validation by file within it
+        labels = np.array([r.label for r in records])
+        train = np.flatnonzero(out == "train")
+        parts = stratified_split(
+            labels[train], val_fraction=val_fraction, test_fraction=0, seed=seed
+        )
+        out[train[parts["val"]]] = "val"
+    return out
+
+
+def _check_classes(labels: np.ndarray, split: np.ndarray, strategy: str) -> None:
+    for c in sorted(set(labels.tolist())):
+        if not ((labels == c) & (split == "train")).any():
+            raise DataError(
+                f"class {c!r} has no training files under data.split={strategy}; add files "
+                "of that class to the training side or remove the class"
+            )
+        if not ((labels == c) & (split == "test")).any():
+            log.warning("class %r has no test files under data.split=%s", c, strategy)

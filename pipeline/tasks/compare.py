@@ -12,9 +12,11 @@ import io
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -22,14 +24,16 @@ from torch import nn
 
 from pipeline import atomic, report
 from pipeline.bundle import package_versions, save_bundle
-from pipeline.data.dataset import Windows, load_windows
-from pipeline.data.records import find_records
-from pipeline.data.split import SPLITS, stratified_split
+from pipeline.data.dataset import Segmenting, iter_windows, probe_length, segmenting
+from pipeline.data.records import Record, find_records
+from pipeline.data.split import SPLITS, split_records
 from pipeline.data.synthetic import ensure_dataset
-from pipeline.errors import ConfigError
-from pipeline.features.stft import Normalizer, STFTParams, compute_images
+from pipeline.errors import ConfigError, DataError
+from pipeline.features.extract import Extracted, extract_images
+from pipeline.features.stft import Normalizer, STFTParams
 from pipeline.fit import TrainSettings, fit, predict_logits, resolve_device
 from pipeline.metrics import classification_metrics, file_level_accuracy
+from pipeline.signals import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -80,34 +84,144 @@ def model_names(cfg: DictConfig) -> list[str]:
     return names
 
 
-def prepare_data(cfg: DictConfig, *, progress: bool) -> tuple[list, list[str], dict, Windows]:
-    """Find, split and read the dataset.
+@dataclass
+class Prepared:
+    """The dataset as images, with everything the outputs need to describe it."""
 
-    Returns:
-        records, classes, {split: record indices}, windows of all usable records.
-    """
+    records: list[Record]
+    classes: list[str]
+    extracted: Extracted
+    seg: Segmenting
+    read: dict
+    ignored: dict[str, int]
+    layout: str
+    strategy: str
+    seconds: float
+    sample_rate: int
+
+
+def read_settings(d: DictConfig) -> dict:
+    """Keyword arguments of :func:`pipeline.signals.read_signal` from the ``data`` group."""
+    channels = d.channels if isinstance(d.channels, str) else list(d.channels)
+    columns = OmegaConf.to_object(d.csv_columns) if d.get("csv_columns") is not None else None
+    return {
+        "channels": channels,
+        "mat_key": d.get("mat_key"),
+        "npz_key": d.get("npz_key"),
+        "csv_columns": columns,
+    }
+
+
+def prepare_data(
+    cfg: DictConfig, params: STFTParams, *, device: torch.device, progress: bool
+) -> Prepared:
+    """Find, split (by recording), read, segment and turn the dataset into images."""
     d = cfg.data
     if d.get("generate"):
         ensure_dataset(d.root, **OmegaConf.to_container(d.generate, resolve=True))
-    records = find_records(d.root)
-    classes = sorted({r.label for r in records})
-    split = stratified_split(
-        [r.label for r in records],
+    found = find_records(
+        d.root, label_regex=d.get("label_regex"), group_regex=d.get("group_regex"),
+        manifest=d.get("manifest"),
+    )  # fmt: skip
+    records, classes = found.records, found.classes
+    test_groups = d.get("test_groups")
+    splits = split_records(
+        records,
+        strategy=d.split,
         val_fraction=d.val_fraction,
         test_fraction=d.test_fraction,
         seed=d.split_seed,
+        test_regex=d.get("test_regex"),
+        test_groups=list(test_groups) if test_groups is not None else None,
     )
-    channels = d.channels if isinstance(d.channels, str) else list(d.channels)
-    windows = load_windows(
-        records,
-        sample_rate=d.sample_rate,
-        channels=channels,
-        length_seconds=d.segment.length_seconds,
-        hop_seconds=d.segment.hop_seconds,
-        pad=d.segment.pad,
-        progress=progress,
+    read = read_settings(d)
+    rate = d.sample_rate if d.sample_rate is not None else native_rate(records)
+    whole = None
+    if d.segment.length_seconds is None:
+        lengths = [probe_length(r.path, sample_rate=rate, read=read) for r in records]
+        whole = max((n for n in lengths if n), default=1)
+    seg = segmenting(
+        sample_rate=rate, length_seconds=d.segment.length_seconds,
+        hop_seconds=d.segment.hop_seconds, pad=d.segment.pad, whole_length=whole,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    source = iter_windows(
+        records, splits, sample_rate=rate, read=read, seg=seg,
+        val_fraction=d.val_fraction, test_fraction=d.test_fraction, progress=progress,
+    )  # fmt: skip
+    extracted = extract_images(
+        source, params, n_records=len(records), device=device, batch_size=cfg.features.batch_size
     )
-    return records, classes, split, windows
+    strategy = (
+        d.split if d.split != "auto" else ("folders" if any(r.split for r in records) else "random")
+    )
+    return Prepared(
+        records, classes, extracted, seg, read, found.ignored, found.layout, strategy,
+        time.perf_counter() - t0, rate,
+    )  # fmt: skip
+
+
+def native_rate(records: list[Record]) -> int:
+    """The sample rate of the first audio file, used when ``data.sample_rate`` is null.
+
+    Raises:
+        ConfigError: no audio file tells its rate (arrays, text and MATLAB files have none).
+    """
+    for r in records:
+        if r.path.suffix.lower() in AUDIO_SUFFIXES:
+            try:
+                rate = sf.info(r.path).samplerate
+            except (RuntimeError, sf.LibsndfileError):
+                continue
+            log.info("data.sample_rate=null: working at %d Hz, the rate of %s", rate, r.path)
+            return int(rate)
+    raise ConfigError(
+        "data.sample_rate=null, but no audio file gives a rate (arrays, text and MATLAB files "
+        "have none); set data.sample_rate to the rate the signals were recorded at"
+    )
+
+
+def dataset_summary(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]) -> dict:
+    """The ``dataset`` section of metrics.json."""
+    ex, records = data.extracted, data.records
+    labels = np.array([r.label for r in records])
+    window_labels = labels[ex.record]
+    used = ex.file_samples >= 0
+    per = {}
+    for c in data.classes:
+        per[c] = {}
+        for s in SPLITS:
+            m = masks[s] & (window_labels == c)
+            per[c][s] = {"files": len(set(ex.record[m].tolist())), "segments": int(m.sum())}
+    rates = ex.file_rates[used]
+    seconds = ex.file_samples[used] / data.sample_rate
+    return {
+        "name": cfg.data.name,
+        "root": str(cfg.data.root),
+        "layout": data.layout,
+        "split": data.strategy,
+        "classes": data.classes,
+        "n_train": int(masks["train"].sum()),
+        "n_val": int(masks["val"].sum()),
+        "n_test": int(masks["test"].sum()),
+        "files": {s: sum(per[c][s]["files"] for c in data.classes) for s in SPLITS},
+        "per_class": per,
+        "n_files": len(records),
+        "skipped": [{"path": str(s.path), "reason": s.reason} for s in ex.skipped],
+        "n_skipped": len(ex.skipped),
+        "ignored": data.ignored,
+        "sample_rate": data.sample_rate,
+        "source_rates": {str(int(r)): int((rates == r).sum()) for r in np.unique(rates)},
+        "resampled": int((rates != data.sample_rate).sum()),
+        "duration_seconds": {
+            "min": float(seconds.min()),
+            "median": float(np.median(seconds)),
+            "max": float(seconds.max()),
+            "total": float(seconds.sum()),
+        },  # fmt: skip
+        "segment_samples": data.seg.length,
+        "hop_samples": data.seg.hop,
+    }
 
 
 def run(cfg: DictConfig, *, run_dir: Path) -> dict:
@@ -125,46 +239,47 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         _build(cfg, name, n_classes=2, in_channels=1, seed=cfg.seed)
     log.info("device %s, models %s, run folder %s", device, names, run_dir)
 
-    records, classes, split, windows = prepare_data(cfg, progress=progress)
-    record_split = np.empty(len(records), dtype=object)
-    for name, idx in split.items():
-        record_split[idx] = name
-    window_split = record_split[windows.record]
+    data = prepare_data(cfg, params, device=device, progress=progress)
+    records, classes, ex = data.records, data.classes, data.extracted
     label_index = {c: i for i, c in enumerate(classes)}
-    y = np.array([label_index[records[i].label] for i in windows.record], dtype=np.int64)
-    masks = {name: window_split == name for name in SPLITS}
+    y = np.array([label_index[records[i].label] for i in ex.record], dtype=np.int64)
+    masks = {name: ex.split == name for name in SPLITS}
     if not masks["train"].any() or not masks["test"].any():
-        raise ConfigError("the split left no training or no test windows; check data.*_fraction")
-    n_records = {name: len(set(windows.record[masks[name]].tolist())) for name in SPLITS}
+        raise ConfigError(
+            f"data.split={data.strategy} left {int(masks['train'].sum())} training and "
+            f"{int(masks['test'].sum())} test windows; both must be non-empty"
+        )
+    for c, i in label_index.items():
+        if not (masks["train"] & (y == i)).any():
+            raise DataError(
+                f"class {c!r} has no usable training window (its files were skipped or all "
+                "went to other splits); see skipped.csv, add files or remove the class"
+            )
+    summary = dataset_summary(cfg, data, masks)
+    _write_skipped(run_dir / "skipped.csv", ex.skipped)
     log.info(
-        "%d classes, %d files -> windows: train %d, val %d, test %d",
-        len(classes), len(records), *(int(masks[s].sum()) for s in SPLITS),
+        "%d classes, %d files (%d skipped) -> windows: train %d, val %d, test %d",
+        len(classes), len(records), len(ex.skipped), *(int(masks[s].sum()) for s in SPLITS),
     )  # fmt: skip
-
-    t0 = time.perf_counter()
-    raw_images = compute_images(
-        windows.x, params, device=device, batch_size=cfg.features.batch_size, progress=progress
-    )
-    feature_seconds = time.perf_counter() - t0
+    raw_images = ex.images
+    feature_seconds = data.seconds
     normalizer = Normalizer.fit(raw_images[masks["train"]], mode=cfg.features.normalize)
     images = normalizer(raw_images)
     log.info("images %s computed in %.1f s", images.shape[1:], feature_seconds)
 
     data_settings = {
-        "sample_rate": cfg.data.sample_rate,
-        "channels": OmegaConf.to_object(cfg.data.channels)
-        if not isinstance(cfg.data.channels, str)
-        else cfg.data.channels,
-        "segment_samples": windows.length,
-        "hop_samples": windows.hop,
-        "pad": cfg.data.segment.pad,
+        "sample_rate": data.sample_rate,
+        **data.read,
+        "segment_samples": data.seg.length,
+        "hop_samples": data.seg.hop,
+        "pad": data.seg.pad,
     }
     tensors = {
         s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
     }
-    test_paths = [str(records[i].path) for i in windows.record[masks["test"]]]
-    test_starts = windows.start[masks["test"]] / cfg.data.sample_rate
-    segmented = len(windows.record) > len(set(windows.record.tolist()))
+    test_paths = [str(records[i].path) for i in ex.record[masks["test"]]]
+    test_starts = ex.start[masks["test"]] / data.sample_rate
+    segmented = len(ex.record) > len(set(ex.record.tolist()))
 
     results: dict[str, dict] = {}
     histories: dict[str, list[dict]] = {}
@@ -203,9 +318,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         y_pred = scores.argmax(1)
         m = classification_metrics(y_te.numpy(), y_pred, classes)
         if segmented:
-            m["file_accuracy"] = file_level_accuracy(
-                scores, y_te.numpy(), windows.record[masks["test"]]
-            )
+            m["file_accuracy"] = file_level_accuracy(scores, y_te.numpy(), ex.record[masks["test"]])
         m.update(
             n_params=_n_params(model),
             train_seconds=train_seconds,
@@ -230,23 +343,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
 
     metrics = {
         "models": results,
-        "dataset": {
-            "name": cfg.data.name,
-            "root": str(cfg.data.root),
-            "classes": classes,
-            "n_train": int(masks["train"].sum()),
-            "n_val": int(masks["val"].sum()),
-            "n_test": int(masks["test"].sum()),
-            "files": {s: n_records[s] for s in SPLITS},
-            "files_per_class": {
-                c: {s: int(sum(1 for i in split[s] if records[i].label == c)) for s in SPLITS}
-                for c in classes
-            },
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in windows.skipped],
-            "resampled": len(windows.resampled),
-            "sample_rate": cfg.data.sample_rate,
-            "segment_samples": windows.length,
-        },
+        "dataset": summary,
         "features": {
             **{k: list(v) if isinstance(v, tuple) else v for k, v in params.__dict__.items()},
             "normalize": cfg.features.normalize,
@@ -270,6 +367,10 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         run_dir, metrics, config_yaml=OmegaConf.to_yaml(cfg, resolve=True)
     )
     print(report.summary_table(metrics))
+    if ex.skipped:
+        print(
+            f"skipped {len(ex.skipped)} unreadable or unusable file(s): {run_dir / 'skipped.csv'}"
+        )
     print(f"report: {report_path}")
     return metrics
 
@@ -312,6 +413,14 @@ def _examples(
         if (train_mask & (y == c)).any()
     ]
     return raw_images[picks]
+
+
+def _write_skipped(path: Path, skipped) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "reason"])
+    writer.writerows([str(s.path), s.reason] for s in skipped)
+    atomic.write_text(path, buf.getvalue())
 
 
 def _write_predictions(path: Path, paths, starts, y_true, scores, classes) -> None:
