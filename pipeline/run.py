@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -15,20 +16,22 @@ from pipeline.errors import ConfigError, PipelineError
 log = logging.getLogger("pipeline")
 
 
-def _tasks():
-    from pipeline.tasks import compare
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
-    return {"compare": compare.run}
+
+def _task(name: str):
+    """``run(cfg, *, run_dir)`` of ``pipeline/tasks/<name>.py``, one per ``conf/task/*.yaml``."""
+    names = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+    if name not in names:
+        raise ConfigError(f"task={name!r} must be one of {names}")
+    return importlib.import_module(f"pipeline.tasks.{name}").run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        tasks = _tasks()
-        if cfg.task not in tasks:
-            raise ConfigError(f"task={cfg.task!r} must be one of {sorted(tasks)}")
-        tasks[cfg.task](cfg, run_dir=run_dir)
+        _task(cfg.task)(cfg, run_dir=run_dir)
     except PipelineError as err:
         log.error("%s", err)
         raise SystemExit(2) from None
