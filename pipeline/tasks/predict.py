@@ -1,0 +1,249 @@
+"""Batch classification of a folder of signal files with a saved model bundle.
+
+Everything the model was trained with (rate, channels, windows, STFT settings,
+normalisation) comes from the bundle, never from the current config. Files are
+read one at a time and their windows classified in batches, so memory stays
+bounded whatever the number of files; the output CSVs are written to temporary
+files and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from scipy.special import softmax
+from tqdm import tqdm
+
+from pipeline import atomic
+from pipeline.bundle import Bundle, load_bundle
+from pipeline.data.segments import segment
+from pipeline.errors import ConfigError, DataError, SignalError
+from pipeline.features.stft import STFTImage
+from pipeline.fit import resolve_device
+from pipeline.signals import SUFFIXES, read_signal
+
+log = logging.getLogger(__name__)
+
+AGGREGATES = ("mean", "vote", "max")
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Supported files under ``root`` (or ``root`` itself), streamed without listing them all.
+
+    Directory entries come in the file system's order, so a folder of any size
+    is walked in constant memory.
+    """
+    if root.is_file():
+        yield root
+        return
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif Path(entry.name).suffix.lower() in SUFFIXES:
+                    yield Path(entry.path)
+
+
+class Classifier:
+    """A bundle's model and front end: windows (n, channels, samples) -> probabilities."""
+
+    def __init__(self, bundle: Bundle, *, device: torch.device) -> None:
+        self.bundle = bundle
+        self.device = device
+        self.front = STFTImage(bundle.features).to(device)
+        if bundle.kind == "network":
+            self.model = bundle.model.to(device).eval()
+            self.in_channels = int(bundle.meta["model_config"]["in_channels"])
+        else:
+            self.in_channels = int(bundle.model.image_shape_[0])
+
+    @torch.no_grad()
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        images = self.front(torch.from_numpy(windows).to(self.device)).float().cpu().numpy()
+        images = self.bundle.normalizer(images)  # (n, channels, height, width)
+        if self.bundle.kind == "svm":
+            return self.bundle.model.predict_proba(images)
+        logits = self.model(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
+        return softmax(logits, axis=1)
+
+
+@dataclass
+class _File:
+    path: Path
+    true: str | None
+    n: int  # windows
+    starts: np.ndarray
+
+
+def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
+    """File scores (n_classes,) from its windows' probabilities (windows, n_classes)."""
+    if rule == "mean":
+        return probs.mean(axis=0)
+    if rule == "max":
+        scores = probs.max(axis=0)
+        return scores / scores.sum()
+    votes = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+    return votes / votes.sum()
+
+
+def run(cfg: DictConfig, *, run_dir: Path) -> dict:
+    """Classify ``predict.input`` and write the CSVs; returns a summary."""
+    p = cfg.predict
+    if p.aggregate not in AGGREGATES:
+        raise ConfigError(f"predict.aggregate={p.aggregate!r} must be one of {list(AGGREGATES)}")
+    if not (isinstance(p.top_k, int) and p.top_k >= 1):
+        raise ConfigError(f"predict.top_k={p.top_k!r} must be a positive integer")
+    source = Path(p.input)
+    if not source.exists():
+        raise ConfigError(f"predict.input={str(source)!r} does not exist; give a folder or a file")
+    output = Path(p.output) if p.output else run_dir / "predictions.csv"
+    outputs = [output, output.with_name(output.stem + "_errors.csv")]
+    if p.segments:
+        outputs.append(output.with_name(output.stem + "_segments.csv"))
+    existing = [str(o) for o in outputs if o.exists()]
+    if existing and not p.overwrite:
+        raise ConfigError(
+            f"predict.output={str(output)!r}: {existing} exist already; choose another "
+            "predict.output or set predict.overwrite=true"
+        )
+    bundle = load_bundle(p.model)
+    device = resolve_device(cfg.device)
+    summary = predict_folder(
+        bundle, source, outputs=outputs, device=device, batch_size=p.batch_size,
+        top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
+    )  # fmt: skip
+    line = (
+        f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
+        f"in {summary['seconds']:.1f} s ({summary['files_per_second']:.0f} files/s)"
+    )
+    if summary["scored"]:
+        line += f"; accuracy {summary['accuracy']:.4f} on {summary['scored']} labelled file(s)"
+    print(line)
+    print(f"predictions: {output}")
+    if summary["errors"]:
+        print(f"errors: {outputs[1]}")
+    if summary["classified"] == 0:
+        raise DataError(f"no file under predict.input={str(source)!r} could be classified")
+    return summary
+
+
+def predict_folder(
+    bundle: Bundle,
+    source: Path,
+    *,
+    outputs: list[Path],
+    device: torch.device,
+    batch_size: int,
+    top_k: int,
+    rule: str,
+    progress: bool,
+) -> dict:
+    """Stream ``source`` through the classifier, writing file, error and segment rows.
+
+    Returns:
+        Counts, accuracy on files whose class folder names a bundle class, timing.
+    """
+    classify = Classifier(bundle, device=device)
+    classes = bundle.classes
+    data = bundle.data
+    read = {k: data.get(k) for k in ("channels", "mat_key", "npz_key", "csv_columns") if k in data}
+    length, hop, pad = data["segment_samples"], data["hop_samples"], data["pad"]
+    rate = data["sample_rate"]
+    counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
+    start_time = time.perf_counter()
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
+        handles = [stack.enter_context(open(t, "w", newline="", encoding="utf-8")) for t in tmps]
+        files_csv, errors_csv = csv.writer(handles[0]), csv.writer(handles[1])
+        segments_csv = csv.writer(handles[2]) if len(handles) > 2 else None
+        files_csv.writerow(
+            ["path", "predicted", "confidence", "n_segments", "true"]
+            + [f"{k}_{i}" for i in range(1, top_k + 1) for k in ("label", "score")]
+        )
+        errors_csv.writerow(["path", "reason"])
+        if segments_csv:
+            segments_csv.writerow(["path", "segment", "start_seconds", "predicted", *classes])
+        pending: list[tuple[_File, np.ndarray]] = []
+        n_pending = 0
+
+        def flush() -> None:
+            nonlocal pending, n_pending
+            if not pending:
+                return
+            probs = classify(np.concatenate([w for _, w in pending]))
+            at = 0
+            for f, _ in pending:
+                p = probs[at : at + f.n]
+                at += f.n
+                scores = aggregate(p, rule)
+                order = np.argsort(-scores)[:top_k]
+                predicted = classes[order[0]]
+                files_csv.writerow(
+                    [str(f.path), predicted, f"{scores[order[0]]:.6g}", f.n, f.true or ""]
+                    + [v for i in order for v in (classes[i], f"{scores[i]:.6g}")]
+                )
+                if segments_csv:
+                    for j, (row, s) in enumerate(zip(p, f.starts, strict=True)):
+                        segments_csv.writerow(
+                            [str(f.path), j, f"{s / rate:.6g}", classes[int(row.argmax())],
+                             *(f"{v:.6g}" for v in row)]
+                        )  # fmt: skip
+                counts["classified"] += 1
+                if f.true is not None:
+                    counts["scored"] += 1
+                    counts["correct"] += predicted == f.true
+            pending, n_pending = [], 0
+
+        root = source if source.is_dir() else source.parent
+        bar = tqdm(iter_files(source), desc="predict", unit="file", disable=not progress)
+        for path in bar:
+            try:
+                sig = read_signal(path, sample_rate=rate, **read)
+                windows = segment(sig.samples, length=length, hop=hop, pad=pad)
+                if len(windows) == 0:
+                    raise SignalError(
+                        f"{path}: {sig.samples.shape[-1]} samples is shorter than the model's "
+                        f"window of {length} samples"
+                    )
+                if windows.shape[1] != classify.in_channels:
+                    raise SignalError(
+                        f"{path}: has {windows.shape[1]} channel(s); the model was trained on "
+                        f"{classify.in_channels}"
+                    )
+            except SignalError as err:
+                errors_csv.writerow([str(path), str(err)])
+                counts["errors"] += 1
+                continue
+            parts = path.relative_to(root).parts
+            true = parts[0] if len(parts) > 1 and parts[0] in classes else None
+            starts = np.arange(len(windows)) * hop
+            pending.append((_File(path, true, len(windows), starts), windows))
+            n_pending += len(windows)
+            if n_pending >= batch_size:
+                flush()
+        flush()
+        for h in handles:
+            h.flush()
+            os.fsync(h.fileno())
+    seconds = time.perf_counter() - start_time
+    return {
+        **counts,
+        "accuracy": counts["correct"] / counts["scored"] if counts["scored"] else None,
+        "seconds": seconds,
+        "files_per_second": (counts["classified"] + counts["errors"]) / max(seconds, 1e-9),
+    }

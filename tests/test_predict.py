@@ -1,0 +1,151 @@
+"""Batch classification with a bundle from a tiny training run, through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy.special import softmax
+
+from tests.conftest import write_tone_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_tone_dataset(tmp / "tones")
+    proc = cli(
+        "data=folder", f"data.root={data}", "models=[resnet,svm]", "train.epochs=2",
+        "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
+        "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
+        "svm.cv=2", f"hydra.run.dir={tmp / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet", "svm"])
+def test_predictions_equal_the_evaluation_inside_training(trained, tmp_path, model):
+    run = trained / "run"
+    proc = cli(
+        "task=predict", f"predict.model={run / 'models' / model}",
+        f"predict.input={trained / 'tones'}", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accuracy" in proc.stdout  # class folders name the bundle's classes
+    rows = {r["path"]: r for r in read_csv(tmp_path / "predictions.csv")}
+    assert len(rows) == 18
+    evaluated = read_csv(run / "predictions" / f"{model}.csv")
+    classes = ["high", "low", "mid"]
+    for e in evaluated:
+        scores = softmax(np.array([float(e[f"score_{c}"]) for c in classes]))
+        p = rows[e["path"]]
+        assert p["predicted"] == e["predicted"] and p["true"] == e["true"]
+        assert float(p["confidence"]) == pytest.approx(scores.max(), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_messy_folder_is_classified_and_its_bad_files_reported(trained, tmp_path):
+    folder = tmp_path / "incoming"
+    (folder / "a" / "b").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, where in enumerate([folder, folder / "a", folder / "a" / "b"]):
+        sf.write(where / f"ok{i}.wav", (0.3 * rng.standard_normal(800)).astype(np.float32), 1000)
+    (folder / "a" / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage")
+    (folder / "empty.wav").write_bytes(b"")
+    np.save(folder / "a" / "b" / "nan.npy", np.full(500, np.nan))
+    (folder / "notes.txt.bak").write_text("ignored")
+    out = tmp_path / "out" / "labels.csv"
+    args = [
+        "task=predict", f"predict.model={trained / 'run' / 'models' / 'resnet'}",
+        f"predict.input={folder}", f"predict.output={out}", "predict.segments=true",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_csv(out)
+    assert sorted(Path(r["path"]).name for r in rows) == ["ok0.wav", "ok1.wav", "ok2.wav"]
+    for r in rows:
+        assert r["predicted"] in {"high", "low", "mid"} and r["true"] == ""
+        assert int(r["n_segments"]) == 2  # 800 samples: a 500-sample window and a padded tail
+        assert float(r["score_1"]) >= float(r["score_2"]) >= float(r["score_3"])
+    errors = {
+        Path(r["path"]).name: r["reason"] for r in read_csv(out.with_name("labels_errors.csv"))
+    }
+    assert set(errors) == {"corrupt.wav", "empty.wav", "nan.npy"}
+    assert "NaN" in errors["nan.npy"]
+    segments = read_csv(out.with_name("labels_segments.csv"))
+    assert len(segments) == 6 and {s["start_seconds"] for s in segments} == {"0", "0.5"}
+    again = cli(*args)
+    assert again.returncode == 2 and "set predict.overwrite=true" in again.stdout + again.stderr
+    assert cli(*args, "predict.overwrite=true").returncode == 0
+
+
+@pytest.mark.slow
+def test_nothing_classifiable_exits_non_zero(trained, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.wav").write_bytes(b"junk")
+    proc = cli(
+        "task=predict", f"predict.model={trained / 'run' / 'models' / 'resnet'}",
+        f"predict.input={tmp_path / 'in'}", f"hydra.run.dir={tmp_path / 'h'}",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "could be classified" in proc.stdout + proc.stderr
+
+
+def peak_rss_mb(*overrides: str) -> float:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return usage.ru_maxrss / 1024  # kilobytes on Linux
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in kilobytes on Linux only")
+def test_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {"small": 2_000, "large": 20_000}
+    for name, n in sizes.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(n):
+            np.save(folder / f"{i:05d}.npy", rng.standard_normal(500).astype(np.float32))
+    peaks = {
+        name: peak_rss_mb(
+            "task=predict",
+            f"predict.model={trained / 'run' / 'models' / 'resnet'}",
+            f"predict.input={tmp_path / name}",
+            f"predict.output={tmp_path / name}.csv",
+            f"hydra.run.dir={tmp_path / 'h' / name}",
+        )  # fmt: skip
+        for name in sizes
+    }
+    with open(tmp_path / "large.csv") as f:
+        assert sum(1 for _ in f) == 20_001
+    # 10x the files: the peak may not grow by more than noise (a list of 20,000 paths alone
+    # would add several megabytes; the images of all files about 20 MB).
+    assert peaks["large"] - peaks["small"] < 8, peaks
