@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,23 @@ def test_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
     # 10x the files: the peak may not grow by more than noise (a list of 20,000 paths alone
     # would add several megabytes; the images of all files about 20 MB).
     assert peaks["large"] - peaks["small"] < 8, peaks
+
+
+@pytest.mark.slow
+def test_export_to_onnx_matches_pytorch(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "resnet.onnx"
+    proc = cli(
+        "task=export", f"export.model={trained / 'run' / 'models' / 'resnet'}",
+        f"export.output={out}", f"hydra.run.dir={tmp_path / 'h'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checked with onnxruntime" in proc.stdout
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["classes"] == ["high", "low", "mid"]
+    assert sidecar["input"]["shape"] == ["batch", 1, 16, 16]
+    svm = cli(
+        "task=export", f"export.model={trained / 'run' / 'models' / 'svm'}",
+        f"hydra.run.dir={tmp_path / 'h2'}",
+    )  # fmt: skip
+    assert svm.returncode == 2 and "is an SVM bundle" in svm.stdout + svm.stderr

@@ -1,0 +1,86 @@
+"""Export a network bundle to ONNX: the network on normalised STFT images.
+
+The STFT front end is not part of the graph (the ONNX exporters do not
+translate complex-valued STFTs); its settings, the normalisation statistics
+and the classes are written beside the model as ``<output>.json``, so another
+runtime can rebuild the images exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from pipeline import atomic
+from pipeline.bundle import load_bundle
+from pipeline.errors import BundleError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, *, run_dir: Path) -> dict:
+    """Write ``export.output`` (ONNX) and its JSON sidecar; check them with onnxruntime."""
+    e = cfg.export
+    bundle = load_bundle(e.model)
+    if bundle.kind != "network":
+        raise BundleError(
+            f"export.model={e.model!r} is an SVM bundle; ONNX export covers the networks "
+            "(resnet, plain_cnn): point export.model at one of those"
+        )
+    output = Path(e.output) if e.output else run_dir / "model.onnx"
+    if output.suffix != ".onnx":
+        raise ConfigError(f"export.output={str(output)!r} must end in .onnx")
+    model = bundle.model.eval()
+    channels = int(bundle.meta["model_config"]["in_channels"])
+    height, width = bundle.features.image_shape(bundle.data["segment_samples"])
+    example = torch.randn(2, channels, height, width)  # (batch, channels, freq, time)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes about optional torchvision ops
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )  # fmt: skip
+    with atomic.atomic_path(output) as tmp:
+        program.save(str(tmp))
+    sidecar = {
+        "input": {"name": "image", "shape": ["batch", channels, height, width],
+                  "meaning": "STFT images after normalisation, see features and normalizer"},
+        "output": {"name": "logits", "classes": bundle.classes},
+        **{k: bundle.meta[k] for k in ("classes", "data", "features", "normalizer", "versions")},
+    }  # fmt: skip
+    atomic.write_json(output.with_suffix(".json"), sidecar)
+    result = {"output": str(output), "checked": False}
+    if e.check:
+        result.update(check_onnx(output, model, example_shape=(5, channels, height, width)))
+        if result["max_abs_diff"] > e.tolerance:
+            raise BundleError(
+                f"{output}: onnxruntime's logits differ from PyTorch's by "
+                f"{result['max_abs_diff']:.3g} > export.tolerance={e.tolerance}; the export is "
+                "not faithful"
+            )
+    print(f"onnx: {output}")
+    if result["checked"]:
+        print(f"checked with onnxruntime: max |difference| {result['max_abs_diff']:.2e}")
+    elif e.check:
+        print("not checked: onnxruntime is not installed (pip install onnxruntime)")
+    return result
+
+
+def check_onnx(path: Path, model: torch.nn.Module, *, example_shape: tuple[int, ...]) -> dict:
+    """Largest absolute difference between onnxruntime's and PyTorch's logits on random images."""
+    try:
+        import onnxruntime
+    except ImportError:
+        log.warning("onnxruntime is not installed: the export is not checked")
+        return {"checked": False}
+    x = torch.randn(*example_shape, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"image": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    return {"checked": True, "max_abs_diff": float(np.abs(got - want).max())}
