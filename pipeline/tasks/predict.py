@@ -67,7 +67,8 @@ class Classifier:
         self.device = device
         self.front = STFTImage(bundle.features).to(device)
         if bundle.kind == "network":
-            self.model = bundle.model.to(device).eval()
+            # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
+            self.model = bundle.model.to(device, memory_format=torch.channels_last).eval()
             self.in_channels = int(bundle.meta["model_config"]["in_channels"])
         else:
             self.in_channels = int(bundle.model.image_shape_[0])
@@ -78,7 +79,8 @@ class Classifier:
         images = self.bundle.normalizer(images)  # (n, channels, height, width)
         if self.bundle.kind == "svm":
             return self.bundle.model.predict_proba(images)
-        logits = self.model(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
+        x = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
+        logits = self.model(x).float().cpu().numpy()
         return softmax(logits, axis=1)
 
 
