@@ -12,15 +12,19 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from pipeline import atomic
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class TrainSettings:
     patience: int | None = None
     channels_last: bool = True
     amp: bool = True
+    resume: bool | str = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -68,6 +73,10 @@ class TrainSettings:
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        if not isinstance(self.resume, bool | str):
+            raise ConfigError(
+                f"train.resume={self.resume!r} must be true, false or the run folder to resume"
+            )
         if self.patience is not None and self.patience < 1:
             raise ConfigError(
                 f"train.patience={self.patience!r} must be a positive integer or null"
@@ -157,8 +166,16 @@ def fit(
     seed: int,
     progress: bool = True,
     name: str = "model",
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the weights of its best validation epoch.
+
+    Under ``torch.distributed`` (started by torchrun) the model is wrapped in
+    DistributedDataParallel, every rank draws its share of each epoch's batches
+    from a DistributedSampler, the global batch stays ``settings.batch_size``,
+    the epoch's loss and error are summed over ranks, and only rank 0 writes
+    the checkpoint.
 
     Args:
         model: a network returning logits (N, n_classes).
@@ -171,47 +188,59 @@ def fit(
         seed: seeds the batch order.
         progress: show a progress bar per epoch.
         name: used in log lines.
+        checkpoint: where the last state (model, optimizer, scaler, epoch, best
+            weights, history) is written atomically after every epoch.
+        resume: continue from ``checkpoint`` when it exists.
 
     Returns:
         The per-epoch history, the best epoch and the wall time.
     """
     s = settings
+    rank, world = rank_and_world()
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    net = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = _make_optimizer(model, s)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     use_scaler = device.type == "cuda" and s.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(x_train)
-    steps_per_epoch = math.ceil(n / s.batch_size)
-    result = FitResult()
-    best = (-math.inf, math.inf)  # (val accuracy, -val loss) ranks epochs
-    best_state = copy.deepcopy(model.state_dict())
-    stale = 0
-    step = 0
-    start = time.perf_counter()
-    for epoch in range(1, s.epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=generator)
-        loss_sum, errors, seen = 0.0, 0, 0
+    sampler = DistributedSampler(
+        range(len(x_train)), num_replicas=world, rank=rank, shuffle=True, seed=seed
+    )  # the same draw on every rank; with one process, a seeded shuffle
+    local_batch = max(1, s.batch_size // world)
+    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    state = {
+        "epoch": 0, "step": 0, "best": [-math.inf, -math.inf], "best_epoch": 0, "stale": 0,
+        "history": [], "seconds": 0.0, "finished": False,
+        "best_state": copy.deepcopy(model.state_dict()),
+    }  # fmt: skip
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, model, optimizer, scaler)
+        log.info("%s: resumed from %s after epoch %d", name, checkpoint, state["epoch"])
+    start = time.perf_counter() - state["seconds"]
+    for epoch in range(state["epoch"] + 1, s.epochs + 1):
+        if state["finished"]:
+            break
+        net.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)))
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, errors, seen
         epoch_start = time.perf_counter()
-        bar = tqdm(
-            range(0, n, s.batch_size),
-            desc=f"{name} {epoch}/{s.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not progress,
-        )
+        batches = range(0, len(order), local_batch)
+        bar = tqdm(batches, desc=f"{name} {epoch}/{s.epochs}", unit="batch", leave=False,
+                   disable=not progress or rank != 0)  # fmt: skip
         for i in bar:
-            idx = perm[i : i + s.batch_size]
+            idx = order[i : i + local_batch]
             xb = x_train[idx].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             yb = y_train[idx].to(device, non_blocking=True)
-            factor = _lr_factor(step, steps_per_epoch=steps_per_epoch, s=s)
+            factor = _lr_factor(state["step"], steps_per_epoch=steps_per_epoch, s=s)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             with _autocast(device, s.amp):
-                logits = model(xb)
+                logits = net(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=s.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -220,11 +249,15 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            step += 1
-            loss_sum += loss.item() * len(idx)
-            errors += (logits.argmax(1) != yb).sum().item()
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            state["step"] += 1
+            totals += torch.tensor(
+                [loss.item() * len(idx), (logits.argmax(1) != yb).sum().item(), len(idx)],
+                dtype=torch.float64,
+            )
+            bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}")
+        if world > 1:
+            totals = _all_reduce_sum(totals, device)
+        loss_sum, errors, seen = totals.tolist()
         ips = seen / (time.perf_counter() - epoch_start)
         val_loss, val_error = evaluate_loss(model, x_val, y_val, device=device, s=s)
         row = {
@@ -236,25 +269,93 @@ def fit(
             "val_error": val_error,
             "images_per_second": ips,
         }
-        result.history.append(row)
-        log.info(
-            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g  %.0f img/s",
-            name, epoch, s.epochs, row["train_loss"], 1 - row["train_error"],
-            val_loss, 1 - val_error, row["lr"], ips,
-        )  # fmt: skip
-        score = (1 - val_error, -val_loss) if len(x_val) else (epoch, 0.0)
-        if score > best:
-            best, result.best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+        state["history"].append(row)
+        if rank == 0:
+            log.info(
+                "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
+                "  %.0f img/s",
+                name, epoch, s.epochs, row["train_loss"], 1 - row["train_error"],
+                val_loss, 1 - val_error, row["lr"], ips,
+            )  # fmt: skip
+        score = [1 - val_error, -val_loss] if len(x_val) else [epoch, 0.0]
+        if score > state["best"]:
+            state.update(best=score, best_epoch=epoch, stale=0)
+            state["best_state"] = copy.deepcopy(model.state_dict())
         else:
-            stale += 1
-            if s.patience is not None and stale >= s.patience:
-                log.info("%s: early stop after %d epochs without improvement", name, stale)
-                break
-    result.train_seconds = time.perf_counter() - start
-    model.load_state_dict(best_state)
+            state["stale"] += 1
+            if s.patience is not None and state["stale"] >= s.patience:
+                log.info("%s: early stop after %d epochs without improvement", name, state["stale"])
+                state["finished"] = True
+        state["epoch"] = epoch
+        state["seconds"] = time.perf_counter() - start
+        if checkpoint is not None and rank == 0:
+            _save_checkpoint(checkpoint, state, model, optimizer, scaler)
+    result = FitResult(
+        history=state["history"],
+        best_epoch=state["best_epoch"],
+        train_seconds=time.perf_counter() - start,
+    )
+    model.load_state_dict(state["best_state"])
     log.info("%s: kept epoch %d (best validation accuracy)", name, result.best_epoch)
     return result
+
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Join the process group that torchrun describes (``WORLD_SIZE`` > 1); a no-op otherwise.
+
+    NCCL on GPUs (each rank on ``cuda:LOCAL_RANK``), gloo on CPUs.
+
+    Returns:
+        The device this rank trains on.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    log.info(
+        "distributed: rank %d of %d on %s",
+        torch.distributed.get_rank(), torch.distributed.get_world_size(), device,
+    )  # fmt: skip
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: Tensor, device: torch.device) -> Tensor:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    on = t.to(device) if device.type == "cuda" else t
+    torch.distributed.all_reduce(on)
+    return on.cpu()
+
+
+def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler) -> None:
+    """Write the training state atomically: a crash mid-write leaves the previous one intact."""
+    payload = {
+        **state,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic.atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload.pop("model"))
+    optimizer.load_state_dict(payload.pop("optimizer"))
+    scaler.load_state_dict(payload.pop("scaler"))
+    torch.set_rng_state(payload.pop("torch_rng"))
+    return payload
 
 
 @torch.no_grad()

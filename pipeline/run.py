@@ -27,11 +27,21 @@ def _task(name: str):
     return importlib.import_module(f"pipeline.tasks.{name}").run
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        _task(cfg.task)(cfg, run_dir=run_dir)
+        try:
+            _task(cfg.task)(cfg, run_dir=run_dir)
+        finally:
+            _leave_process_group()
     except PipelineError as err:
         log.error("%s", err)
         raise SystemExit(2) from None

@@ -47,7 +47,7 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-MARKER = "GENERATED.json"
+MARKER = ".generated.json"  # hidden: not a signal file, so readers skip it
 CLASSES = (
     "healthy",
     "imbalance",
@@ -266,7 +266,7 @@ def generate(
 
     Each file's generator derives from (seed, class, index), so a file does not
     depend on how many others are generated. Files are written to a temporary
-    name and renamed; ``GENERATED.json``, written last, marks a complete dataset.
+    name and renamed; ``.generated.json``, written last, marks a complete dataset.
 
     Returns:
         ``root``.

@@ -31,7 +31,14 @@ from pipeline.data.synthetic import ensure_dataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.extract import Extracted, extract_images
 from pipeline.features.stft import Normalizer, STFTParams
-from pipeline.fit import TrainSettings, fit, predict_logits, resolve_device
+from pipeline.fit import (
+    TrainSettings,
+    fit,
+    predict_logits,
+    rank_and_world,
+    resolve_device,
+    setup_distributed,
+)
 from pipeline.metrics import classification_metrics, file_level_accuracy
 from pipeline.signals import AUDIO_SUFFIXES
 
@@ -118,7 +125,11 @@ def prepare_data(
     """Find, split (by recording), read, segment and turn the dataset into images."""
     d = cfg.data
     if d.get("generate"):
-        ensure_dataset(d.root, **OmegaConf.to_container(d.generate, resolve=True))
+        rank, world = rank_and_world()
+        if rank == 0:
+            ensure_dataset(d.root, **OmegaConf.to_container(d.generate, resolve=True))
+        if world > 1:  # the other ranks read the files once rank 0 has written them
+            torch.distributed.barrier()
     found = find_records(
         d.root, label_regex=d.get("label_regex"), group_regex=d.get("group_regex"),
         manifest=d.get("manifest"),
@@ -234,7 +245,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     names = model_names(cfg)
     params = stft_params(cfg)
     settings = train_settings(cfg)
-    device = resolve_device(cfg.device)
+    device = setup_distributed(resolve_device(cfg.device))
+    rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
     for name in names:  # a bad model setting fails now, not after the data is read
         _build(cfg, name, n_classes=2, in_channels=1, seed=cfg.seed)
     log.info("device %s, models %s, run folder %s", device, names, run_dir)
@@ -256,7 +268,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 "went to other splits); see skipped.csv, add files or remove the class"
             )
     summary = dataset_summary(cfg, data, masks)
-    _write_skipped(run_dir / "skipped.csv", ex.skipped)
+    if rank == 0:
+        _write_skipped(run_dir / "skipped.csv", ex.skipped)
     log.info(
         "%d classes, %d files (%d skipped) -> windows: train %d, val %d, test %d",
         len(classes), len(records), len(ex.skipped), *(int(masks[s].sum()) for s in SPLITS),
@@ -281,6 +294,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     test_starts = ex.start[masks["test"]] / data.sample_rate
     segmented = len(ex.record) > len(set(ex.record.tolist()))
 
+    checkpoints = run_dir / "checkpoints"
+    if isinstance(settings.resume, str):
+        checkpoints = Path(settings.resume) / "checkpoints"
+        if not checkpoints.is_dir():
+            raise ConfigError(
+                f"train.resume={settings.resume!r} holds no checkpoints/ folder; give the run "
+                "folder of the interrupted run, or train.resume=true with its hydra.run.dir"
+            )
     results: dict[str, dict] = {}
     histories: dict[str, list[dict]] = {}
     for name in names:
@@ -294,6 +315,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             result = fit(
                 model, x_tr, y_tr, *tensors["val"],
                 settings=settings, device=device, seed=cfg.seed, progress=progress, name=name,
+                checkpoint=checkpoints / f"{name}.pt", resume=bool(settings.resume),
             )  # fmt: skip
             histories[name] = result.history
             train_seconds = result.train_seconds
@@ -327,6 +349,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         )
         results[name] = m
         log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
+        if rank != 0:
+            continue
         save_bundle(
             run_dir / "models" / name, model,
             classes=classes, data=data_settings, features=params, normalizer=normalizer,
@@ -341,6 +365,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             classes,
         )
 
+    if rank != 0:
+        return {}
     metrics = {
         "models": results,
         "dataset": summary,

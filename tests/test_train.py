@@ -1,0 +1,90 @@
+"""The training engine end to end: interrupted and resumed runs, and torchrun with DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def overrides(tmp: Path, run: str, *extra: str) -> list[str]:
+    return [
+        f"data.root={tmp / 'synthetic'}",
+        "data.generate.n_per_class=20",
+        "models=[resnet]",
+        "train.epochs=8",
+        "train.batch_size=16",
+        "features.size=[32,16]",
+        "progress=false",
+        f"hydra.run.dir={tmp / run}",
+        *extra,
+    ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_result(tmp_path):
+    reference = run_cli(*overrides(tmp_path, "reference"))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    checkpoint = tmp_path / "interrupted" / "checkpoints" / "resnet.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "interrupted")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no handler, no clean-up, as in a crash or a pre-empted job
+    assert proc.wait() == -9, "the run ended before it could be interrupted"
+    killed_after = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert killed_after < 8
+
+    resumed = run_cli(*overrides(tmp_path, "interrupted", "train.resume=true"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {checkpoint} after epoch {killed_after}" in resumed.stdout
+
+    ref = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "confusion", "best_epoch"):
+        assert got["models"]["resnet"][key] == ref["models"]["resnet"][key], key
+    losses = [[h["train_loss"], h["val_loss"]] for h in ref["histories"]["resnet"]]
+    assert [[h["train_loss"], h["val_loss"]] for h in got["histories"]["resnet"]] == losses
+    a = torch.load(tmp_path / "reference" / "models" / "resnet" / "weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "interrupted" / "models" / "resnet" / "weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_torchrun_trains_with_ddp_on_two_cpu_processes(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run",
+         *overrides(tmp_path, "ddp", "models=[resnet,svm]", "train.epochs=2", "device=cpu",
+                    "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (tmp_path / "ddp" / "run.log").read_text()
+    assert "distributed: rank 0 of 2 on cpu" in log and "distributed: rank 1 of 2 on cpu" in log
+    assert proc.stdout.count("report: ") == 1  # rank 0 alone reports and writes
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"resnet", "svm"}
+    assert len(metrics["histories"]["resnet"]) == 2
+    assert sorted(p.name for p in (tmp_path / "ddp" / "models").iterdir()) == ["resnet", "svm"]
