@@ -25,12 +25,15 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from pipeline import atomic
+from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("multistep", "cosine", "constant")
+SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
+MONITORS = ("val_accuracy", "val_loss")
+CLASS_WEIGHTS = (None, "balanced")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,12 @@ class TrainSettings:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     patience: int | None = None
+    monitor: str = "val_accuracy"
+    class_weights: str | None = None
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
     channels_last: bool = True
     amp: bool = True
+    compile: bool = False
     resume: bool | str = False
 
     def __post_init__(self) -> None:
@@ -62,6 +69,20 @@ class TrainSettings:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"train.optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}"
+            )
+        if isinstance(self.augment, dict):
+            unknown = sorted(set(self.augment) - set(AugmentSettings.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(
+                    f"train.augment.{unknown[0]} is not an augmentation; known: "
+                    f"{sorted(AugmentSettings.__dataclass_fields__)}"
+                )
+            object.__setattr__(self, "augment", AugmentSettings(**self.augment))
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"train.monitor={self.monitor!r} must be one of {list(MONITORS)}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(
+                f"train.class_weights={self.class_weights!r} must be null or 'balanced'"
             )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r} must be one of {list(SCHEDULES)}")
@@ -151,6 +172,15 @@ def _lr_factor(step: int, *, steps_per_epoch: int, s: TrainSettings) -> float:
     if s.schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * progress))
+    if s.schedule == "onecycle":
+        # torch.optim.lr_scheduler.OneCycleLR's shape: linear from lr/25 to lr over
+        # the first 30 % of the steps, then cosine down to lr/25/1e4.
+        rise = max(1, round(0.3 * total))
+        if step < rise:
+            return 1 / 25 + (1 - 1 / 25) * step / rise
+        progress = (step - rise) / max(1, total - rise)
+        low = 1 / 25 / 1e4
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
 
 
@@ -197,12 +227,24 @@ def fit(
     """
     s = settings
     rank, world = rank_and_world()
+    # Augmentation and mixup draw from the global generator: seeded per rank here,
+    # restored from the checkpoint on resume.
+    torch.manual_seed(seed * 1009 + rank)
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     net = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if s.compile:
+        net = torch.compile(net)
+    augment = SpecAugment(s.augment) if s.augment.any_image else None
+    weight = None
+    if s.class_weights == "balanced":
+        n_classes = int(getattr(model, "config", {}).get("num_classes", int(y_train.max()) + 1))
+        counts = torch.bincount(y_train, minlength=n_classes).double()
+        weight = (len(y_train) / (n_classes * counts.clamp(min=1))).float().to(device)
+    x_source = _stage(x_train, device)
     optimizer = _make_optimizer(model, s)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     use_scaler = device.type == "cuda" and s.amp and not torch.cuda.is_bf16_supported()
@@ -227,21 +269,29 @@ def fit(
         net.train()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)))
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, errors, seen
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, seen
         epoch_start = time.perf_counter()
         batches = range(0, len(order), local_batch)
         bar = tqdm(batches, desc=f"{name} {epoch}/{s.epochs}", unit="batch", leave=False,
                    disable=not progress or rank != 0)  # fmt: skip
         for i in bar:
             idx = order[i : i + local_batch]
-            xb = x_train[idx].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            xb = _gather(x_source, idx, device).contiguous(memory_format=memory_format)
             yb = y_train[idx].to(device, non_blocking=True)
             factor = _lr_factor(state["step"], steps_per_epoch=steps_per_epoch, s=s)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
+            if augment is not None:
+                xb = augment(xb)
+            if s.augment.mixup:
+                xb, yb_other, lam = mixup(xb, yb, s.augment.mixup)
             with _autocast(device, s.amp):
                 logits = net(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=s.label_smoothing)
+                loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=s.label_smoothing)
+                if s.augment.mixup:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(
+                        logits, yb_other, weight=weight, label_smoothing=s.label_smoothing
+                    )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if s.grad_clip is not None:
@@ -250,13 +300,15 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             state["step"] += 1
-            totals += torch.tensor(
-                [loss.item() * len(idx), (logits.argmax(1) != yb).sum().item(), len(idx)],
-                dtype=torch.float64,
-            )
-            bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}")
+            # Summed on the device: no host synchronisation per step.
+            totals += torch.stack(
+                [loss.detach().double() * len(idx), (logits.argmax(1) != yb).sum().double(),
+                 torch.tensor(float(len(idx)), dtype=torch.float64, device=device)]
+            )  # fmt: skip
+            if not bar.disable and (state["step"] % 10 == 0):
+                bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}")
         if world > 1:
-            totals = _all_reduce_sum(totals, device)
+            torch.distributed.all_reduce(totals)
         loss_sum, errors, seen = totals.tolist()
         ips = seen / (time.perf_counter() - epoch_start)
         val_loss, val_error = evaluate_loss(model, x_val, y_val, device=device, s=s)
@@ -277,7 +329,12 @@ def fit(
                 name, epoch, s.epochs, row["train_loss"], 1 - row["train_error"],
                 val_loss, 1 - val_error, row["lr"], ips,
             )  # fmt: skip
-        score = [1 - val_error, -val_loss] if len(x_val) else [epoch, 0.0]
+        if not len(x_val):
+            score = [epoch, 0.0]
+        elif s.monitor == "val_loss":
+            score = [-val_loss, 1 - val_error]
+        else:
+            score = [1 - val_error, -val_loss]
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch, stale=0)
             state["best_state"] = copy.deepcopy(model.state_dict())
@@ -296,7 +353,7 @@ def fit(
         train_seconds=time.perf_counter() - start,
     )
     model.load_state_dict(state["best_state"])
-    log.info("%s: kept epoch %d (best validation accuracy)", name, result.best_epoch)
+    log.info("%s: kept epoch %d (best %s)", name, result.best_epoch, s.monitor)
     return result
 
 
@@ -329,11 +386,31 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(t: Tensor, device: torch.device) -> Tensor:
-    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
-    on = t.to(device) if device.type == "cuda" else t
-    torch.distributed.all_reduce(on)
-    return on.cpu()
+def _stage(x: Tensor, device: torch.device) -> Tensor:
+    """Where training batches are gathered from.
+
+    On CUDA the whole training set is copied to the device when it takes less
+    than a third of the free memory: no host-to-device copy per batch and no
+    loader stall. Otherwise each batch is gathered on the host into page-locked
+    memory and copied asynchronously.
+    """
+    if device.type != "cuda":
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    nbytes = x.element_size() * x.nelement()
+    if nbytes < free / 3:
+        log.info("training images on %s (%.0f MB)", device, nbytes / 2**20)
+        return x.to(device)
+    return x
+
+
+def _gather(x: Tensor, idx: Tensor, device: torch.device) -> Tensor:
+    if x.device == device:
+        return x[idx.to(device)]
+    batch = x[idx]
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler) -> None:
@@ -345,6 +422,8 @@ def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler) -> None:
         "scaler": scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -355,6 +434,9 @@ def _load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
     optimizer.load_state_dict(payload.pop("optimizer"))
     scaler.load_state_dict(payload.pop("scaler"))
     torch.set_rng_state(payload.pop("torch_rng"))
+    cuda_rng = payload.pop("cuda_rng", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
     return payload
 
 

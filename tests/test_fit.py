@@ -99,3 +99,63 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda:1")
+
+
+def test_onecycle_rises_to_the_peak_then_anneals():
+    s = TrainSettings(epochs=10, schedule="onecycle")
+    factors = [_lr_factor(step, steps_per_epoch=10, s=s) for step in range(100)]
+    assert factors[0] == pytest.approx(1 / 25)
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == 30
+    assert factors[-1] < 1e-3
+
+
+def test_balanced_class_weights_weight_the_loss():
+    torch.manual_seed(0)
+    x, y = blobs(40, 0)
+    keep = (y != 2) | (torch.arange(40) < 8)  # class 2 is rare
+    x, y = x[keep], y[keep]
+    model = TinyNet()
+    initial = TinyNet()
+    initial.load_state_dict(model.state_dict())
+    s = TrainSettings(epochs=1, batch_size=len(y), class_weights="balanced", channels_last=False)
+    result = fit(model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0,
+                 progress=False)  # fmt: skip
+    counts = torch.bincount(y, minlength=3).float()
+    weight = len(y) / (3 * counts)
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(initial(x), y, weight=weight).item()
+        unweighted = nn.functional.cross_entropy(initial(x), y).item()
+    # One batch holding every image: the epoch's loss is the loss at the initial weights.
+    assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(unweighted, rel=1e-3)
+
+
+def test_augmented_training_is_seeded_and_changes_the_result():
+    x, y = blobs(64, 0)
+    aug = {"freq_mask": 2, "time_mask": 2, "time_shift": 0.25, "mixup": 0.2}
+    weights = {}
+    for key, augment in [("a", aug), ("b", aug), ("none", {})]:
+        torch.manual_seed(0)
+        model = TinyNet()
+        s = TrainSettings(epochs=2, batch_size=16, lr=0.05, augment=augment)
+        fit(model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0,
+            progress=False)  # fmt: skip
+        weights[key] = model.conv.weight.detach().clone()
+    assert torch.equal(weights["a"], weights["b"])
+    assert not torch.equal(weights["a"], weights["none"])
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"augment": {"cutout": 3}}, "train.augment.cutout is not an augmentation"),
+        ({"augment": {"freq_mask": -1}}, "train.augment.freq_mask=-1 must be a whole number"),
+        ({"augment": {"time_shift": 2}}, r"train.augment.time_shift=2 must be a fraction"),
+        ({"monitor": "f1"}, "train.monitor='f1' must be one of"),
+        ({"class_weights": "inverse"}, "train.class_weights='inverse' must be null or"),
+        ({"schedule": "step"}, "train.schedule='step' must be one of"),
+    ],
+)
+def test_bad_train_settings_name_the_key(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainSettings(**kw)
