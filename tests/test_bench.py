@@ -21,3 +21,13 @@ def test_predict_benchmark_prints_both_rates_and_the_ratio(capsys):
     assert set(rates) == {"pipeline", "bare"} and all(v > 0 for v in rates.values())
     ratio = float(re.search(r"ratio pipeline/bare: ([\d.]+)", out).group(1))
     assert abs(ratio - rates["pipeline"] / rates["bare"]) < 0.02 * ratio + 0.01
+
+
+def test_train_benchmark_prints_both_rates_and_the_ratio(capsys):
+    argv = ["train", "--images", "64", "--batch-size", "32", "--epochs", "1", "--repeats", "1",
+            "--size", "16", "16", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rates = {k: float(v) for k, v in re.findall(r"(pipeline|bare)\s+([\d.]+) images/s", out)}
+    assert set(rates) == {"pipeline", "bare"} and all(v > 0 for v in rates.values())
+    assert "ratio pipeline/bare:" in out

@@ -1,0 +1,162 @@
+"""Training images per second of the pipeline's loop against a bare PyTorch loop, same process.
+
+``python -m pipeline.bench train [--device auto] [--depth 20] [--images 2048]``
+trains the same ResNet from the same initial weights on the same random images
+(default 1x64x32, the default image size) for the same number of epochs with
+both loops, alternating them over ``--repeats`` rounds after a warm-up, and
+prints the best images per second of each and their ratio:
+
+- ``pipeline``: :func:`pipeline.fit.fit` with its defaults (SGD, momentum 0.9,
+  the learning-rate schedule, channels_last, AMP on CUDA, per-epoch
+  bookkeeping and an atomic checkpoint every epoch);
+- ``bare``: the loop anyone would write: shuffle, slice, forward, cross-entropy,
+  backward, step; with the same memory format and autocast so that only the
+  loop differs.
+
+On CUDA it also samples the GPU's utilisation with ``nvidia-smi`` while the
+pipeline's loop runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.fit import TrainSettings, _autocast, fit, resolve_device
+from pipeline.models.resnet import build_resnet
+
+
+def bare_loop(model, x, y, *, epochs: int, batch_size: int, device, amp: bool, seed: int) -> None:
+    """The minimal training loop on the same batches and memory format as the pipeline."""
+    model.to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x, y = x.to(device), y.to(device)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g).to(device)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            xb = x[idx].contiguous(memory_format=torch.channels_last)
+            with _autocast(device, amp):
+                loss = F.cross_entropy(model(xb), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GPUUtilisation:
+    """Samples ``nvidia-smi``'s utilisation.gpu every 100 ms while in the ``with`` block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on = device.type == "cuda" and shutil.which("nvidia-smi") is not None
+        self.index = device.index or 0
+        self.samples: list[float] = []
+
+    def __enter__(self) -> GPUUtilisation:
+        if self.on:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu",
+                 "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            self.samples = [float(v) for v in out.split() if v.strip().isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--depth", type=int, default=20, help="CIFAR-form ResNet depth (6n+2)")
+    parser.add_argument("--images", type=int, default=2048, help="training images per epoch")
+    parser.add_argument("--size", type=int, nargs=2, default=[64, 32], metavar=("H", "W"))
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; best is kept")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true for both")
+    parser.add_argument("--no-amp", action="store_true", help="turn mixed precision off (CUDA)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    amp = not args.no_amp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.images, 1, *args.size, generator=g)
+    y = torch.randint(0, 10, (args.images,), generator=g)
+    init = build_resnet(num_classes=10, depth=args.depth).state_dict()
+    settings = TrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, amp=amp, compile=args.compile
+    )
+
+    def fresh():
+        model = build_resnet(num_classes=10, depth=args.depth)
+        model.load_state_dict(init)
+        return model
+
+    def run_bare(epochs: int = args.epochs, n: int = args.images) -> float:
+        model = fresh()
+        if args.compile:
+            model = torch.compile(model)
+        _sync(device)
+        t0 = time.perf_counter()
+        bare_loop(model, x[:n], y[:n], epochs=epochs, batch_size=args.batch_size,
+                  device=device, amp=amp, seed=0)  # fmt: skip
+        _sync(device)
+        return epochs * n / (time.perf_counter() - t0)
+
+    def run_pipeline(tmp: Path, s: TrainSettings = settings, n: int = args.images) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        fit(fresh(), x[:n], y[:n], x[:0], y[:0], settings=s, device=device, seed=0,
+            progress=False, checkpoint=tmp / "last.pt")  # fmt: skip
+        _sync(device)
+        return s.epochs * n / (time.perf_counter() - t0)
+
+    rates: dict[str, list[float]] = {"pipeline": [], "bare": []}
+    utilisation = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        warm = TrainSettings(epochs=1, batch_size=args.batch_size, amp=amp, compile=args.compile)
+        run_pipeline(Path(tmp), warm, n=4 * args.batch_size)
+        run_bare(1, 4 * args.batch_size)
+        for _ in range(args.repeats):
+            with GPUUtilisation(device) as gpu:
+                rates["pipeline"].append(run_pipeline(Path(tmp)))
+            if gpu.mean is not None:
+                utilisation.append(gpu.mean)
+            rates["bare"].append(run_bare())
+    best = {k: max(v) for k, v in rates.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"train: ResNet-{args.depth}, {args.images} images {args.size[0]}x{args.size[1]}, "
+        f"batch {args.batch_size}, {args.epochs} epochs per run, device {device} ({name}), "
+        f"{torch.get_num_threads()} torch threads, amp={amp and device.type == 'cuda'}, "
+        f"compile={args.compile}, best of {args.repeats}"
+    )
+    for key, value in best.items():
+        print(f"  {key:9s} {value:8.0f} images/s")
+    print(f"  ratio pipeline/bare: {best['pipeline'] / best['bare']:.2f}")
+    if utilisation:
+        print(f"  GPU utilisation during the pipeline's loop: {max(utilisation):.0f} %")
+    return 0
