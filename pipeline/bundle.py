@@ -151,8 +151,7 @@ def load_bundle(path: str | Path) -> Bundle:
         model = load_svm(path / "model.skops")
     else:
         raise BundleError(f"{path}: kind={kind!r} is not 'network' or 'svm'")
-    size = meta["features"].get("size")
-    features = STFTParams(**{**meta["features"], "size": tuple(size) if size else None})
+    features = STFTParams.from_dict(meta["features"], sample_rate=meta["data"]["sample_rate"])
     return Bundle(
         kind=kind,
         model=model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,22 @@ def write_tone_dataset(
                 folder / f"{label}_{i:02d}.wav", (0.3 * x).astype(np.float32), rate, subtype="FLOAT"
             )
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_in_tmp(tmp_path_factory):
+    """Point the feature cache (and the CLI runs the tests start) at a temporary folder.
+
+    ``conf/features/*.yaml`` read ``PIPELINE_FEATURE_CACHE`` before their default of
+    ``.cache/features`` under the working folder, so no test writes into the checkout.
+    """
+    before = os.environ.get("PIPELINE_FEATURE_CACHE")
+    os.environ["PIPELINE_FEATURE_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield Path(os.environ["PIPELINE_FEATURE_CACHE"])
+    if before is None:
+        del os.environ["PIPELINE_FEATURE_CACHE"]
+    else:
+        os.environ["PIPELINE_FEATURE_CACHE"] = before
 
 
 @pytest.fixture

@@ -98,6 +98,10 @@ def test_same_seed_gives_the_same_results(default_run):
     tmp, _ = default_run
     proc = run_cli(*tiny(tmp, "run2"))  # the dataset exists now: it is reused, not regenerated
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the images come from the feature cache the first run wrote (see tests/conftest.py)
+    key = json.loads((tmp / "run1" / "metrics.json").read_text())["features"]["cache_key"]
+    assert f"feature cache miss {key}" in (tmp / "run1" / "run.log").read_text()
+    assert f"feature cache hit {key}" in (tmp / "run2" / "run.log").read_text()
     first = json.loads((tmp / "run1" / "metrics.json").read_text())["models"]
     second = json.loads((tmp / "run2" / "metrics.json").read_text())["models"]
     for name in MODELS:

@@ -1,10 +1,23 @@
+import json
+from pathlib import Path
+
 import librosa
 import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.features.stft import Normalizer, STFTParams, compute_images, make_window, stft_image
+from pipeline.features.stft import (
+    Normalizer,
+    STFTImage,
+    STFTParams,
+    auto_sizes,
+    compute_images,
+    make_window,
+    stft_image,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def params(**kw):
@@ -96,3 +109,312 @@ def test_normalizer_uses_training_statistics():
     np.testing.assert_array_equal(again(train), per(train))
     with pytest.raises(ConfigError, match="features.normalize='minmax'"):
         Normalizer.fit(train, mode="minmax")
+
+
+# --- mel filterbank and frequency range --------------------------------------------------------
+
+
+@pytest.mark.parametrize("mel_scale,norm", [("htk", None), ("slaney", "slaney"), ("htk", "slaney")])
+def test_mel_matches_librosa_melspectrogram(mel_scale, norm):
+    x = np.random.default_rng(4).standard_normal(4001).astype(np.float32)
+    p = params(
+        power=2, sample_rate=8000, n_mels=40, f_min=30.0, f_max=3800.0, mel_scale=mel_scale,
+        norm=norm,
+    )  # fmt: skip
+    ours = compute_images(x[None, None], p, progress=False)[0, 0]
+    ref = librosa.feature.melspectrogram(
+        y=x, sr=8000, n_fft=256, hop_length=64, win_length=200, window="hann", center=True,
+        pad_mode="reflect", power=2.0, n_mels=40, fmin=30.0, fmax=3800.0,
+        htk=mel_scale == "htk", norm=norm,
+    )  # fmt: skip
+    assert ours.shape == ref.shape == (40, p.n_frames(4001)) == p.image_shape(4001)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.max())
+
+
+def test_a_linear_frequency_range_crops_the_bins():
+    x = np.random.default_rng(5).standard_normal(2000).astype(np.float32)
+    p = params(sample_rate=8000, f_min=500.0, f_max=2000.0)  # bins are 31.25 Hz apart
+    ours = compute_images(x[None, None], p, progress=False)[0, 0]
+    full = np.abs(librosa.stft(x, n_fft=256, hop_length=64, win_length=200, pad_mode="reflect"))
+    assert p.bins() == (16, 64) and ours.shape == (49, p.n_frames(2000)) == p.image_shape(2000)
+    np.testing.assert_allclose(ours, full[16:65], rtol=1e-4, atol=1e-4 * full.max())
+    # f_min=0 and f_max=null keep every bin, with or without the rate
+    assert params(sample_rate=8000).n_freq() == params().n_freq() == 129
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"n_mels": 0}, "features.n_mels=0 must be a positive integer, or null"),
+        ({"n_mels": 128, "sample_rate": 4000}, "features.n_mels=128 is too many for n_fft=256"),
+        ({"f_max": 5000.0, "sample_rate": 8000}, "features.f_max=5000.0 is above the Nyquist"),
+        ({"f_min": 300.0, "f_max": 200.0}, "features.f_max=200.0 must be above features.f_min"),
+        ({"f_min": 100.0, "f_max": 110.0, "sample_rate": 8000}, "holds no FFT bin"),
+        ({"mel_scale": "bark"}, "features.mel_scale='bark' must be one of"),
+        ({"norm": "area"}, "features.norm='area' must be null or 'slaney'"),
+    ],
+)
+def test_bad_band_settings_name_the_key(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        params(**kw)
+
+
+def test_every_setting_is_written_in_each_preset():
+    from omegaconf import OmegaConf
+
+    fields = set(STFTParams.__dataclass_fields__) - {"sample_rate"}  # the data's working rate
+    for preset in sorted((REPO / "conf" / "features").glob("*.yaml")):
+        written = set(OmegaConf.load(preset))
+        assert fields <= written, f"{preset.name} leaves {sorted(fields - written)} to a default"
+
+
+def test_a_bundle_rebuilds_the_training_front_end(tmp_path):
+    from pipeline.bundle import load_bundle, save_bundle
+    from pipeline.models.svm import SVMClassifier
+
+    x = np.random.default_rng(6).standard_normal((6, 1, 4000)).astype(np.float32)
+    p = params(
+        power=2, scale="db", top_db=80.0, sample_rate=8000, n_mels=32, f_min=50.0, f_max=3500.0,
+        mel_scale="slaney", norm="slaney", size=(24, 16),
+    )  # fmt: skip
+    train = compute_images(x, p, progress=False)
+    data = {"sample_rate": 8000, "channels": "mix", "segment_samples": 4000,
+            "hop_samples": 4000, "pad": True}  # fmt: skip
+    model = SVMClassifier(C=[1.0], gamma=["scale"], cv=2).fit(train, np.arange(6) % 2)
+    save_bundle(tmp_path / "b", model, classes=["a", "b"], data=data, features=p,
+                normalizer=Normalizer.fit(train, mode="per_freq"))  # fmt: skip
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.features == p
+    front = STFTImage(bundle.features)
+    np.testing.assert_array_equal(front(torch.from_numpy(x)).numpy(), train)
+    # a bundle saved before the mel settings existed loads as the linear, uncropped image
+    meta_path = tmp_path / "b" / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta["features"] = {k: v for k, v in meta["features"].items() if k in LEGACY_KEYS}
+    meta["features"].update(n_fft=256, hop_length=64, win_length=256, size=None)
+    meta_path.write_text(json.dumps(meta))
+    old = load_bundle(tmp_path / "b").features
+    assert old.n_mels is None and old.sample_rate == 8000 and old.image_shape(4000) == (129, 63)
+
+
+LEGACY_KEYS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mode", "power",
+               "scale", "top_db", "size")  # fmt: skip
+
+
+# --- automatic sizes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "samples,rate,sizes,shape",
+    [
+        (150, 100, (16, 4, 16), (9, 38)),  # a short sensor trace
+        (8000, 8000, (512, 128, 512), (257, 63)),  # one second of 8 kHz audio
+        (4000, 4000, (256, 64, 256), (129, 63)),  # the embedded default
+        (441000, 44100, (2048, 512, 2048), (1025, 862)),  # ten seconds of CD audio
+    ],
+)
+def test_auto_sizes_give_a_usable_image(samples, rate, sizes, shape):
+    auto = {"n_fft": "auto", "hop_length": "auto", "win_length": "auto"}
+    assert auto_sizes(segment_samples=samples, sample_rate=rate, **auto) == sizes
+    p = params(**dict(zip(("n_fft", "hop_length", "win_length"), sizes, strict=True)))
+    assert p.image_shape(samples) == shape and shape[1] >= 16
+    if samples <= 8000:
+        x = np.random.default_rng(7).standard_normal((2, 1, samples)).astype(np.float32)
+        assert compute_images(x, p, progress=False).shape == (2, 1, *shape)
+
+
+def test_auto_fills_only_what_is_auto():
+    kw = {"segment_samples": 8000, "sample_rate": 8000}
+    assert auto_sizes(**kw, n_fft=256, hop_length="auto", win_length="auto") == (256, 64, 256)
+    assert auto_sizes(**kw, n_fft="auto", hop_length=100, win_length=1000) == (1024, 100, 1000)
+    assert auto_sizes(**kw, n_fft=64, hop_length=16, win_length=48) == (64, 16, 48)
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def test_auto_is_resolved_where_the_window_length_is_known(caplog):
+    from pipeline.tasks.compare import stft_params
+
+    cfg = compose("features.n_fft=auto", "features.hop_length=auto", "features.win_length=auto")
+    with caplog.at_level("INFO", logger="pipeline.tasks.compare"):
+        p = stft_params(cfg, sample_rate=8000, segment_samples=8000)
+    assert (p.n_fft, p.hop_length, p.win_length, p.sample_rate) == (512, 128, 512, 8000)
+    assert "n_fft=auto -> 512, hop_length=auto -> 128, win_length=auto -> 512" in caplog.text
+    with pytest.raises(ConfigError, match="n_fft='big' must be a positive integer or auto"):
+        stft_params(compose("features.n_fft=big"))
+    mel = stft_params(compose("features=mel"), sample_rate=4000, segment_samples=4000)
+    assert (mel.n_mels, mel.n_fft, mel.image_shape(4000)) == (40, 256, (40, 63))
+
+
+# --- the disk cache ----------------------------------------------------------------------------
+
+
+def extracted(n=5, seed=0):
+    from pipeline.data.dataset import Skipped
+    from pipeline.features.extract import Extracted
+
+    rng = np.random.default_rng(seed)
+    return Extracted(
+        images=rng.normal(size=(n, 1, 6, 4)).astype(np.float32),
+        record=np.arange(n) % 3,
+        start=np.arange(n) * 100,
+        split=np.array(["train", "val", "test", "train", "train"][:n]),
+        file_samples=np.array([500, 500, -1]),
+        file_rates=np.array([1000, 1000, -1]),
+        skipped=[Skipped(Path("c.wav"), "c.wav: too short")],
+    )
+
+
+@pytest.fixture
+def files(tmp_path) -> list[Path]:
+    paths = []
+    for name in ("a.npy", "b.npy", "c.npy"):
+        np.save(tmp_path / name, np.zeros(500, np.float32))
+        paths.append(tmp_path / name)
+    return paths
+
+
+SETTINGS = {"sample_rate": 1000, "segment": {"length": 500}, "features": params().to_dict()}
+
+
+def test_a_second_lookup_loads_the_entry_without_extracting(tmp_path, files, caplog):
+    from pipeline.features.cache import cached
+
+    root, ex, calls = tmp_path / "cache", extracted(), []
+
+    def compute():
+        calls.append(1)
+        return ex
+
+    def must_not_run():
+        raise AssertionError("a cache hit must not extract")
+
+    with caplog.at_level("INFO", logger="pipeline.features.cache"):
+        first, key, hit = cached(compute, root=root, files=files, settings=SETTINGS)
+        assert not hit and calls == [1] and f"feature cache miss {key}" in caplog.text
+        second, key2, hit2 = cached(must_not_run, root=root, files=files, settings=SETTINGS)
+    assert hit2 and key2 == key and f"feature cache hit {key}" in caplog.text
+    assert isinstance(second.images, np.memmap) and second.images.dtype == np.float32
+    for got in (first, second):
+        np.testing.assert_array_equal(got.images, ex.images)
+        for name in ("record", "start", "split", "file_samples", "file_rates"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(ex, name))
+        assert got.skipped == ex.skipped
+    assert sorted(p.name for p in root.iterdir()) == [key]  # no temporary folder is left
+    # without a cache every call extracts
+    _, no_key, no_hit = cached(compute, root=None, files=files, settings=SETTINGS)
+    assert no_key is None and not no_hit and calls == [1, 1]
+
+
+ALTERED = {
+    "n_fft": 512, "hop_length": 32, "win_length": 128, "window": "hamming", "center": False,
+    "pad_mode": "constant", "power": 2, "scale": "db", "top_db": 60.0, "size": [32, 16],
+    "sample_rate": 8000, "n_mels": 20, "f_min": 20.0, "f_max": 3000.0, "mel_scale": "slaney",
+    "norm": "slaney",
+}  # fmt: skip
+
+
+def test_every_feature_and_data_setting_changes_the_key(files):
+    from pipeline.features.cache import cache_key
+
+    base = cache_key(files=files, settings=SETTINGS)
+    assert cache_key(files=files, settings=json.loads(json.dumps(SETTINGS))) == base
+    assert set(ALTERED) == set(STFTParams.__dataclass_fields__)
+    keys = {base}
+    for field, value in ALTERED.items():
+        assert SETTINGS["features"][field] != value
+        changed = {**SETTINGS, "features": {**SETTINGS["features"], field: value}}
+        keys.add(cache_key(files=files, settings=changed))
+    for data_change in ({"sample_rate": 2000}, {"segment": {"length": 250}}, {"read": "all"}):
+        keys.add(cache_key(files=files, settings={**SETTINGS, **data_change}))
+    keys.add(cache_key(files=files[:2], settings=SETTINGS))
+    keys.add(cache_key(files=files[::-1], settings=SETTINGS))
+    assert len(keys) == 1 + len(ALTERED) + 3 + 2
+
+
+def test_touching_or_rewriting_a_file_changes_the_key(files):
+    import os
+
+    from pipeline.features.cache import cache_key
+
+    before = cache_key(files=files, settings=SETTINGS)
+    st = os.stat(files[1])
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    touched = cache_key(files=files, settings=SETTINGS)
+    assert touched != before
+    np.save(files[1], np.zeros(600, np.float32))  # a new size
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert cache_key(files=files, settings=SETTINGS) not in (before, touched)
+
+
+def test_a_half_written_or_damaged_entry_is_never_trusted(tmp_path, files, caplog):
+    import os
+    import time
+
+    from pipeline.features.cache import STALE_SECONDS, cache_key, cached
+
+    root, ex = tmp_path / "cache", extracted()
+    key = cache_key(files=files, settings=SETTINGS)
+    # an interrupted run's temporary folder (a stale one and one still being written)
+    for name in (f".{key}.old.tmp", f".{key}.now.tmp"):
+        (root / name).mkdir(parents=True)
+        np.save(root / name / "images.npy", np.zeros((2, 1, 6, 4), np.float32))
+        (root / name / "meta.json").write_text(json.dumps({"format_version": 1, "key": key}))
+    old = time.time() - 2 * STALE_SECONDS
+    os.utime(root / f".{key}.old.tmp", (old, old))
+    got, _, hit = cached(lambda: ex, root=root, files=files, settings=SETTINGS)
+    assert not hit and got.images.shape == ex.images.shape
+    assert sorted(p.name for p in root.iterdir()) == sorted([key, f".{key}.now.tmp"])
+    # an entry whose files were damaged by hand is recomputed, with a warning
+    (root / key / "images.npy").write_bytes(b"\x93NUMPY garbage")
+    with caplog.at_level("WARNING", logger="pipeline.features.cache"):
+        again, _, hit = cached(lambda: ex, root=root, files=files, settings=SETTINGS)
+    assert not hit and "is unreadable" in caplog.text
+    np.testing.assert_array_equal(again.images, ex.images)
+
+
+def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path, files):
+    from pipeline.features.cache import cached
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="features.cache_dir=.* is a file, not a folder"):
+        cached(extracted, root=tmp_path / "file", files=files, settings=SETTINGS)
+
+
+def test_prepare_data_reuses_the_images_and_applies_the_current_split(
+    tmp_path, tone_dataset, monkeypatch
+):
+    import pipeline.tasks.compare as compare
+
+    overrides = (
+        "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000",
+        "features.n_fft=auto", "features.hop_length=auto", "features.win_length=auto",
+        f"features.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    first = compare.prepare_data(compose(*overrides), device="cpu", progress=False)
+    assert not first.cache_hit and (first.params.n_fft, first.params.hop_length) == (32, 8)
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the second run must load the images from the cache")
+
+    monkeypatch.setattr(compare, "extract_images", no_extraction)
+    second = compare.prepare_data(compose(*overrides), device="cpu", progress=False)
+    assert second.cache_hit and second.cache_key == first.cache_key
+    np.testing.assert_array_equal(second.extracted.images, first.extracted.images)
+    np.testing.assert_array_equal(second.extracted.split, first.extracted.split)
+    # another split seed gives other splits from the same entry
+    reseeded = compare.prepare_data(
+        compose(*overrides, "data.split_seed=5"), device="cpu", progress=False
+    )
+    assert reseeded.cache_hit
+    assert not np.array_equal(reseeded.extracted.split, first.extracted.split)
+    # a feature setting is part of the key
+    with pytest.raises(AssertionError, match="must load the images"):
+        compare.prepare_data(compose(*overrides, "features.top_db=6"), device="cpu", progress=False)
+

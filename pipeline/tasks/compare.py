@@ -12,7 +12,7 @@ import io
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,9 @@ from pipeline.data.records import Record, find_records
 from pipeline.data.split import SPLITS, split_records
 from pipeline.data.synthetic import ensure_dataset
 from pipeline.errors import ConfigError, DataError
+from pipeline.features import cache as feature_cache
 from pipeline.features.extract import Extracted, extract_images
-from pipeline.features.stft import Normalizer, STFTParams
+from pipeline.features.stft import AUTO, Normalizer, STFTParams, auto_sizes
 from pipeline.fit import (
     TrainSettings,
     fit,
@@ -45,14 +46,36 @@ from pipeline.signals import AUDIO_SUFFIXES
 log = logging.getLogger(__name__)
 
 
-def stft_params(cfg: DictConfig) -> STFTParams:
-    """The ``features`` config group as :class:`STFTParams` (validated)."""
+def stft_params(
+    cfg: DictConfig, *, sample_rate: int | None = None, segment_samples: int | None = None
+) -> STFTParams:
+    """The ``features`` config group as :class:`STFTParams` (validated).
+
+    ``auto`` sizes are chosen by :func:`~pipeline.features.stft.auto_sizes` for
+    windows of ``segment_samples`` at ``sample_rate`` and logged. Before the data is
+    read both are None: auto sizes then take a stand-in (2,048 samples at 4 kHz) and
+    the checks that need the rate wait, so a bad setting fails before any file is read.
+    """
     f = cfg.features
+    sizes = {k: f[k] for k in ("n_fft", "hop_length", "win_length")}
+    for key, value in sizes.items():
+        if isinstance(value, str) and value != AUTO:
+            raise ConfigError(f"features.{key}={value!r} must be a positive integer or auto")
+    chosen = auto_sizes(
+        segment_samples=segment_samples or 2048, sample_rate=sample_rate or 4000, **sizes
+    )
+    if segment_samples is not None and AUTO in sizes.values():
+        picked = zip(sizes.items(), chosen, strict=True)
+        log.info(
+            "features: %s for %d-sample windows at %d Hz",
+            ", ".join(f"{k}=auto -> {v}" for (k, a), v in picked if a == AUTO),
+            segment_samples, sample_rate,
+        )  # fmt: skip
     size = OmegaConf.to_object(f.size) if f.size is not None else None
     return STFTParams(
-        n_fft=f.n_fft,
-        hop_length=f.hop_length,
-        win_length=f.win_length,
+        n_fft=chosen[0],
+        hop_length=chosen[1],
+        win_length=chosen[2],
         window=f.window,
         center=f.center,
         pad_mode=f.pad_mode,
@@ -60,6 +83,12 @@ def stft_params(cfg: DictConfig) -> STFTParams:
         scale=f.scale,
         top_db=f.top_db,
         size=tuple(size) if size is not None else None,
+        sample_rate=sample_rate,
+        n_mels=f.n_mels,
+        f_min=float(f.f_min),
+        f_max=float(f.f_max) if f.f_max is not None else None,
+        mel_scale=f.mel_scale,
+        norm=f.norm,
     )
 
 
@@ -105,6 +134,9 @@ class Prepared:
     strategy: str
     seconds: float
     sample_rate: int
+    params: STFTParams
+    cache_key: str | None
+    cache_hit: bool
 
 
 def read_settings(d: DictConfig) -> dict:
@@ -119,10 +151,13 @@ def read_settings(d: DictConfig) -> dict:
     }
 
 
-def prepare_data(
-    cfg: DictConfig, params: STFTParams, *, device: torch.device, progress: bool
-) -> Prepared:
-    """Find, split (by recording), read, segment and turn the dataset into images."""
+def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Prepared:
+    """Find, split (by recording), read, segment and turn the dataset into images.
+
+    The image settings are resolved here, where the window length is known
+    (``auto`` sizes), and the images come from the feature cache when
+    ``features.cache`` is true and an entry for these files and settings exists.
+    """
     d = cfg.data
     if d.get("generate"):
         rank, world = rank_and_world()
@@ -155,20 +190,47 @@ def prepare_data(
         sample_rate=rate, length_seconds=d.segment.length_seconds,
         hop_seconds=d.segment.hop_seconds, pad=d.segment.pad, whole_length=whole,
     )  # fmt: skip
+    params = stft_params(cfg, sample_rate=rate, segment_samples=seg.length)
     t0 = time.perf_counter()
-    source = iter_windows(
-        records, splits, sample_rate=rate, read=read, seg=seg,
-        val_fraction=d.val_fraction, test_fraction=d.test_fraction, progress=progress,
-    )  # fmt: skip
-    extracted = extract_images(
-        source, params, n_records=len(records), device=device, batch_size=cfg.features.batch_size
+
+    def compute() -> Extracted:
+        source = iter_windows(
+            records, splits, sample_rate=rate, read=read, seg=seg,
+            val_fraction=d.val_fraction, test_fraction=d.test_fraction, progress=progress,
+        )  # fmt: skip
+        return extract_images(
+            source, params, n_records=len(records), device=device,
+            batch_size=cfg.features.batch_size,
+        )  # fmt: skip
+
+    # Only the time split decides which windows a file gives; any other split is a
+    # label per file, applied below, so changing the split seed keeps the cache entry.
+    timed = np.asarray(splits) == "time"
+    time_split = {
+        "files": timed.tolist(),
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+    }
+    settings = {
+        "sample_rate": rate,
+        "read": read,
+        "segment": asdict(seg),
+        "time_split": time_split if timed.any() else None,
+        "features": params.to_dict(),
+    }
+    cache_root = Path(cfg.features.cache_dir) if cfg.features.cache else None
+    extracted, key, hit = feature_cache.cached(
+        compute, root=cache_root, files=[r.path for r in records], settings=settings
+    )
+    extracted.split = np.where(
+        timed[extracted.record], extracted.split, np.asarray(splits)[extracted.record]
     )
     strategy = (
         d.split if d.split != "auto" else ("folders" if any(r.split for r in records) else "random")
     )
     return Prepared(
         records, classes, extracted, seg, read, found.ignored, found.layout, strategy,
-        time.perf_counter() - t0, rate,
+        time.perf_counter() - t0, rate, params, key, hit,
     )  # fmt: skip
 
 
@@ -243,7 +305,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     """
     progress = cfg.progress
     names = model_names(cfg)
-    params = stft_params(cfg)
+    stft_params(cfg)  # a bad feature setting fails now; auto sizes are chosen with the data
     settings = train_settings(cfg)
     device = setup_distributed(resolve_device(cfg.device))
     rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
@@ -251,7 +313,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         _build(cfg, name, n_classes=2, in_channels=1, seed=cfg.seed)
     log.info("device %s, models %s, run folder %s", device, names, run_dir)
 
-    data = prepare_data(cfg, params, device=device, progress=progress)
+    data = prepare_data(cfg, device=device, progress=progress)
+    params = data.params
     records, classes, ex = data.records, data.classes, data.extracted
     label_index = {c: i for i, c in enumerate(classes)}
     y = np.array([label_index[records[i].label] for i in ex.record], dtype=np.int64)
@@ -278,7 +341,10 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     feature_seconds = data.seconds
     normalizer = Normalizer.fit(raw_images[masks["train"]], mode=cfg.features.normalize)
     images = normalizer(raw_images)
-    log.info("images %s computed in %.1f s", images.shape[1:], feature_seconds)
+    log.info(
+        "images %s %s in %.2f s", images.shape[1:],
+        "loaded from the feature cache" if data.cache_hit else "computed", feature_seconds,
+    )  # fmt: skip
 
     data_settings = {
         "sample_rate": data.sample_rate,
@@ -371,10 +437,13 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         "models": results,
         "dataset": summary,
         "features": {
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in params.__dict__.items()},
+            **params.to_dict(),
+            "auto": [k for k in ("n_fft", "hop_length", "win_length") if cfg.features[k] == AUTO],
             "normalize": cfg.features.normalize,
             "image_shape": list(images.shape[1:]),
             "seconds": feature_seconds,
+            "cache_key": data.cache_key,
+            "cache_hit": data.cache_hit,
         },
         "histories": histories,
         "run": {

@@ -1,0 +1,198 @@
+"""A disk cache of extracted images, keyed by everything the images depend on.
+
+An entry is a folder ``<root>/<key>/``::
+
+    images.npy        float32 (n, channels, height, width), opened memory-mapped
+    record.npy, start.npy, split.npy, file_samples.npy, file_rates.npy
+    skipped.json      the files left out, with reasons
+    meta.json         format version, key, what went into the key; written last
+
+The key is the SHA-256 of :data:`FORMAT_VERSION`, the versions of the libraries
+that compute the images, every input file's identity (resolved path, size,
+modification time in nanoseconds) and the caller's settings (read, segment and
+feature parameters). An entry is written into a temporary folder beside it and
+renamed into place with :func:`os.replace`, so an interrupted or concurrent run
+never leaves a half-written entry under a key: a later run either finds the whole
+entry or none. Caching is explicit: :func:`cached` logs a hit or a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+
+from pipeline.data.dataset import Skipped
+from pipeline.errors import ConfigError
+from pipeline.features.extract import Extracted
+
+log = logging.getLogger(__name__)
+
+# Raise when the images computed from the same inputs and settings change.
+FORMAT_VERSION = 1
+ARRAYS = ("record", "start", "split", "file_samples", "file_rates")
+# A temporary folder untouched for this long belongs to a run that was killed.
+STALE_SECONDS = 3600
+
+
+def file_identity(path: Path) -> list:
+    """``[resolved path, size, mtime_ns]``: changes when the file is replaced or touched."""
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(*, files: Sequence[Path], settings: Mapping) -> str:
+    """SHA-256 (hex) of the format version, library versions, file identities and settings.
+
+    Args:
+        files: the input files, in the order that gives the images' record indices.
+        settings: JSON-serialisable read, segment and feature settings.
+    """
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "versions": {"torch": torch.__version__, "torchaudio": torchaudio.__version__},
+        "files": [file_identity(p) for p in files],
+        "settings": settings,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_entry(root: Path, key: str) -> Extracted | None:
+    """The entry under ``key`` with its images memory-mapped, or None if there is none.
+
+    An entry that exists but cannot be read (files removed or damaged by hand) is
+    removed with a warning, so the caller recomputes it.
+    """
+    folder = Path(root) / key
+    if not folder.is_dir():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("key") != key:
+            raise ValueError(f"meta.json describes another entry ({meta.get('key')})")
+        images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
+        arrays = {a: np.load(folder / f"{a}.npy", allow_pickle=False) for a in ARRAYS}
+        skipped = json.loads((folder / "skipped.json").read_text(encoding="utf-8"))
+        if list(images.shape) != meta["shape"] or len(arrays["record"]) != len(images):
+            raise ValueError(f"images {images.shape} do not match meta.json {meta['shape']}")
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("feature cache entry %s is unreadable (%s); computing it again", folder, err)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return Extracted(
+        images=images,
+        **arrays,
+        skipped=[Skipped(Path(s["path"]), s["reason"]) for s in skipped],
+    )
+
+
+def save_entry(root: Path, key: str, ex: Extracted, *, describe: Mapping) -> Extracted:
+    """Write ``ex`` as the entry ``key`` (atomically) and return it read back memory-mapped.
+
+    Args:
+        root: the cache folder.
+        key: from :func:`cache_key`.
+        ex: the images and their bookkeeping.
+        describe: what went into the key, stored in ``meta.json`` for people.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root, key)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the entry from other users
+    try:
+        np.save(tmp / "images.npy", np.ascontiguousarray(ex.images, dtype=np.float32))
+        for a in ARRAYS:
+            np.save(tmp / f"{a}.npy", getattr(ex, a), allow_pickle=False)
+        skipped = [{"path": str(s.path), "reason": s.reason} for s in ex.skipped]
+        (tmp / "skipped.json").write_text(json.dumps(skipped), encoding="utf-8")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "shape": list(ex.images.shape),
+            "dtype": "float32",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **describe,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        try:
+            os.replace(tmp, root / key)
+        except OSError:
+            # A concurrent run renamed its own copy of the same entry into place first.
+            log.info("feature cache entry %s was written by another run meanwhile", key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    loaded = load_entry(root, key)
+    assert loaded is not None, f"feature cache entry {root / key} vanished after writing"
+    return loaded
+
+
+def _remove_stale(root: Path, key: str) -> None:
+    """Remove temporary folders of ``key`` left by killed runs (older than an hour)."""
+    now = time.time()
+    for folder in root.glob(f".{key}.*.tmp"):
+        try:
+            if now - folder.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def cached(
+    compute: Callable[[], Extracted],
+    *,
+    root: Path | None,
+    files: Sequence[Path],
+    settings: Mapping,
+) -> tuple[Extracted, str | None, bool]:
+    """``compute()``'s images, from the cache under ``root`` when an entry exists.
+
+    Args:
+        compute: extracts the images (reading every file); called only on a miss.
+        root: the cache folder, or None to compute without caching.
+        files: the input files, in record order.
+        settings: everything else the images depend on (JSON-serialisable).
+
+    Returns:
+        The images (memory-mapped when cached), the key (None without a cache) and
+        whether they came from the cache.
+
+    Raises:
+        ConfigError: ``root`` is not a folder, or the entry cannot be written there.
+    """
+    if root is None:
+        return compute(), None, False
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(
+            f"features.cache_dir={str(root)!r} is a file, not a folder; point it at a folder "
+            "or set features.cache=false"
+        )
+    key = cache_key(files=files, settings=settings)
+    hit = load_entry(root, key)
+    if hit is not None:
+        log.info("feature cache hit %s (%s)", key, root / key)
+        return hit, key, True
+    log.info("feature cache miss %s: computing the images", key)
+    ex = compute()
+    describe = {"n_files": len(files), "settings": dict(settings)}
+    try:
+        return save_entry(root, key, ex, describe=describe), key, False
+    except OSError as err:
+        raise ConfigError(
+            f"features.cache_dir={str(root)!r} cannot be written ({err.strerror or err}); point "
+            "it at a writable folder or set features.cache=false"
+        ) from err
