@@ -174,27 +174,54 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], *, title: str):
 
 
 def plot_examples(images: np.ndarray, metrics: dict):
-    """One image per class (first channel) with axes in seconds and Hz."""
+    """One image per class (first channel) with axes in seconds and Hz, or mel bands.
+
+    The panels share one colour scale, so classes compare at a glance; the grid
+    grows to about square (1 class: one panel, 40 classes: 7 x 6).
+    """
     classes = metrics["dataset"]["classes"]
     rate = metrics["dataset"]["sample_rate"]
     seconds = metrics["dataset"]["segment_samples"] / rate
-    unit = "dB" if metrics["features"]["scale"] == "db" else metrics["features"]["scale"]
-    cols = min(4, len(images))
-    rows = int(np.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat[len(images) :]:
+    f = metrics["features"]
+    unit = "dB" if f["scale"] == "db" else f["scale"]
+    f_min = f.get("f_min") or 0.0
+    f_max = f.get("f_max") or rate / 2
+    if f.get("n_mels"):
+        extent = (0, seconds, 0, f["n_mels"])
+        ylabel = f"mel band ({f_min:g}-{f_max:g} Hz)"
+    else:
+        hz_per_bin = rate / f["n_fft"]
+        # the first and last FFT bins the crop keeps, as in STFTParams.bins
+        lo = np.ceil(f_min / hz_per_bin - 1e-9) * hz_per_bin
+        hi = min(np.floor(f_max / hz_per_bin + 1e-9) * hz_per_bin, rate / 2)
+        extent = (0, seconds, lo, hi)
+        ylabel = "frequency (Hz)"
+    n = len(images)
+    cols = min(n, max(4, int(np.ceil(np.sqrt(n)))))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.6 * cols + 0.8, 2.1 * rows + 0.6), squeeze=False,
+        sharex=True, sharey=True, layout="constrained",
+    )  # fmt: skip
+    first = images[:, 0]
+    vmin, vmax = float(first.min()), float(first.max())
+    for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, image, name in zip(axes.flat, images, classes, strict=False):
+    im = None
+    for i, (ax, image, name) in enumerate(zip(axes.flat, first, classes, strict=False)):
         im = ax.imshow(
-            image[0], origin="lower", aspect="auto", extent=(0, seconds, 0, rate / 2), cmap="magma"
-        )
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("time (s)", fontsize=8)
-        ax.set_ylabel("frequency (Hz)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.046).set_label(unit, fontsize=7)
-    fig.suptitle("One training image per class", fontsize=10)
-    fig.tight_layout()
+            image, origin="lower", aspect="auto", extent=extent, cmap="magma",
+            vmin=vmin, vmax=vmax, interpolation="nearest",
+        )  # fmt: skip
+        ax.set_title(name if len(name) <= 24 else name[:23] + "…", fontsize=8)
+        ax.tick_params(labelsize=6)
+        if i % cols == 0:
+            ax.set_ylabel(ylabel, fontsize=7)
+        if i + cols >= n:  # the lowest panel of its column
+            ax.set_xlabel("time (s)", fontsize=7)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    fig.colorbar(im, ax=axes, shrink=min(1.0, 0.3 + 0.15 * rows), pad=0.01).set_label(unit)
+    fig.suptitle("One training image per class (first channel)", fontsize=10)
     return fig
 
 
