@@ -141,7 +141,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -285,7 +286,7 @@ def fit(
                 xb = augment(xb)
             if s.augment.mixup:
                 xb, yb_other, lam = mixup(xb, yb, s.augment.mixup)
-            with _autocast(device, s.amp):
+            with autocast(device, s.amp):
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=s.label_smoothing)
                 if s.augment.mixup:
@@ -405,8 +406,8 @@ def _stage(x: Tensor, device: torch.device) -> Tensor:
 
 
 def _gather(x: Tensor, idx: Tensor, device: torch.device) -> Tensor:
-    if x.device == device:
-        return x[idx.to(device)]
+    if x.device.type == device.type:  # staged on the device ("cuda" names "cuda:0" too)
+        return x[idx.to(x.device)]
     batch = x[idx]
     if device.type == "cuda":
         batch = batch.pin_memory()
@@ -473,6 +474,6 @@ def predict_logits(
     outs = []
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].to(device).contiguous(memory_format=memory_format)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             outs.append(model(xb).float().cpu())
     return torch.cat(outs)

@@ -29,7 +29,7 @@ from pipeline.bundle import load_bundle, save_bundle
 from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_images
 from pipeline.fit import resolve_device
 from pipeline.models.resnet import build_resnet
-from pipeline.tasks.predict import predict_folder
+from pipeline.tasks.predict import predict_folder, reading_threads
 
 RATE = 8000
 N_CLASSES = 10
@@ -97,8 +97,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=256, help="segments per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
+    parser.add_argument("--workers", default="auto", help="predict.workers: auto or a count")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    workers = reading_threads(args.workers if args.workers == "auto" else int(args.workers))
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         root = Path(tmp)
         clips = write_clips(root / "clips", args.files)
@@ -113,6 +115,7 @@ def main(argv: list[str]) -> int:
             summary = predict_folder(
                 bundle, root / "clips", outputs=outputs, device=device,
                 batch_size=args.batch_size, top_k=3, rule="mean", progress=False,
+                workers=workers,
             )  # fmt: skip
             times["pipeline"].append(time.perf_counter() - t0)
             assert summary["classified"] == args.files, summary
@@ -124,7 +127,8 @@ def main(argv: list[str]) -> int:
     print(
         f"predict: {args.files} clips (1 s, 8 kHz, 16-bit WAV), ResNet-20, images "
         f"{PARAMS['size'][0]}x{PARAMS['size'][1]}, device {device}, "
-        f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
+        f"{torch.get_num_threads()} torch threads, {workers} reading threads, "
+        f"best of {args.repeats}"
     )
     for name, value in rate.items():
         print(f"  {name:9s} {value:8.0f} files/s")

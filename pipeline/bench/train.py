@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.fit import TrainSettings, _autocast, fit, resolve_device
+from pipeline.fit import TrainSettings, autocast, fit, resolve_device
 from pipeline.models.resnet import build_resnet
 
 
@@ -44,7 +44,7 @@ def bare_loop(model, x, y, *, epochs: int, batch_size: int, device, amp: bool, s
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
             xb = x[idx].contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 loss = F.cross_entropy(model(xb), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
