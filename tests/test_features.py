@@ -290,26 +290,29 @@ def test_a_second_lookup_loads_the_entry_without_extracting(tmp_path, files, cap
 
     def compute():
         calls.append(1)
-        return ex
+        return ex, {"resolved": [1, 2]}
 
     def must_not_run():
         raise AssertionError("a cache hit must not extract")
 
     with caplog.at_level("INFO", logger="pipeline.features.cache"):
-        first, key, hit = cached(compute, root=root, files=files, settings=SETTINGS)
-        assert not hit and calls == [1] and f"feature cache miss {key}" in caplog.text
-        second, key2, hit2 = cached(must_not_run, root=root, files=files, settings=SETTINGS)
-    assert hit2 and key2 == key and f"feature cache hit {key}" in caplog.text
-    assert isinstance(second.images, np.memmap) and second.images.dtype == np.float32
-    for got in (first, second):
+        first = cached(compute, root=root, files=files, settings=SETTINGS)
+        key = first.key
+        assert not first.hit and calls == [1] and f"feature cache miss {key}" in caplog.text
+        second = cached(must_not_run, root=root, files=files, settings=SETTINGS)
+    assert second.hit and second.key == key and f"feature cache hit {key}" in caplog.text
+    assert first.info == second.info == {"resolved": [1, 2]}
+    assert isinstance(second.extracted.images, np.memmap)
+    assert second.extracted.images.dtype == np.float32
+    for got in (first.extracted, second.extracted):
         np.testing.assert_array_equal(got.images, ex.images)
         for name in ("record", "start", "split", "file_samples", "file_rates"):
             np.testing.assert_array_equal(getattr(got, name), getattr(ex, name))
         assert got.skipped == ex.skipped
     assert sorted(p.name for p in root.iterdir()) == [key]  # no temporary folder is left
     # without a cache every call extracts
-    _, no_key, no_hit = cached(compute, root=None, files=files, settings=SETTINGS)
-    assert no_key is None and not no_hit and calls == [1, 1]
+    uncached = cached(compute, root=None, files=files, settings=SETTINGS)
+    assert uncached.key is None and not uncached.hit and calls == [1, 1]
 
 
 ALTERED = {
@@ -368,15 +371,15 @@ def test_a_half_written_or_damaged_entry_is_never_trusted(tmp_path, files, caplo
         (root / name / "meta.json").write_text(json.dumps({"format_version": 1, "key": key}))
     old = time.time() - 2 * STALE_SECONDS
     os.utime(root / f".{key}.old.tmp", (old, old))
-    got, _, hit = cached(lambda: ex, root=root, files=files, settings=SETTINGS)
-    assert not hit and got.images.shape == ex.images.shape
+    got = cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS)
+    assert not got.hit and got.extracted.images.shape == ex.images.shape
     assert sorted(p.name for p in root.iterdir()) == sorted([key, f".{key}.now.tmp"])
     # an entry whose files were damaged by hand is recomputed, with a warning
     (root / key / "images.npy").write_bytes(b"\x93NUMPY garbage")
     with caplog.at_level("WARNING", logger="pipeline.features.cache"):
-        again, _, hit = cached(lambda: ex, root=root, files=files, settings=SETTINGS)
-    assert not hit and "is unreadable" in caplog.text
-    np.testing.assert_array_equal(again.images, ex.images)
+        again = cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS)
+    assert not again.hit and "is unreadable" in caplog.text
+    np.testing.assert_array_equal(again.extracted.images, ex.images)
 
 
 def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path, files):
@@ -384,7 +387,7 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path, files):
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="features.cache_dir=.* is a file, not a folder"):
-        cached(extracted, root=tmp_path / "file", files=files, settings=SETTINGS)
+        cached(lambda: (extracted(), {}), root=tmp_path / "file", files=files, settings=SETTINGS)
 
 
 def test_prepare_data_reuses_the_images_and_applies_the_current_split(
@@ -404,8 +407,10 @@ def test_prepare_data_reuses_the_images_and_applies_the_current_split(
         raise AssertionError("the second run must load the images from the cache")
 
     monkeypatch.setattr(compare, "extract_images", no_extraction)
+    monkeypatch.setattr(compare, "probe_length", no_extraction)  # a hit opens no file
     second = compare.prepare_data(compose(*overrides), device="cpu", progress=False)
     assert second.cache_hit and second.cache_key == first.cache_key
+    assert second.params == first.params and second.seg == first.seg
     np.testing.assert_array_equal(second.extracted.images, first.extracted.images)
     np.testing.assert_array_equal(second.extracted.split, first.extracted.split)
     # another split seed gives other splits from the same entry

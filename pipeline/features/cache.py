@@ -5,15 +5,19 @@ An entry is a folder ``<root>/<key>/``::
     images.npy        float32 (n, channels, height, width), opened memory-mapped
     record.npy, start.npy, split.npy, file_samples.npy, file_rates.npy
     skipped.json      the files left out, with reasons
-    meta.json         format version, key, what went into the key; written last
+    meta.json         format version, key, what went into the key, and the facts the
+                      caller computed with the images (``info``); written last
 
 The key is the SHA-256 of :data:`FORMAT_VERSION`, the versions of the libraries
-that compute the images, every input file's identity (resolved path, size,
+that compute the images, every input file's identity (absolute path, size,
 modification time in nanoseconds) and the caller's settings (read, segment and
-feature parameters). An entry is written into a temporary folder beside it and
-renamed into place with :func:`os.replace`, so an interrupted or concurrent run
-never leaves a half-written entry under a key: a later run either finds the whole
-entry or none. Caching is explicit: :func:`cached` logs a hit or a miss.
+feature parameters). Settings may be given as configured (``auto``, whole files)
+rather than resolved, as long as the resolution depends on nothing else: the
+resolved values then travel in ``info``, and a hit needs no file opened. An entry
+is written into a temporary folder beside it and renamed into place with
+:func:`os.replace`, so an interrupted or concurrent run never leaves a half-written
+entry under a key: a later run either finds the whole entry or none. Caching is
+explicit: :func:`cached` logs a hit or a miss.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +43,34 @@ from pipeline.features.extract import Extracted
 
 log = logging.getLogger(__name__)
 
-# Raise when the images computed from the same inputs and settings change.
+# Raise when the images, or the values resolved from the same inputs and settings, change.
 FORMAT_VERSION = 1
 ARRAYS = ("record", "start", "split", "file_samples", "file_rates")
 # A temporary folder untouched for this long belongs to a run that was killed.
 STALE_SECONDS = 3600
 
 
+@dataclass
+class Lookup:
+    """What :func:`cached` found or computed.
+
+    Attributes:
+        extracted: the images (memory-mapped when cached) and their bookkeeping.
+        info: JSON values computed with the images (resolved settings).
+        key: the entry's key, None without a cache.
+        hit: whether the images came from the cache.
+    """
+
+    extracted: Extracted
+    info: dict
+    key: str | None
+    hit: bool
+
+
 def file_identity(path: Path) -> list:
-    """``[resolved path, size, mtime_ns]``: changes when the file is replaced or touched."""
+    """``[absolute path, size, mtime_ns]``: changes when the file is replaced or touched."""
     st = os.stat(path)
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
 def cache_key(*, files: Sequence[Path], settings: Mapping) -> str:
@@ -68,8 +90,8 @@ def cache_key(*, files: Sequence[Path], settings: Mapping) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def load_entry(root: Path, key: str) -> Extracted | None:
-    """The entry under ``key`` with its images memory-mapped, or None if there is none.
+def load_entry(root: Path, key: str) -> tuple[Extracted, dict] | None:
+    """The entry under ``key`` (images memory-mapped) and its info, or None if there is none.
 
     An entry that exists but cannot be read (files removed or damaged by hand) is
     removed with a warning, so the caller recomputes it.
@@ -90,20 +112,24 @@ def load_entry(root: Path, key: str) -> Extracted | None:
         log.warning("feature cache entry %s is unreadable (%s); computing it again", folder, err)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    return Extracted(
+    extracted = Extracted(
         images=images,
         **arrays,
         skipped=[Skipped(Path(s["path"]), s["reason"]) for s in skipped],
     )
+    return extracted, meta.get("info", {})
 
 
-def save_entry(root: Path, key: str, ex: Extracted, *, describe: Mapping) -> Extracted:
+def save_entry(
+    root: Path, key: str, ex: Extracted, *, info: Mapping, describe: Mapping
+) -> tuple[Extracted, dict]:
     """Write ``ex`` as the entry ``key`` (atomically) and return it read back memory-mapped.
 
     Args:
         root: the cache folder.
         key: from :func:`cache_key`.
         ex: the images and their bookkeeping.
+        info: JSON values to return with the images on a hit.
         describe: what went into the key, stored in ``meta.json`` for people.
     """
     root = Path(root)
@@ -125,6 +151,7 @@ def save_entry(root: Path, key: str, ex: Extracted, *, describe: Mapping) -> Ext
             "shape": list(ex.images.shape),
             "dtype": "float32",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "info": dict(info),
             **describe,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
@@ -152,29 +179,26 @@ def _remove_stale(root: Path, key: str) -> None:
 
 
 def cached(
-    compute: Callable[[], Extracted],
+    compute: Callable[[], tuple[Extracted, dict]],
     *,
     root: Path | None,
     files: Sequence[Path],
     settings: Mapping,
-) -> tuple[Extracted, str | None, bool]:
-    """``compute()``'s images, from the cache under ``root`` when an entry exists.
+) -> Lookup:
+    """``compute()``'s images and info, from the cache under ``root`` when an entry exists.
 
     Args:
-        compute: extracts the images (reading every file); called only on a miss.
+        compute: extracts the images (reading every file) and returns them with a
+            JSON-serialisable info dict; called only on a miss.
         root: the cache folder, or None to compute without caching.
         files: the input files, in record order.
         settings: everything else the images depend on (JSON-serialisable).
-
-    Returns:
-        The images (memory-mapped when cached), the key (None without a cache) and
-        whether they came from the cache.
 
     Raises:
         ConfigError: ``root`` is not a folder, or the entry cannot be written there.
     """
     if root is None:
-        return compute(), None, False
+        return Lookup(*compute(), key=None, hit=False)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ConfigError(
@@ -182,15 +206,15 @@ def cached(
             "or set features.cache=false"
         )
     key = cache_key(files=files, settings=settings)
-    hit = load_entry(root, key)
-    if hit is not None:
+    found = load_entry(root, key)
+    if found is not None:
         log.info("feature cache hit %s (%s)", key, root / key)
-        return hit, key, True
+        return Lookup(*found, key=key, hit=True)
     log.info("feature cache miss %s: computing the images", key)
-    ex = compute()
+    ex, info = compute()
     describe = {"n_files": len(files), "settings": dict(settings)}
     try:
-        return save_entry(root, key, ex, describe=describe), key, False
+        return Lookup(*save_entry(root, key, ex, info=info, describe=describe), key=key, hit=False)
     except OSError as err:
         raise ConfigError(
             f"features.cache_dir={str(root)!r} cannot be written ({err.strerror or err}); point "

@@ -182,55 +182,68 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
     )
     read = read_settings(d)
     rate = d.sample_rate if d.sample_rate is not None else native_rate(records)
-    whole = None
-    if d.segment.length_seconds is None:
-        lengths = [probe_length(r.path, sample_rate=rate, read=read) for r in records]
-        whole = max((n for n in lengths if n), default=1)
-    seg = segmenting(
-        sample_rate=rate, length_seconds=d.segment.length_seconds,
-        hop_seconds=d.segment.hop_seconds, pad=d.segment.pad, whole_length=whole,
-    )  # fmt: skip
-    params = stft_params(cfg, sample_rate=rate, segment_samples=seg.length)
     t0 = time.perf_counter()
 
-    def compute() -> Extracted:
+    def compute() -> tuple[Extracted, dict]:
+        whole = None
+        if d.segment.length_seconds is None:
+            lengths = [probe_length(r.path, sample_rate=rate, read=read) for r in records]
+            whole = max((n for n in lengths if n), default=1)
+        seg = segmenting(
+            sample_rate=rate, length_seconds=d.segment.length_seconds,
+            hop_seconds=d.segment.hop_seconds, pad=d.segment.pad, whole_length=whole,
+        )  # fmt: skip
+        params = stft_params(cfg, sample_rate=rate, segment_samples=seg.length)
         source = iter_windows(
             records, splits, sample_rate=rate, read=read, seg=seg,
             val_fraction=d.val_fraction, test_fraction=d.test_fraction, progress=progress,
         )  # fmt: skip
-        return extract_images(
+        ex = extract_images(
             source, params, n_records=len(records), device=device,
             batch_size=cfg.features.batch_size,
         )  # fmt: skip
+        return ex, {"segment": asdict(seg), "features": params.to_dict()}
 
-    # Only the time split decides which windows a file gives; any other split is a
-    # label per file, applied below, so changing the split seed keeps the cache entry.
+    # The key holds the settings as configured: whole-file lengths and auto sizes follow
+    # from the files and these settings alone, and come back resolved in the entry, so a
+    # hit opens no file. Only the time split decides which windows a file gives; any
+    # other split is a label per file, applied below, so a new split seed reuses the entry.
     timed = np.asarray(splits) == "time"
     time_split = {
         "files": timed.tolist(),
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
     }
+    features = OmegaConf.to_container(cfg.features, resolve=True)
     settings = {
         "sample_rate": rate,
         "read": read,
-        "segment": asdict(seg),
+        "segment": OmegaConf.to_container(d.segment, resolve=True),
         "time_split": time_split if timed.any() else None,
-        "features": params.to_dict(),
+        "features": {k: features[k] for k in STFTParams.__dataclass_fields__ if k in features},
     }
     cache_root = Path(cfg.features.cache_dir) if cfg.features.cache else None
-    extracted, key, hit = feature_cache.cached(
+    lookup = feature_cache.cached(
         compute, root=cache_root, files=[r.path for r in records], settings=settings
     )
+    extracted = lookup.extracted
     extracted.split = np.where(
         timed[extracted.record], extracted.split, np.asarray(splits)[extracted.record]
     )
+    seg = Segmenting(**lookup.info["segment"])
+    params = STFTParams.from_dict(lookup.info["features"])
+    sizes = (cfg.features.n_fft, cfg.features.hop_length, cfg.features.win_length)
+    if lookup.hit and AUTO in sizes:
+        log.info(
+            "features: auto sizes from the cache entry: n_fft=%d, hop_length=%d, win_length=%d",
+            params.n_fft, params.hop_length, params.win_length,
+        )  # fmt: skip
     strategy = (
         d.split if d.split != "auto" else ("folders" if any(r.split for r in records) else "random")
     )
     return Prepared(
         records, classes, extracted, seg, read, found.ignored, found.layout, strategy,
-        time.perf_counter() - t0, rate, params, key, hit,
+        time.perf_counter() - t0, rate, params, lookup.key, lookup.hit,
     )  # fmt: skip
 
 
