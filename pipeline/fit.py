@@ -246,6 +246,7 @@ def fit(
         counts = torch.bincount(y_train, minlength=n_classes).double()
         weight = (len(y_train) / (n_classes * counts.clamp(min=1))).float().to(device)
     x_source = _stage(x_train, device)
+    y_source = y_train.to(x_source.device)
     optimizer = _make_optimizer(model, s)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     use_scaler = device.type == "cuda" and s.amp and not torch.cuda.is_bf16_supported()
@@ -269,8 +270,11 @@ def fit(
             break
         net.train()
         sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(sampler)))
+        # One copy of the epoch's order to where the images are: indexing with it
+        # needs no host-to-device copy (and no synchronisation) per step.
+        order = torch.tensor(list(iter(sampler))).to(x_source.device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, seen
+        seen_here = 0
         epoch_start = time.perf_counter()
         batches = range(0, len(order), local_batch)
         bar = tqdm(batches, desc=f"{name} {epoch}/{s.epochs}", unit="batch", leave=False,
@@ -278,7 +282,7 @@ def fit(
         for i in bar:
             idx = order[i : i + local_batch]
             xb = _gather(x_source, idx, device).contiguous(memory_format=memory_format)
-            yb = y_train[idx].to(device, non_blocking=True)
+            yb = _gather(y_source, idx, device)
             factor = _lr_factor(state["step"], steps_per_epoch=steps_per_epoch, s=s)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
@@ -302,12 +306,13 @@ def fit(
             scaler.update()
             state["step"] += 1
             # Summed on the device: no host synchronisation per step.
-            totals += torch.stack(
-                [loss.detach().double() * len(idx), (logits.argmax(1) != yb).sum().double(),
-                 torch.tensor(float(len(idx)), dtype=torch.float64, device=device)]
-            )  # fmt: skip
-            if not bar.disable and (state["step"] % 10 == 0):
-                bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}")
+            totals[:2] += torch.stack(
+                [loss.detach().double() * len(idx), (logits.argmax(1) != yb).sum().double()]
+            )
+            seen_here += len(idx)
+            if not bar.disable and state["step"] % 25 == 0:  # .item() waits for the device
+                bar.set_postfix(loss=f"{totals[0].item() / seen_here:.3f}")
+        totals[2] = seen_here
         if world > 1:
             torch.distributed.all_reduce(totals)
         loss_sum, errors, seen = totals.tolist()
@@ -406,9 +411,10 @@ def _stage(x: Tensor, device: torch.device) -> Tensor:
 
 
 def _gather(x: Tensor, idx: Tensor, device: torch.device) -> Tensor:
-    if x.device.type == device.type:  # staged on the device ("cuda" names "cuda:0" too)
-        return x[idx.to(x.device)]
+    """Rows ``idx`` of ``x`` on ``device``; ``idx`` lives where ``x`` does."""
     batch = x[idx]
+    if x.device.type == device.type:  # staged on the device ("cuda" names "cuda:0" too)
+        return batch
     if device.type == "cuda":
         batch = batch.pin_memory()
     return batch.to(device, non_blocking=True)

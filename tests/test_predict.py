@@ -167,7 +167,7 @@ def test_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
         out = [tmp_path / f"t_{name}.csv", tmp_path / f"t_{name}_errors.csv"]
         tracemalloc.start()
         predict_folder(bundle, tmp_path / name, outputs=out, device=torch.device("cpu"),
-                       batch_size=256, top_k=3, rule="mean", progress=False, workers=2)  # fmt: skip
+                       batch_size=256, top_k=3, rule="mean", progress=False, workers=0)  # fmt: skip
         traced[name] = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
     assert traced["small"] - traced["tiny"] < 0.15, traced
@@ -193,26 +193,24 @@ def test_export_to_onnx_matches_pytorch(trained, tmp_path):
     assert svm.returncode == 2 and "is an SVM bundle" in svm.stdout + svm.stderr
 
 
-def test_read_ahead_keeps_order_and_bounds_the_work_in_flight():
-    import threading
-    import time
+def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
+    from pipeline.tasks.predict import WindowReader, read_files, reading_workers
 
-    from pipeline.tasks.predict import read_ahead, reading_threads
-
-    started = []
-    lock = threading.Lock()
-
-    def work(i):
-        with lock:
-            started.append(i)
-        time.sleep(0.001 * (i % 3))
-        return i * i
-
-    for consumed, (i, value) in enumerate(read_ahead(work, range(100), workers=3), start=1):
-        assert value == i * i and i == consumed - 1
-        with lock:
-            assert len(started) - consumed <= 4 * 3  # never more than 12 ahead
-    assert list(read_ahead(work, range(5), workers=0)) == [(i, i * i) for i in range(5)]
-    assert reading_threads("auto") >= 0 and reading_threads(3) == 3
+    for i in range(23):
+        folder = tmp_path / f"c{i % 3}"
+        folder.mkdir(exist_ok=True)
+        n = 3 if i == 7 else 400  # one file too short for a window
+        np.save(folder / f"{i:02d}.npy", np.full(n, i + 1, np.float32))  # not all zero
+    reader = WindowReader(rate=100, read={}, length=100, hop=100, pad=False, channels=1)
+    inline = list(read_files(tmp_path, reader, workers=0))
+    parallel = list(read_files(tmp_path, reader, workers=2))
+    assert [p for p, _ in parallel] == [p for p, _ in inline] and len(inline) == 23
+    for (_, a), (path, b) in zip(inline, parallel, strict=True):
+        if path.name == "07.npy":
+            assert a == b and "shorter than the model's window of 100 samples" in b
+        else:
+            assert np.array_equal(a, b) and b.shape == (4, 1, 100)
+            assert b[0, 0, 0] == int(path.stem) + 1
+    assert reading_workers("auto") >= 0 and reading_workers(3) == 3
     with pytest.raises(ConfigError, match="predict.workers=-1 must be auto or a whole number"):
-        reading_threads(-1)
+        reading_workers(-1)

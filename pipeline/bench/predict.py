@@ -29,7 +29,7 @@ from pipeline.bundle import load_bundle, save_bundle
 from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_images
 from pipeline.fit import resolve_device
 from pipeline.models.resnet import build_resnet
-from pipeline.tasks.predict import predict_folder, reading_threads
+from pipeline.tasks.predict import predict_folder, reading_workers
 
 RATE = 8000
 N_CLASSES = 10
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", default="auto", help="predict.workers: auto or a count")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    workers = reading_threads(args.workers if args.workers == "auto" else int(args.workers))
+    workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         root = Path(tmp)
         clips = write_clips(root / "clips", args.files)
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
     print(
         f"predict: {args.files} clips (1 s, 8 kHz, 16-bit WAV), ResNet-20, images "
         f"{PARAMS['size'][0]}x{PARAMS['size'][1]}, device {device}, "
-        f"{torch.get_num_threads()} torch threads, {workers} reading threads, "
+        f"{torch.get_num_threads()} torch threads, {workers} reading processes, "
         f"best of {args.repeats}"
     )
     for name, value in rate.items():

@@ -13,17 +13,15 @@ import csv
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import atomic
@@ -37,8 +35,6 @@ from pipeline.signals import SUFFIXES, read_signal
 log = logging.getLogger(__name__)
 
 AGGREGATES = ("mean", "vote", "max")
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -100,44 +96,95 @@ class _File:
     starts: np.ndarray
 
 
-def reading_threads(workers: int | str) -> int:
+def reading_workers(workers: int | str) -> int:
     """``predict.workers``: a count, or ``auto``: the cores beyond two, at most 8.
 
     The model's own threads use two cores; on a 2-core machine reading in the
-    main thread is fastest (measured), on larger ones threads overlap reading.
+    main process is fastest (measured), on larger ones worker processes read
+    ahead of the model.
     """
     if workers == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return max(0, min(8, (cores or 1) - 2))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(
-            f"predict.workers={workers!r} must be auto or a whole number of reading threads "
-            "(0: read in the main thread)"
+            f"predict.workers={workers!r} must be auto or a whole number of reading processes "
+            "(0: read in the main process)"
         )
     return workers
 
 
-def read_ahead(fn: Callable[[T], R], items: Iterable[T], *, workers: int) -> Iterator[tuple[T, R]]:
-    """``(item, fn(item))`` in order, with ``fn`` run by ``workers`` threads ahead of the consumer.
+@dataclass(frozen=True)
+class WindowReader:
+    """Reads one file with a bundle's settings and cuts it into the model's windows.
 
-    At most ``4 * workers`` results wait at a time, so memory stays bounded
-    whatever the number of items. Reading audio releases the GIL (libsndfile),
-    so the threads overlap file I/O and decoding with the model's work.
+    Returns the windows (n, channels, samples), or the reason as a string when
+    the file cannot be classified; a plain object, so worker processes can run it.
     """
-    if workers <= 1:
-        for item in items:
-            yield item, fn(item)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
-        waiting: deque = deque()
-        for item in items:
-            waiting.append((item, pool.submit(fn, item)))
-            if len(waiting) >= 4 * workers:
-                first, future = waiting.popleft()
-                yield first, future.result()
-        while waiting:
-            first, future = waiting.popleft()
-            yield first, future.result()
+
+    rate: int
+    read: dict
+    length: int
+    hop: int
+    pad: bool
+    channels: int
+
+    def __call__(self, path: Path) -> np.ndarray | str:
+        try:
+            sig = read_signal(path, sample_rate=self.rate, **self.read)
+            windows = segment(sig.samples, length=self.length, hop=self.hop, pad=self.pad)
+            if len(windows) == 0:
+                raise SignalError(
+                    f"{path}: {sig.samples.shape[-1]} samples is shorter than the model's "
+                    f"window of {self.length} samples"
+                )
+            if windows.shape[1] != self.channels:
+                raise SignalError(
+                    f"{path}: has {windows.shape[1]} channel(s); the model was trained on "
+                    f"{self.channels}"
+                )
+        except SignalError as err:
+            return str(err)
+        return windows
+
+
+class _Files(IterableDataset):
+    """``(path, reader(path))`` for the files under ``source``, each worker taking every n-th.
+
+    A DataLoader takes one item from each worker in turn, so with this sharding
+    the items arrive in the order the files were found.
+    """
+
+    def __init__(self, source: Path, reader: WindowReader) -> None:
+        self.source, self.reader = source, reader
+
+    def __iter__(self) -> Iterator[tuple[Path, np.ndarray | str]]:
+        info = get_worker_info()
+        n, k = (info.num_workers, info.id) if info is not None else (1, 0)
+        for i, path in enumerate(iter_files(self.source)):
+            if i % n == k:
+                yield path, self.reader(path)
+
+
+def _as_is(item):
+    return item
+
+
+def read_files(
+    source: Path, reader: WindowReader, *, workers: int
+) -> Iterator[tuple[Path, np.ndarray | str]]:
+    """The files under ``source`` with their windows, in order; ``workers`` processes read ahead.
+
+    Each worker keeps at most a few files ready, so memory stays bounded
+    whatever the number of files.
+    """
+    files = _Files(source, reader)
+    if workers == 0:
+        return iter(files)
+    loader = DataLoader(
+        files, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=8,
+    )  # fmt: skip
+    return iter(loader)
 
 
 def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
@@ -156,7 +203,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     p = cfg.predict
     if p.aggregate not in AGGREGATES:
         raise ConfigError(f"predict.aggregate={p.aggregate!r} must be one of {list(AGGREGATES)}")
-    workers = reading_threads(p.workers)
+    workers = reading_workers(p.workers)
     if not (isinstance(p.top_k, int) and p.top_k >= 1):
         raise ConfigError(f"predict.top_k={p.top_k!r} must be a positive integer")
     source = Path(p.input)
@@ -208,8 +255,9 @@ def predict_folder(
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
-    Files are read and cut into windows by ``workers`` threads, a bounded number
-    ahead of the classifier, and their rows written in the order they were found.
+    Files are read and cut into windows by ``workers`` processes (0: in this one),
+    a bounded number ahead of the classifier, and their rows written in the order
+    they were found.
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
@@ -265,30 +313,13 @@ def predict_folder(
                     counts["correct"] += predicted == f.true
             pending, n_pending = [], 0
 
-        def load(path: Path) -> np.ndarray | SignalError:
-            try:
-                sig = read_signal(path, sample_rate=rate, **read)
-                windows = segment(sig.samples, length=length, hop=hop, pad=pad)
-                if len(windows) == 0:
-                    raise SignalError(
-                        f"{path}: {sig.samples.shape[-1]} samples is shorter than the model's "
-                        f"window of {length} samples"
-                    )
-                if windows.shape[1] != classify.in_channels:
-                    raise SignalError(
-                        f"{path}: has {windows.shape[1]} channel(s); the model was trained on "
-                        f"{classify.in_channels}"
-                    )
-            except SignalError as err:
-                return err
-            return windows
-
+        reader = WindowReader(rate, read, length, hop, pad, classify.in_channels)
         root = source if source.is_dir() else source.parent
-        loaded = read_ahead(load, iter_files(source), workers=workers)
+        loaded = read_files(source, reader, workers=workers)
         bar = tqdm(loaded, desc="predict", unit="file", disable=not progress)
         for path, windows in bar:
-            if isinstance(windows, SignalError):
-                errors_csv.writerow([str(path), str(windows)])
+            if isinstance(windows, str):
+                errors_csv.writerow([str(path), windows])
                 counts["errors"] += 1
                 continue
             parts = path.relative_to(root).parts
