@@ -423,3 +423,17 @@ def test_prepare_data_reuses_the_images_and_applies_the_current_split(
     with pytest.raises(AssertionError, match="must load the images"):
         compare.prepare_data(compose(*overrides, "features.top_db=6"), device="cpu", progress=False)
 
+
+def test_the_benchmark_runs_and_prints_its_ratios(capsys):
+    import re
+
+    from pipeline.bench.__main__ import main
+
+    assert main(["features", "--n", "12", "--length", "1000", "--repeats", "1",
+                 "--files", "6"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    rates = {k: float(v) for k, v in re.findall(r"(ours|librosa|scipy)\s+([\d.]+) signals/s", out)}
+    assert set(rates) == {"ours", "librosa", "scipy"} and all(v > 0 for v in rates.values())
+    ratio = float(re.search(r"ratio ours/\w+ \(the faster reference\): ([\d.]+)", out)[1])
+    assert abs(ratio - rates["ours"] / max(rates["librosa"], rates["scipy"])) < 0.02 * ratio + 0.01
+    assert re.search(r"ratio first/hit \(feature stage\): [\d.]+", out)

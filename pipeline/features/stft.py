@@ -390,9 +390,11 @@ class STFTImage(nn.Module):
 
 
 # On a CPU, a chunk's complex spectrum should stay in the processor's cache: 3,000 windows
-# of 8,000 samples (n_fft=256, hop 64, magnitude) took 0.13 s in chunks of about 2 MB
-# against 0.28 s in chunks of 256 windows on this project's 2-core machine.
-CPU_CHUNK_BYTES = 2 << 20
+# of 8,000 samples (n_fft=256, hop 64, magnitude) took 0.14 s in chunks of 2 or 4 MB,
+# 0.18 s at 8 MB and 0.28 s in chunks of 256 windows (32 MB) on this project's 2-core
+# machine. Of the two fastest, 4 MB makes half as many calls, each of which waits for
+# both threads when another process holds a core.
+CPU_CHUNK_BYTES = 4 << 20
 
 
 def chunk_windows(
