@@ -203,7 +203,7 @@ def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
         np.save(folder / f"{i:02d}.npy", np.full(n, i + 1, np.float32))  # not all zero
     reader = WindowReader(rate=100, read={}, length=100, hop=100, pad=False, channels=1)
     inline = list(read_files(tmp_path, reader, workers=0))
-    parallel = list(read_files(tmp_path, reader, workers=2))
+    parallel = list(read_files(tmp_path, reader, workers=2, chunk=4))
     assert [p for p, _ in parallel] == [p for p, _ in inline] and len(inline) == 23
     for (_, a), (path, b) in zip(inline, parallel, strict=True):
         if path.name == "07.npy":

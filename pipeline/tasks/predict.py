@@ -148,22 +148,29 @@ class WindowReader:
         return windows
 
 
-class _Files(IterableDataset):
-    """``(path, reader(path))`` for the files under ``source``, each worker taking every n-th.
+class _Chunks(IterableDataset):
+    """Lists of ``(path, reader(path))`` for runs of ``size`` files; worker k reads every n-th run.
 
     A DataLoader takes one item from each worker in turn, so with this sharding
-    the items arrive in the order the files were found.
+    the runs arrive in the order the files were found. Runs rather than single
+    files: each item crossing from a worker costs about 0.1 ms.
     """
 
-    def __init__(self, source: Path, reader: WindowReader) -> None:
-        self.source, self.reader = source, reader
+    def __init__(self, source: Path, reader: WindowReader, size: int) -> None:
+        self.source, self.reader, self.size = source, reader, size
 
-    def __iter__(self) -> Iterator[tuple[Path, np.ndarray | str]]:
+    def __iter__(self) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
         info = get_worker_info()
         n, k = (info.num_workers, info.id) if info is not None else (1, 0)
+        chunk: list = []
         for i, path in enumerate(iter_files(self.source)):
-            if i % n == k:
-                yield path, self.reader(path)
+            if (i // self.size) % n == k:
+                chunk.append((path, self.reader(path)))
+                if len(chunk) == self.size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
 
 
 def _as_is(item):
@@ -171,20 +178,20 @@ def _as_is(item):
 
 
 def read_files(
-    source: Path, reader: WindowReader, *, workers: int
+    source: Path, reader: WindowReader, *, workers: int, chunk: int = 32
 ) -> Iterator[tuple[Path, np.ndarray | str]]:
     """The files under ``source`` with their windows, in order; ``workers`` processes read ahead.
 
     Each worker keeps at most a few files ready, so memory stays bounded
     whatever the number of files.
     """
-    files = _Files(source, reader)
     if workers == 0:
-        return iter(files)
+        return ((path, reader(path)) for path in iter_files(source))
     loader = DataLoader(
-        files, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=8,
+        _Chunks(source, reader, size=chunk), batch_size=None, num_workers=workers,
+        collate_fn=_as_is, prefetch_factor=4,
     )  # fmt: skip
-    return iter(loader)
+    return (item for chunk in loader for item in chunk)
 
 
 def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
