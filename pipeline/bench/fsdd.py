@@ -1,0 +1,201 @@
+"""Real-data benchmark on the Free Spoken Digit Dataset, through the public CLI.
+
+``python -m pipeline.bench fsdd [--root ../shared/datasets/fsdd/recordings]`` runs
+``python -m pipeline.run +experiment=fsdd`` exactly as a user would, on
+
+1. the official split (takes 0-4 of every speaker are the test set);
+2. leave-one-speaker-out: six folds, each speaker held out once
+   (``data.split=group data.test_groups=[<speaker>]``); validation is a whole
+   training speaker, never the held-out one;
+
+then reads each run's ``metrics.json`` and writes ``BENCHMARKS.md`` (the tables,
+the device, the commands and the published figures to compare with).
+``--ablation key=value`` adds a ResNet-only row per setting with that override,
+e.g. ``--ablation train.augment.freq_mask=0`` (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import atomic
+
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+MODELS = ("resnet", "plain_cnn", "svm")
+REPO = Path(__file__).resolve().parents[2]
+
+PUBLISHED = """\
+Published figures to compare with (different splits and dataset versions, so only a guide):
+
+| source | split | model | accuracy |
+|---|---|---|---|
+| this project's issue 9: log STFT 64x64, ResNet-20, 10 epochs, no augmentation \
+| official | ResNet-20 | about 0.99 |
+| the same | theo or lucas held out | ResNet-20 / SVM | about 0.71-0.79 / 0.31-0.38 |
+| adhishthite/sound-mnist (GitHub README): FSDD of 3 speakers, random 90/10 split \
+| random | MFCC + Keras CNN | 0.97 |
+"""
+
+
+def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
+    """One ``python -m pipeline.run`` with ``overrides``; returns its metrics.json."""
+    cmd = [sys.executable, "-m", "pipeline.run", *overrides, f"hydra.run.dir={run_dir}",
+           "progress=false"]  # fmt: skip
+    log(" ".join(shlex.quote(c) for c in cmd[1:]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["_wall_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def best_val_accuracy(metrics: dict, model: str) -> float | None:
+    """Validation accuracy of the kept epoch of a network (from its learning curve)."""
+    curve = metrics.get("histories", {}).get(model)
+    best = metrics["models"][model].get("best_epoch")
+    if not curve or not best:
+        return None
+    return 1 - curve[best - 1]["val_error"]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench fsdd",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--root", default=str(REPO.parent / "shared/datasets/fsdd/recordings"))
+    parser.add_argument("--runs", default="outputs/bench-fsdd", help="folder for the run folders")
+    parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--speakers", default=",".join(SPEAKERS), help="held-out speakers")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--no-official", action="store_true", help="skip the official split")
+    parser.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
+    args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
+    if not root.is_dir():
+        print(f"--root={root} does not exist; point it at fsdd/recordings", file=sys.stderr)
+        return 2
+    runs = Path(args.runs).resolve()
+    models = args.models.split(",")
+    base = ["+experiment=fsdd", f"data.root={root}", f"models=[{','.join(models)}]",
+            *args.overrides]  # fmt: skip
+    settings = [] if args.no_official else [("official", [])]
+    settings += [
+        (f"loso-{s}", ["data.split=group", f"data.test_groups=[{s}]"])
+        for s in args.speakers.split(",")
+    ]
+    commands: list[str] = []
+    results: dict[str, dict] = {}
+    ablations: dict[str, dict[str, dict]] = {a: {} for a in args.ablation}
+    for name, extra in settings:
+        results[name] = run_cli([*base, *extra], runs / name, log=commands.append)
+        print(name, {m: round(results[name]["models"][m]["accuracy"], 4) for m in models})
+        for a in args.ablation:
+            tag = a.replace("=", "-").replace("/", "_")
+            over = [*base, *extra, "models=[resnet]", a]
+            ablations[a][name] = run_cli(over, runs / f"{name}_{tag}", log=commands.append)
+            print(" ", a, round(ablations[a][name]["models"]["resnet"]["accuracy"], 4))
+    text = render(results, ablations, models=models, commands=commands, extra=args.overrides)
+    atomic.write_text(Path(args.output), text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _device_line(metrics: dict) -> str:
+    device = metrics.get("run", {}).get("device", "?")
+    if "cuda" in str(device) and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name()})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{device}; {cores} CPU cores ({platform.processor() or platform.machine()})"
+
+
+def render(results, ablations, *, models, commands, extra) -> str:
+    first = next(iter(results.values()))
+    lines = [
+        "# Benchmarks: Free Spoken Digit Dataset",
+        "",
+        "Generated by `python -m pipeline.bench fsdd"
+        + (" " + " ".join(extra) if extra else "")
+        + f"` on {time.strftime('%Y-%m-%d')}. Machine: {_device_line(first)}.",
+        "Every run goes through the public CLI with the `+experiment=fsdd` preset "
+        "(conf/experiment/fsdd.yaml); the exact commands are at the end.",
+        "",
+    ]
+    if "official" in results:
+        m = results["official"]
+        lines += ["## Official split (takes 0-4 of every speaker are the test set, 300 files)", "",
+                  "| model | accuracy | macro-F1 | file accuracy | train s |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for model in models:
+            r = m["models"][model]
+            lines.append(
+                f"| {model} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+                f"{r.get('file_accuracy', r['accuracy']):.4f} | {r['train_seconds']:.0f} |"
+            )
+        lines.append("")
+    folds = {k: v for k, v in results.items() if k.startswith("loso-")}
+    if folds:
+        lines += ["## Leave one speaker out (train on five speakers, test on the sixth)", "",
+                  "File-level accuracy (a file's windows scored by their mean probability); "
+                  "validation is one of the five training speakers.", "",
+                  "| held-out speaker | " + " | ".join(models) + " | ResNet val. acc. |",
+                  "|---|" + "---|" * (len(models) + 1)]  # fmt: skip
+        table = {model: [] for model in models}
+        for name, m in folds.items():
+            row = []
+            for model in models:
+                r = m["models"][model]
+                acc = r.get("file_accuracy", r["accuracy"])
+                table[model].append(acc)
+                row.append(f"{acc:.4f}")
+            val = best_val_accuracy(m, "resnet") if "resnet" in models else None
+            lines.append(f"| {name[5:]} | " + " | ".join(row) + f" | {_f(val)} |")
+        lines.append(
+            "| **mean** | " + " | ".join(f"**{np.mean(v):.4f}**" for v in table.values()) + " | |"
+        )
+        f1 = {model: np.mean([m["models"][model]["macro_f1"] for m in folds.values()])
+              for model in models}  # fmt: skip
+        secs = {model: np.mean([m["models"][model]["train_seconds"] for m in folds.values()])
+                for model in models}  # fmt: skip
+        lines.append("| mean macro-F1 (windows) | " + " | ".join(f"{v:.4f}" for v in f1.values())
+                     + " | |")  # fmt: skip
+        lines.append("| mean train s | " + " | ".join(f"{v:.0f}" for v in secs.values()) + " | |")
+        lines.append("")
+    for a, per in ablations.items():
+        if not per:
+            continue
+        lines += [f"### Ablation: ResNet with `{a}`", "",
+                  "| setting | test accuracy | ResNet val. acc. | preset's test accuracy |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for name, m in per.items():
+            r = m["models"]["resnet"]
+            base = results[name]["models"]["resnet"]
+            lines.append(
+                f"| {name} | {r.get('file_accuracy', r['accuracy']):.4f} | "
+                f"{_f(best_val_accuracy(m, 'resnet'))} | "
+                f"{base.get('file_accuracy', base['accuracy']):.4f} |"
+            )
+        lines.append("")
+    lines += [PUBLISHED, "## Commands", "", "```bash"]
+    lines += [f"python {c}" for c in commands]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
