@@ -10,8 +10,9 @@
 
 then reads each run's ``metrics.json`` and writes ``BENCHMARKS.md`` (the tables,
 the device, the commands and the published figures to compare with).
-``--ablation key=value`` adds a ResNet-only row per setting with that override,
-e.g. ``--ablation train.augment.freq_mask=0`` (repeatable).
+``--ablation "key=value ..."`` adds a ResNet-only row per setting with those
+overrides, e.g. ``--ablation "train.augment.freq_mask=0 train.augment.time_mask=0"``
+(repeatable).
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def main(argv: list[str]) -> int:
         print(name, {m: round(results[name]["models"][m]["accuracy"], 4) for m in models})
         for a in args.ablation:
             tag = a.replace("=", "-").replace("/", "_")
-            over = [*base, *extra, "models=[resnet]", a]
+            over = [*base, *extra, "models=[resnet]", *a.split()]
             ablations[a][name] = run_cli(over, runs / f"{name}_{tag}", log=commands.append)
             print(" ", a, round(ablations[a][name]["models"]["resnet"]["accuracy"], 4))
-    text = render(results, ablations, models=models, commands=commands, extra=args.overrides)
-    atomic.write_text(Path(args.output), text)
+        # Rewritten after every setting, so an interrupted benchmark keeps what it measured.
+        text = render(results, ablations, models=models, commands=commands, extra=args.overrides)
+        atomic.write_text(Path(args.output), text)
     print(f"wrote {args.output}")
     return 0
 
