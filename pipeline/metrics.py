@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import softmax
+from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -61,3 +62,56 @@ def file_level_accuracy(scores: np.ndarray, y_true: np.ndarray, record: np.ndarr
     files = np.unique(record)
     correct = [probs[record == f].mean(axis=0).argmax() == y_true[record == f][0] for f in files]
     return float(np.mean(correct))
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar's exact test of two classifiers on the same test items.
+
+    Only the discordant items count: ``a_only`` items that A got right and B wrong,
+    ``b_only`` the reverse. Under the null hypothesis of equal error rates each
+    discordant item is a fair coin, so the p-value is the two-sided binomial test of
+    ``a_only`` successes in ``a_only + b_only`` trials (McNemar 1947; the exact form
+    Dietterich 1998 recommends for comparing classifiers).
+
+    Args:
+        correct_a: (n,) booleans, whether model A classified item i correctly.
+        correct_b: (n,) booleans for model B, on the same items in the same order.
+
+    Returns:
+        ``{"n", "a_only", "b_only", "p_value"}``; p is 1.0 when no item is discordant.
+    """
+    correct_a = np.asarray(correct_a, dtype=bool)
+    correct_b = np.asarray(correct_b, dtype=bool)
+    assert correct_a.shape == correct_b.shape, "both models must be scored on the same items"
+    a_only = int((correct_a & ~correct_b).sum())
+    b_only = int((~correct_a & correct_b).sum())
+    discordant = a_only + b_only
+    p = binomtest(a_only, discordant, 0.5).pvalue if discordant else 1.0
+    return {"n": int(correct_a.size), "a_only": a_only, "b_only": b_only, "p_value": float(p)}
+
+
+def pairwise_mcnemar(y_true: np.ndarray, predictions: dict[str, np.ndarray]) -> list[dict]:
+    """McNemar's exact test between every pair of models, with Holm's adjusted p-values.
+
+    Args:
+        y_true: (n,) true class indices.
+        predictions: model name -> (n,) predicted class indices, in the order of ``y_true``.
+
+    Returns:
+        One dict per pair ``(a, b)`` in the order of ``predictions``: the fields of
+        :func:`mcnemar` plus ``a``, ``b`` and ``p_holm`` (Holm's step-down adjustment
+        over all pairs of this run, which keeps the family-wise error rate).
+    """
+    names = list(predictions)
+    correct = {n: np.asarray(predictions[n]) == np.asarray(y_true) for n in names}
+    pairs = [
+        {"a": a, "b": b, **mcnemar(correct[a], correct[b])}
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i]["p_value"])
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pairs) - rank) * pairs[i]["p_value"]))
+        pairs[i]["p_holm"] = running
+    return pairs
