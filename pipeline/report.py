@@ -1,4 +1,4 @@
-"""Render a run's outputs for people: figures, report.md and the printed summary.
+"""Render a run's outputs for people: figures, report.md, report.html and the printed summary.
 
 Everything here reads only ``metrics.json``-shaped data (and, for the example
 spectrograms, the images passed in), so a report can be rendered again from a
@@ -7,15 +7,19 @@ finished run without retraining.
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
 
 import jinja2
+import markupsafe
 import matplotlib
 
 matplotlib.use("Agg")  # no display: figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
 
@@ -53,8 +57,13 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def headline_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    """Column titles and formatted rows of the headline table; the best value per column in bold."""
+def headline_rows(metrics: dict) -> tuple[list[str], list[dict]]:
+    """Column titles and rows of the headline table, the best value per column flagged.
+
+    Returns:
+        ``(header, rows)``: each row is ``{"model": name, "cells": [{"text", "best"}, ...]}``
+        with the numbers formatted once, so Markdown, HTML and the terminal show the same text.
+    """
     models = metrics["models"]
     columns = [c for c in HEADLINE if any(c[0] in m for m in models.values())]
     best = {}
@@ -64,21 +73,39 @@ def headline_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
             best[key] = max(values) if higher else min(values)
     rows = []
     for name, m in models.items():
-        row = [name]
+        cells = []
         for key, _, fmt, _ in columns:
             if key not in m:
-                row.append("–")
+                cells.append({"text": "–", "best": False})
                 continue
-            cell = fmt.format(m[key])
-            row.append(f"**{cell}**" if key in best and m[key] == best[key] else cell)
-        rows.append(row)
+            cells.append({"text": fmt.format(m[key]), "best": key in best and m[key] == best[key]})
+        rows.append({"model": name, "cells": cells})
     return ["model", *(c[1] for c in columns)], rows
+
+
+def significance_rows(metrics: dict, *, alpha: float = 0.05) -> list[dict]:
+    """The McNemar pairs of ``metrics["significance"]`` with formatted p-values and a verdict."""
+    rows = []
+    for s in metrics.get("significance", []):
+        if s["p_holm"] >= alpha:
+            verdict = "no significant difference"
+        else:
+            winner, loser = (s["a"], s["b"]) if s["a_only"] > s["b_only"] else (s["b"], s["a"])
+            verdict = f"{winner} better than {loser}"
+        rows.append({**s, "p": format_p(s["p_value"]), "holm": format_p(s["p_holm"]),
+                     "verdict": verdict})  # fmt: skip
+    return rows
+
+
+def format_p(p: float) -> str:
+    """A p-value with three significant digits (``1.23e-05`` below 0.001)."""
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.2e}"
 
 
 def summary_table(metrics: dict) -> str:
     """A compact plain-text table for the terminal."""
     header, rows = headline_rows(metrics)
-    rows = [[cell.replace("**", "") for cell in row] for row in rows]
+    rows = [[r["model"], *(c["text"] for c in r["cells"])] for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -96,19 +123,20 @@ def write_figures(
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     if metrics.get("histories"):
-        written["learning_curves"] = _save(
+        written["learning_curves"] = save_figure(
             plot_learning_curves(metrics["histories"]), fig_dir / "learning_curves.png"
         )
     for name, m in metrics["models"].items():
         fig = plot_confusion(np.asarray(m["confusion"]), metrics["dataset"]["classes"], title=name)
-        written[f"confusion_{name}"] = _save(fig, fig_dir / f"confusion_{name}.png")
+        written[f"confusion_{name}"] = save_figure(fig, fig_dir / f"confusion_{name}.png")
     if examples is not None:
         fig = plot_examples(examples, metrics)
-        written["examples"] = _save(fig, fig_dir / "examples.png")
+        written["examples"] = save_figure(fig, fig_dir / "examples.png")
     return {k: str(Path(v).relative_to(run_dir)) for k, v in written.items()}
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` atomically and close it."""
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -137,6 +165,7 @@ def plot_learning_curves(histories: dict[str, list[dict]]):
             label=f"{name} val",
         )
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("error (%)")
     ax.set_title("Learning curves (dashed: training, bold: validation)")
     ax.grid(alpha=0.3)
@@ -225,21 +254,74 @@ def plot_examples(images: np.ndarray, metrics: dict):
     return fig
 
 
-def write_report(run_dir: Path, metrics: dict, *, config_yaml: str) -> Path:
-    """Render ``report.md`` into ``run_dir`` from ``metrics`` and the figures present there."""
+def templates(*, html: bool) -> jinja2.Environment:
+    """The Jinja2 environment of ``pipeline/templates``; HTML output escapes every value."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        autoescape=html,
+        trim_blocks=html,
+        lstrip_blocks=html,
     )
+    env.filters["p"] = format_p
+    return env
+
+
+def md_code(value) -> str:
+    """Inline code in Markdown."""
+    return f"`{value}`"
+
+
+def html_code(value) -> markupsafe.Markup:
+    """Inline code in HTML, its text escaped."""
+    return markupsafe.Markup("<code>{}</code>").format(value)
+
+
+def data_uri(path: Path) -> str:
+    """A PNG file as a ``data:`` URI, so the HTML report needs no file beside it."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def config_text(metrics: dict) -> str:
+    """The resolved configuration stored in ``metrics["run"]["config"]`` as YAML ("" if absent)."""
+    config = metrics.get("run", {}).get("config")
+    return OmegaConf.to_yaml(OmegaConf.create(config)) if config is not None else ""
+
+
+def write_report(run_dir: Path, metrics: dict, *, config_yaml: str | None = None) -> Path:
+    """Render ``report.md`` and ``report.html`` into ``run_dir`` from ``metrics`` and its figures.
+
+    Both come from one context, so they show the same numbers in the same order:
+    headline table, significance, per-class figures and confusion matrices, learning
+    curves, dataset, features, environment. The HTML file embeds its figures as
+    ``data:`` URIs and its style sheet, so it opens anywhere on its own.
+
+    Args:
+        run_dir: the run folder; figures are read from ``run_dir/figures``.
+        metrics: the contents of ``metrics.json``.
+        config_yaml: the resolved configuration as YAML; None: ``metrics["run"]["config"]``.
+
+    Returns:
+        The path of ``report.md`` (``report.html`` lies beside it).
+    """
+    run_dir = Path(run_dir)
     header, rows = headline_rows(metrics)
     figures = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").glob("*.png"))
-    text = env.get_template("report.md.j2").render(
-        m=metrics,
-        header=header,
-        rows=rows,
-        figures=figures,
-        config_yaml=config_yaml,
-        histories=metrics.get("histories", {}),
-    )
-    return atomic.write_text(run_dir / "report.md", text)
+    files = ["metrics.json", *(f"predictions/{n}.csv" for n in metrics["models"]), "skipped.csv"]
+    context = {
+        "m": metrics,
+        "header": header,
+        "rows": rows,
+        "significance": significance_rows(metrics),
+        "figures": figures,
+        "files": [f for f in files if (run_dir / f).is_file()],
+        "config_yaml": config_yaml if config_yaml is not None else config_text(metrics),
+        "histories": metrics.get("histories", {}),
+    }
+    md = templates(html=False).get_template("report.md.j2").render(**context, code=md_code)
+    page = templates(html=True).get_template("report.html.j2")
+    images = {f: data_uri(run_dir / f) for f in figures}
+    html = page.render(**context, code=html_code, images=images)
+    atomic.write_text(run_dir / "report.html", html)
+    return atomic.write_text(run_dir / "report.md", md)

@@ -2,7 +2,8 @@
 
 signal files -> records -> split by recording -> windows -> STFT images ->
 normalise (training statistics) -> fit each model -> evaluate on the test split ->
-bundles, predictions, metrics.json, figures, report.md.
+bundles, predictions, metrics.json (with McNemar's tests between the models), figures,
+report.md and report.html.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -40,7 +43,7 @@ from pipeline.fit import (
     resolve_device,
     setup_distributed,
 )
-from pipeline.metrics import classification_metrics, file_level_accuracy
+from pipeline.metrics import classification_metrics, file_level_accuracy, pairwise_mcnemar
 from pipeline.signals import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -383,6 +386,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             )
     results: dict[str, dict] = {}
     histories: dict[str, list[dict]] = {}
+    predicted: dict[str, np.ndarray] = {}
     for name in names:
         model = _build(
             cfg, name, n_classes=len(classes), in_channels=images.shape[1], seed=cfg.seed
@@ -427,6 +431,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             **extra,
         )
         results[name] = m
+        predicted[name] = y_pred
         log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
         if rank != 0:
             continue
@@ -459,27 +464,27 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             "cache_hit": data.cache_hit,
         },
         "histories": histories,
+        "significance": pairwise_mcnemar(tensors["test"][1].numpy(), predicted),
         "run": {
             "seed": cfg.seed,
             "device": str(device),
-            "command": "python -m pipeline.run " + " ".join(_quote(a) for a in sys.argv[1:]),
+            "command": _command(),
             "versions": package_versions(),
             "git_commit": report.git_commit(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
         },
     }
     atomic.write_json(run_dir / "metrics.json", metrics)
     report.write_figures(
         run_dir, metrics, examples=_examples(raw_images, y, masks["train"], len(classes))
     )
-    report_path = report.write_report(
-        run_dir, metrics, config_yaml=OmegaConf.to_yaml(cfg, resolve=True)
-    )
+    report_path = report.write_report(run_dir, metrics)
     print(report.summary_table(metrics))
     if ex.skipped:
         print(
             f"skipped {len(ex.skipped)} unreadable or unusable file(s): {run_dir / 'skipped.csv'}"
         )
-    print(f"report: {report_path}")
+    print(f"report: {report_path} and {report_path.with_suffix('.html')}")
     return metrics
 
 
@@ -505,6 +510,14 @@ def _n_params(model) -> int:
 
 def _jsonable(v):
     return v.item() if isinstance(v, np.generic) else v
+
+
+def _command() -> str:
+    """The command line that repeats this run; in a sweep, this job's own overrides."""
+    args = sys.argv[1:]
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        args = list(HydraConfig.get().overrides.task)
+    return "python -m pipeline.run " + " ".join(_quote(a) for a in args)
 
 
 def _quote(arg: str) -> str:
