@@ -1,0 +1,229 @@
+"""Aggregate the runs of a sweep: ``summary.json``, ``summary.md`` and ``summary.html``.
+
+A Hydra multirun (``python -m pipeline.run -m seed=0,1,2 resnet.depth=20,56``)
+leaves one run folder per job under the sweep folder, each with its
+``metrics.json`` and ``.hydra/overrides.yaml``. Runs whose overrides differ only
+in ``seed`` form one *setting*; per setting and model the summary gives the mean
+and sample standard deviation (n - 1) of every headline figure over the runs,
+and links each run's own report. Like :mod:`pipeline.report`, it reads only
+saved files, so it can be rendered again at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from pipeline import atomic, report
+from pipeline.report import HEADLINE, data_uri, html_code, md_code, templates
+
+plt = report.plt  # pyplot with the Agg backend, chosen in pipeline.report
+
+SEED = "seed"
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Run folders below ``sweep_dir`` holding a ``metrics.json``, in job order (2 before 10)."""
+    runs = [p.parent for p in Path(sweep_dir).rglob("metrics.json") if p.parent != sweep_dir]
+
+    def natural(path: Path) -> list:
+        rel = path.relative_to(sweep_dir).as_posix()
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", rel)]
+
+    return sorted(runs, key=natural)
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The job's command-line overrides from ``.hydra/overrides.yaml`` ([] if absent)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    std = float(a.std(ddof=1)) if a.size > 1 else None
+    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "values": a.tolist()}
+
+
+def summarise(sweep_dir: Path) -> dict | None:
+    """The contents of ``summary.json`` for the runs under ``sweep_dir``; None if there are none.
+
+    Returns:
+        ``{"sweep_dir", "n_runs", "common_overrides", "setting_keys", "split_follows_seed",
+        "runs": [...], "settings": [...]}``; each setting holds ``models`` (per model and
+        headline key: mean, std, n, values) and ``significance`` (per pair of models:
+        the accuracy difference over runs and how often McNemar's test found one better).
+    """
+    sweep_dir = Path(sweep_dir)
+    runs = []
+    for run_dir in find_runs(sweep_dir):
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if not metrics.get("models"):
+            continue
+        rel = run_dir.relative_to(sweep_dir).as_posix()
+        overrides = dict(_split(o) for o in read_overrides(run_dir))
+        config = metrics.get("run", {}).get("config") or {}
+        runs.append({
+            "dir": rel,
+            "overrides": overrides,
+            "seed": metrics.get("run", {}).get("seed"),
+            "split_seed": config.get("data", {}).get("split_seed"),
+            "reports": [f"{rel}/{n}" for n in ("report.html", "report.md")
+                        if (run_dir / n).is_file()],
+            "metrics": metrics,
+        })  # fmt: skip
+    if not runs:
+        return None
+    keys = list(dict.fromkeys(k for r in runs for k in r["overrides"]))
+    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
+    setting_keys = [k for k in varying if k != SEED]
+    common = [f"{k}={runs[0]['overrides'][k]}" for k in keys if k not in varying]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        r["setting"] = " ".join(f"{k}={r['overrides'].get(k)}" for k in setting_keys)
+        groups.setdefault(tuple(r["overrides"].get(k) for k in setting_keys), []).append(r)
+    split_seeds = [(r["seed"], r["split_seed"]) for r in runs]
+    return {
+        "sweep_dir": str(sweep_dir),
+        "n_runs": len(runs),
+        "common_overrides": common,
+        "setting_keys": setting_keys,
+        "split_follows_seed": all(s is not None and s == t for s, t in split_seeds),
+        "runs": [
+            {
+                "dir": r["dir"],
+                "setting": r["setting"],
+                "seed": r["seed"],
+                "overrides": [f"{k}={v}" for k, v in r["overrides"].items()],
+                "reports": r["reports"],
+                "accuracy": {n: m["accuracy"] for n, m in r["metrics"]["models"].items()},
+            }
+            for r in runs
+        ],
+        "settings": [_setting(group) for group in groups.values()],
+    }
+
+
+def _setting(runs: list[dict]) -> dict:
+    """Mean ± std per model and headline key, and the pairwise comparisons, over ``runs``."""
+    names = list(dict.fromkeys(n for r in runs for n in r["metrics"]["models"]))
+    models = {}
+    for name in names:
+        per = [r["metrics"]["models"][name] for r in runs if name in r["metrics"]["models"]]
+        models[name] = {key: _stats([m[key] for m in per]) for key, *_ in HEADLINE if key in per[0]}
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            both = [r for r in runs if {a, b} <= set(r["metrics"]["models"])]
+            diff = [r["metrics"]["models"][a]["accuracy"] - r["metrics"]["models"][b]["accuracy"]
+                    for r in both]  # fmt: skip
+            tests = [
+                s for r in both for s in r["metrics"].get("significance", [])
+                if {s["a"], s["b"]} == {a, b}
+            ]  # fmt: skip
+            a_better = sum(s["p_holm"] < 0.05 and _wins(s, a) for s in tests)
+            b_better = sum(s["p_holm"] < 0.05 and _wins(s, b) for s in tests)
+            pairs.append({
+                "a": a, "b": b, "accuracy_difference": _stats(diff), "n_tested": len(tests),
+                "a_better": a_better, "b_better": b_better,
+                "p_values": [s["p_value"] for s in tests],
+            })  # fmt: skip
+    return {
+        "setting": runs[0]["setting"],
+        "n_runs": len(runs),
+        "runs": [r["dir"] for r in runs],
+        "seeds": [r["seed"] for r in runs],
+        "models": models,
+        "significance": pairs,
+    }
+
+
+def _wins(s: dict, name: str) -> bool:
+    """Whether ``name`` is the model of McNemar pair ``s`` that was right more often."""
+    mine, theirs = (s["a_only"], s["b_only"]) if s["a"] == name else (s["b_only"], s["a_only"])
+    return mine > theirs
+
+
+def table(setting: dict) -> tuple[list[str], list[dict]]:
+    """Headline columns and rows of one setting as ``mean ± std``, the best mean flagged."""
+    models = setting["models"]
+    columns = [c for c in HEADLINE if any(c[0] in m for m in models.values())]
+    best = {}
+    for key, _, _, higher in columns:
+        means = [m[key]["mean"] for m in models.values() if key in m]
+        if higher is not None and len(means) > 1:
+            best[key] = max(means) if higher else min(means)
+    rows = []
+    for name, m in models.items():
+        cells = []
+        for key, _, fmt, _ in columns:
+            if key not in m:
+                cells.append({"text": "–", "best": False})
+                continue
+            fmt = "{:,.0f}" if fmt == "{:,}" else fmt  # a mean count need not be whole
+            s = m[key]
+            text = fmt.format(s["mean"])
+            if s["std"] is not None:  # one run has no spread to show
+                text += " ± " + fmt.format(s["std"])
+            cells.append({"text": text, "best": key in best and s["mean"] == best[key]})
+        rows.append({"model": name, "cells": cells})
+    return ["model", *(c[1] for c in columns)], rows
+
+
+def plot_accuracy(summary: dict):
+    """Test accuracy per setting and model: mean ± std as bars, each run as a dot."""
+    settings = summary["settings"]
+    names = list(dict.fromkeys(n for s in settings for n in s["models"]))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 1.6 * len(settings) * len(names) / 3), 3.6))
+    for j, name in enumerate(names):
+        for i, s in enumerate(settings):
+            if name not in s["models"]:
+                continue
+            acc = s["models"][name]["accuracy"]
+            x = i + (j - (len(names) - 1) / 2) * width
+            ax.bar(x, 100 * acc["mean"], width * 0.9, yerr=100 * (acc["std"] or 0), capsize=3,
+                   color=f"C{j}", alpha=0.75, label=name if i == 0 else None)  # fmt: skip
+            ax.plot([x] * acc["n"], [100 * v for v in acc["values"]], "o", color="black", ms=3)
+    ax.set_xticks(range(len(settings)), [s["setting"] or "all runs" for s in settings])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 102)  # room for the dots of runs at 100 %
+    ax.set_title("Test accuracy: mean ± std over runs (dots: single runs)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return fig
+
+
+def write_summary(sweep_dir: Path) -> Path | None:
+    """Write ``summary.json``, ``summary.md`` and ``summary.html`` into ``sweep_dir``.
+
+    Returns:
+        The path of ``summary.md``, or None when no run under ``sweep_dir`` holds metrics.
+    """
+    sweep_dir = Path(sweep_dir)
+    summary = summarise(sweep_dir)
+    if summary is None:
+        return None
+    atomic.write_json(sweep_dir / "summary.json", summary)
+    figure = sweep_dir / "figures" / "summary_accuracy.png"
+    figure.parent.mkdir(exist_ok=True)
+    report.save_figure(plot_accuracy(summary), figure)
+    context = {
+        "s": summary,
+        "tables": [table(setting) for setting in summary["settings"]],
+        "figure": figure.relative_to(sweep_dir).as_posix(),
+    }
+    md = templates(html=False).get_template("summary.md.j2").render(**context, code=md_code)
+    page = templates(html=True).get_template("summary.html.j2")
+    html = page.render(**context, code=html_code, image=data_uri(figure))
+    atomic.write_text(sweep_dir / "summary.html", html)
+    return atomic.write_text(sweep_dir / "summary.md", md)
