@@ -145,7 +145,7 @@ def save_figure(fig, path: Path) -> Path:
 
 def plot_learning_curves(histories: dict[str, list[dict]]):
     """Training (dashed) and validation (solid) error against epoch, one colour per network."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(7.6, 4))
     for i, (name, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]
         color = f"C{i}"
@@ -169,7 +169,7 @@ def plot_learning_curves(histories: dict[str, list[dict]]):
     ax.set_ylabel("error (%)")
     ax.set_title("Learning curves (dashed: training, bold: validation)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # off the curves
     return fig
 
 
