@@ -437,3 +437,22 @@ def test_the_benchmark_runs_and_prints_its_ratios(capsys):
     ratio = float(re.search(r"ratio ours/\w+ \(the faster reference\): ([\d.]+)", out)[1])
     assert abs(ratio - rates["ours"] / max(rates["librosa"], rates["scipy"])) < 0.02 * ratio + 0.01
     assert re.search(r"ratio first/hit \(feature stage\): [\d.]+", out)
+
+
+def test_per_image_standardisation_makes_images_gain_invariant():
+    import torch
+
+    from pipeline.features.stft import Normalizer
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(-40, 10, (32, 1, 8, 6)).astype(np.float32)
+    louder = images + 20.0  # +20 dB: the same recordings, ten times the amplitude
+    norm = Normalizer.fit(images, mode="per_freq", per_image=True)
+    np.testing.assert_allclose(norm(images), norm(louder), atol=1e-4)
+    torch_out = norm.torch(torch.from_numpy(louder)).numpy()
+    np.testing.assert_allclose(torch_out, norm(louder), atol=1e-4)
+    again = Normalizer.from_dict(norm.to_dict())
+    assert again.per_image and np.array_equal(again(images), norm(images))
+    plain = Normalizer.fit(images, mode="global")
+    assert not plain.per_image
+    assert not np.allclose(plain(images), plain(louder), atol=1e-2)

@@ -447,15 +447,22 @@ class Normalizer:
         mode: ``global`` (one mean and std) or ``per_freq`` (one per channel and frequency row).
         mean: array broadcastable to (channels, height, width).
         std: same shape as ``mean``.
+        per_image: first standardise every image by its own mean and standard
+            deviation (``features.per_image``): on a dB scale a louder or quieter
+            recording then gives the same image, which helps across speakers,
+            microphones and sensors.
     """
 
     mode: str
     mean: np.ndarray
     std: np.ndarray
+    per_image: bool = False
 
     @classmethod
-    def fit(cls, images: np.ndarray, *, mode: str) -> Normalizer:
+    def fit(cls, images: np.ndarray, *, mode: str, per_image: bool = False) -> Normalizer:
         """Fit on (n, channels, height, width) training images."""
+        if per_image:
+            images = _standardise_each(images)
         if mode == "global":
             axes: tuple[int, ...] = (0, 1, 2, 3)
         elif mode == "per_freq":
@@ -469,15 +476,44 @@ class Normalizer:
             mode,
             mean.reshape(shape).astype(np.float32),
             np.maximum(std, 1e-6).reshape(shape).astype(np.float32),
+            bool(per_image),
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Standardise (n, channels, height, width) images."""
+        if self.per_image:
+            images = _standardise_each(images)
         return (images - self.mean) / self.std
 
+    def torch(self, images: Tensor) -> Tensor:
+        """The same on a tensor, on its device."""
+        if self.per_image:
+            images = _standardise_each(images)
+        mean = torch.as_tensor(self.mean, device=images.device)
+        std = torch.as_tensor(self.std, device=images.device)
+        return (images - mean) / std
+
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"mode": self.mode, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "per_image": self.per_image}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
-        return cls(d["mode"], np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+        return cls(
+            d["mode"],
+            np.asarray(d["mean"], np.float32),
+            np.asarray(d["std"], np.float32),
+            bool(d.get("per_image", False)),
+        )
+
+
+def _standardise_each(images):
+    """Each image (n, channels, height, width) minus its mean, over its standard deviation."""
+    axes = (1, 2, 3)
+    if isinstance(images, Tensor):
+        mean = images.mean(dim=axes, keepdim=True)
+        std = images.std(dim=axes, keepdim=True, unbiased=False)
+        return (images - mean) / std.clamp(min=1e-6)
+    mean = images.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = images.std(axis=axes, keepdims=True, dtype=np.float64)
+    return ((images - mean) / np.maximum(std, 1e-6)).astype(np.float32)

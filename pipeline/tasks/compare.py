@@ -355,7 +355,11 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     )  # fmt: skip
     raw_images = ex.images
     feature_seconds = data.seconds
-    normalizer = Normalizer.fit(raw_images[masks["train"]], mode=cfg.features.normalize)
+    normalizer = Normalizer.fit(
+        raw_images[masks["train"]],
+        mode=cfg.features.normalize,
+        per_image=cfg.features.get("per_image", False),
+    )
     images = normalizer(raw_images)
     log.info(
         "images %s %s in %.2f s", images.shape[1:],

@@ -66,8 +66,6 @@ class Classifier:
         self.bundle = bundle
         self.device = device
         self.front = STFTImage(bundle.features).to(device)
-        self.mean = torch.as_tensor(bundle.normalizer.mean, device=device)
-        self.std = torch.as_tensor(bundle.normalizer.std, device=device)
         if bundle.kind == "network":
             # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
             self.model = bundle.model.to(device, memory_format=torch.channels_last).eval()
@@ -79,7 +77,7 @@ class Classifier:
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         # Images stay on the device from the STFT to the softmax (one copy each way).
         images = self.front(torch.from_numpy(windows).to(self.device)).float()
-        images = (images - self.mean) / self.std  # the bundle's Normalizer, on the device
+        images = self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
         if self.bundle.kind == "svm":
             return self.bundle.model.predict_proba(images.cpu().numpy())
         x = images.contiguous(memory_format=torch.channels_last)
