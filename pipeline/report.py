@@ -57,6 +57,21 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def headline_columns(models: dict) -> list[tuple]:
+    """The :data:`HEADLINE` columns that at least one model has."""
+    return [c for c in HEADLINE if any(c[0] in m for m in models.values())]
+
+
+def best_values(columns: list[tuple], models: dict, value) -> dict:
+    """The best ``value(cell)`` per ranked column, when two models or more have it."""
+    best = {}
+    for key, _, _, higher in columns:
+        values = [value(m[key]) for m in models.values() if key in m]
+        if higher is not None and len(values) > 1:
+            best[key] = max(values) if higher else min(values)
+    return best
+
+
 def headline_rows(metrics: dict) -> tuple[list[str], list[dict]]:
     """Column titles and rows of the headline table, the best value per column flagged.
 
@@ -65,12 +80,8 @@ def headline_rows(metrics: dict) -> tuple[list[str], list[dict]]:
         with the numbers formatted once, so Markdown, HTML and the terminal show the same text.
     """
     models = metrics["models"]
-    columns = [c for c in HEADLINE if any(c[0] in m for m in models.values())]
-    best = {}
-    for key, _, _, higher in columns:
-        values = [m[key] for m in models.values() if key in m]
-        if higher is not None and len(values) > 1:
-            best[key] = max(values) if higher else min(values)
+    columns = headline_columns(models)
+    best = best_values(columns, models, lambda v: v)
     rows = []
     for name, m in models.items():
         cells = []

@@ -156,12 +156,8 @@ def _wins(s: dict, name: str) -> bool:
 def table(setting: dict) -> tuple[list[str], list[dict]]:
     """Headline columns and rows of one setting as ``mean ± std``, the best mean flagged."""
     models = setting["models"]
-    columns = [c for c in HEADLINE if any(c[0] in m for m in models.values())]
-    best = {}
-    for key, _, _, higher in columns:
-        means = [m[key]["mean"] for m in models.values() if key in m]
-        if higher is not None and len(means) > 1:
-            best[key] = max(means) if higher else min(means)
+    columns = report.headline_columns(models)
+    best = report.best_values(columns, models, lambda v: v["mean"])
     rows = []
     for name, m in models.items():
         cells = []
