@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -209,3 +210,30 @@ def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
     with open(tmp_path / "run" / "predictions" / "svm.csv") as f:
         starts = [float(r["segment_start_seconds"]) for r in csv.DictReader(f)]
     assert min(starts) >= 15.0 * (1 - 0.15)  # test windows lie in the last 15 % of each recording
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDD.is_dir(), reason=f"the Free Spoken Digit Dataset is not at {FSDD}")
+def test_fsdd_preset_official_split_on_a_subset(tmp_path):
+    """+experiment=fsdd as a user runs it, on 4 digits x 3 speakers x 10 takes."""
+    subset = tmp_path / "recordings"
+    subset.mkdir()
+    for digit in "0147":
+        for speaker in ("george", "lucas", "theo"):
+            for i in range(10):
+                name = f"{digit}_{speaker}_{i}.wav"
+                os.symlink(FSDD / name, subset / name)
+    proc = run_cli(
+        "+experiment=fsdd", f"data.root={subset}", "train.epochs=2", "train.batch_size=16",
+        "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ds = metrics["dataset"]
+    assert ds["classes"] == ["0", "1", "4", "7"] and ds["files"]["test"] == 4 * 3 * 5
+    f = metrics["features"]
+    assert f["n_mels"] == 64 and f["image_shape"] == [1, 64, 64] and f["sample_rate"] == 8000
+    assert set(metrics["models"]) == {"resnet", "plain_cnn", "svm"}
+    with open(tmp_path / "run" / "predictions" / "resnet.csv") as fh:
+        tested = {Path(r["path"]).name for r in csv.DictReader(fh)}
+    assert tested and all(re.search(r"_[0-4]\.wav$", name) for name in tested)
