@@ -79,9 +79,19 @@ def headline_rows(metrics: dict) -> tuple[list[str], list[dict]]:
         ``(header, rows)``: each row is ``{"model": name, "cells": [{"text", "best"}, ...]}``
         with the numbers formatted once, so Markdown, HTML and the terminal show the same text.
     """
-    models = metrics["models"]
+    return headline_table(metrics["models"], value=lambda v: v, text=lambda v, fmt: fmt.format(v))
+
+
+def headline_table(models: dict, *, value, text) -> tuple[list[str], list[dict]]:
+    """Header and rows of a headline table, the best ``value(cell)`` per ranked column flagged.
+
+    Args:
+        models: per model, the :data:`HEADLINE` keys it has.
+        value: the number a cell is ranked by.
+        text: the cell's text from its value and the column's format.
+    """
     columns = headline_columns(models)
-    best = best_values(columns, models, lambda v: v)
+    best = best_values(columns, models, value)
     rows = []
     for name, m in models.items():
         cells = []
@@ -89,7 +99,8 @@ def headline_rows(metrics: dict) -> tuple[list[str], list[dict]]:
             if key not in m:
                 cells.append({"text": "–", "best": False})
                 continue
-            cells.append({"text": fmt.format(m[key]), "best": key in best and m[key] == best[key]})
+            is_best = key in best and value(m[key]) == best[key]
+            cells.append({"text": text(m[key], fmt), "best": is_best})
         rows.append({"model": name, "cells": cells})
     return ["model", *(c[1] for c in columns)], rows
 

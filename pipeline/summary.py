@@ -155,24 +155,14 @@ def _wins(s: dict, name: str) -> bool:
 
 def table(setting: dict) -> tuple[list[str], list[dict]]:
     """Headline columns and rows of one setting as ``mean ± std``, the best mean flagged."""
-    models = setting["models"]
-    columns = report.headline_columns(models)
-    best = report.best_values(columns, models, lambda v: v["mean"])
-    rows = []
-    for name, m in models.items():
-        cells = []
-        for key, _, fmt, _ in columns:
-            if key not in m:
-                cells.append({"text": "–", "best": False})
-                continue
-            fmt = "{:,.0f}" if fmt == "{:,}" else fmt  # a mean count need not be whole
-            s = m[key]
-            text = fmt.format(s["mean"])
-            if s["std"] is not None:  # one run has no spread to show
-                text += " ± " + fmt.format(s["std"])
-            cells.append({"text": text, "best": key in best and s["mean"] == best[key]})
-        rows.append({"model": name, "cells": cells})
-    return ["model", *(c[1] for c in columns)], rows
+    return report.headline_table(setting["models"], value=lambda s: s["mean"], text=_mean_std)
+
+
+def _mean_std(s: dict, fmt: str) -> str:
+    fmt = "{:,.0f}" if fmt == "{:,}" else fmt  # a mean count need not be whole
+    if s["std"] is None:  # one run has no spread to show
+        return fmt.format(s["mean"])
+    return fmt.format(s["mean"]) + " ± " + fmt.format(s["std"])
 
 
 def plot_accuracy(summary: dict):
