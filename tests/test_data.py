@@ -188,6 +188,29 @@ def test_group_split_holds_out_named_groups(tmp_path):
         )
 
 
+def test_group_split_takes_named_validation_groups_or_none(tmp_path):
+    for digit, speaker in itertools.product("01", ("ann", "bob", "cy", "dee")):
+        tone(tmp_path / f"{digit}_{speaker}_0.wav", 100)
+    found = find_records(tmp_path, label_regex=r"^(\d)_", group_regex=r"^\d_([a-z]+)_")
+
+    def groups_of(splits):
+        out = {}
+        for r, s in zip(found.records, splits, strict=True):
+            out.setdefault(s, set()).add(r.group)
+        return out
+
+    common = dict(strategy="group", test_fraction=0.2, seed=0, test_groups=["cy"])
+    named = split_records(found.records, val_fraction=0.3, val_groups=["ann"], **common)
+    assert groups_of(named) == {"test": {"cy"}, "val": {"ann"}, "train": {"bob", "dee"}}
+    # No validation at all: every remaining group trains (the last epoch is kept).
+    none = split_records(found.records, val_fraction=0, **common)
+    assert groups_of(none) == {"test": {"cy"}, "train": {"ann", "bob", "dee"}}
+    with pytest.raises(DataError, match=r"data.val_groups=\['cy'\]: \['cy'\] not among the"):
+        split_records(found.records, val_fraction=0.3, val_groups=["cy"], **common)
+    with pytest.raises(DataError, match="leaves no group for training"):
+        split_records(found.records, val_fraction=0.3, val_groups=["ann", "bob", "dee"], **common)
+
+
 def test_time_regions_leave_a_window_gap():
     r = time_regions(1000, length=50, val_fraction=0.1, test_fraction=0.2)
     assert r == {"train": (0, 600), "val": (650, 750), "test": (800, 1000)}

@@ -83,6 +83,7 @@ def split_records(
     seed: int,
     test_regex: str | None = None,
     test_groups: Sequence[str] | None = None,
+    val_groups: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Assign each record (file) to ``train``, ``val`` or ``test``, before any segmentation.
 
@@ -90,7 +91,8 @@ def split_records(
         ``random``: stratified by class, ``val_fraction`` and ``test_fraction``
         of each class. ``group``: whole groups (``Record.group``) go to test:
         ``test_groups``, or a seeded draw of ``test_fraction`` of the groups;
-        validation takes whole groups of the rest the same way. ``regex``:
+        validation takes whole groups of the rest the same way (or
+        ``val_groups``; an empty list and ``val_fraction=0`` give none). ``regex``:
         files whose path matches ``test_regex`` are the test split. ``folders``
         and ``manifest``: the split each record carries. ``time``: every
         record is ``"time"``; its windows are split by position later (see
@@ -148,7 +150,7 @@ def split_records(
             )
         out[is_test] = "test"
     elif strategy == "group":
-        out = _split_groups(records, val_fraction, test_fraction, seed, test_groups)
+        out = _split_groups(records, val_fraction, test_fraction, seed, test_groups, val_groups)
     if strategy != "group" and not (out == "val").any() and val_fraction > 0:
         train = np.flatnonzero(out == "train")
         parts = stratified_split(
@@ -159,7 +161,9 @@ def split_records(
     return out.astype(str)
 
 
-def _split_groups(records, val_fraction, test_fraction, seed, test_groups) -> np.ndarray:
+def _split_groups(
+    records, val_fraction, test_fraction, seed, test_groups, val_groups
+) -> np.ndarray:
     groups = np.array([r.group for r in records], dtype=object)
     if any(g is None for g in groups):
         raise ConfigError(
@@ -184,7 +188,20 @@ def _split_groups(records, val_fraction, test_fraction, seed, test_groups) -> np
     if not rest:
         raise DataError(f"data.test_groups={sorted(test)} leaves no group for training")
     val: set[str] = set()
-    if val_fraction > 0 and len(rest) >= 2:
+    if val_groups:
+        wrong = sorted(set(val_groups) - set(rest))
+        if wrong:
+            raise DataError(
+                f"data.val_groups={list(val_groups)}: {wrong} not among the training groups "
+                f"{rest}; pick validation groups that are neither held out nor unknown"
+            )
+        if set(val_groups) == set(rest):
+            raise DataError(
+                f"data.val_groups={list(val_groups)} leaves no group for training; "
+                "leave at least one of them out"
+            )
+        val = set(val_groups)
+    elif val_fraction > 0 and len(rest) >= 2:
         n_val = min(len(rest) - 1, max(1, round(len(rest) * val_fraction)))
         val = set(rng.permutation(rest)[:n_val].tolist())
     out = np.full(len(records), "train", dtype=object)

@@ -173,7 +173,7 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         manifest=d.get("manifest"),
     )  # fmt: skip
     records, classes = found.records, found.classes
-    test_groups = d.get("test_groups")
+    test_groups, val_groups = d.get("test_groups"), d.get("val_groups")
     splits = split_records(
         records,
         strategy=d.split,
@@ -182,6 +182,7 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         seed=d.split_seed,
         test_regex=d.get("test_regex"),
         test_groups=list(test_groups) if test_groups is not None else None,
+        val_groups=list(val_groups) if val_groups is not None else None,
     )
     read = read_settings(d)
     rate = d.sample_rate if d.sample_rate is not None else native_rate(records)
@@ -270,6 +271,15 @@ def native_rate(records: list[Record]) -> int:
     )
 
 
+def _groups_per_split(records, ex, masks) -> dict[str, list[str]] | None:
+    """Which groups (speakers, machines) each split holds; None when files carry none."""
+    groups = np.array([r.group for r in records], dtype=object)
+    if all(g is None for g in groups):
+        return None
+    window_groups = groups[ex.record]
+    return {s: sorted({str(g) for g in window_groups[masks[s]] if g is not None}) for s in SPLITS}
+
+
 def dataset_summary(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]) -> dict:
     """The ``dataset`` section of metrics.json."""
     ex, records = data.extracted, data.records
@@ -294,6 +304,7 @@ def dataset_summary(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray
         "n_val": int(masks["val"].sum()),
         "n_test": int(masks["test"].sum()),
         "files": {s: sum(per[c][s]["files"] for c in data.classes) for s in SPLITS},
+        "groups": _groups_per_split(records, ex, masks),
         "per_class": per,
         "n_files": len(records),
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in ex.skipped],
