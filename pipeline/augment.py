@@ -1,7 +1,9 @@
 """Augmentation of normalised spectrogram batches during training (off by default).
 
 SpecAugment's frequency and time masking (Park et al. 2019) through torchaudio's
-transforms, a random circular shift along time, and mixup (Zhang et al. 2018).
+transforms, a random circular shift along time, random stretching of the frequency
+axis (in the spirit of vocal tract length perturbation, Jaitly & Hinton 2013) and of
+the time axis (speaking rate), and mixup (Zhang et al. 2018).
 Masks are filled with 0, the training mean after normalisation. Random numbers
 come from torch's global generator, which :func:`pipeline.fit.fit` seeds per
 rank and stores in its checkpoints, so a resumed run draws the same masks.
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchaudio.transforms as T
 from torch import Tensor, nn
 
@@ -26,12 +29,17 @@ class AugmentSettings:
         freq_mask: widest frequency mask in image rows (0: off); one mask per image.
         time_mask: widest time mask in image columns (0: off); one mask per image.
         time_shift: largest circular shift along time, as a fraction of the width (0: off).
+        freq_warp: largest stretch of the frequency axis: each image is scaled by its own
+            factor in [1 - f, 1 + f], anchored at the lowest row (0: off; 0.1 is mild).
+        time_stretch: the same along time, anchored at the first column (0: off).
         mixup: alpha of the Beta(alpha, alpha) mixing weight (0: off; 0.2 is common).
     """
 
     freq_mask: int = 0
     time_mask: int = 0
     time_shift: float = 0.0
+    freq_warp: float = 0.0
+    time_stretch: float = 0.0
     mixup: float = 0.0
 
     def __post_init__(self) -> None:
@@ -46,13 +54,23 @@ class AugmentSettings:
             raise ConfigError(
                 f"train.augment.time_shift={self.time_shift!r} must be a fraction in [0, 1]"
             )
+        for key in ("freq_warp", "time_stretch"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ConfigError(
+                    f"train.augment.{key}={value!r} must be a fraction in [0, 1), e.g. 0.1 "
+                    "for factors between 0.9 and 1.1"
+                )
         if not self.mixup >= 0:
             raise ConfigError(f"train.augment.mixup={self.mixup!r} must be 0 (off) or positive")
 
     @property
     def any_image(self) -> bool:
         """Whether any per-image transform (masking, shift) is on."""
-        return bool(self.freq_mask or self.time_mask or self.time_shift)
+        return bool(
+            self.freq_mask or self.time_mask or self.time_shift or self.freq_warp
+            or self.time_stretch
+        )  # fmt: skip
 
 
 class SpecAugment(nn.Module):
@@ -65,6 +83,8 @@ class SpecAugment(nn.Module):
         self.time = T.TimeMasking(s.time_mask, iid_masks=True) if s.time_mask else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.s.freq_warp or self.s.time_stretch:
+            x = stretch(x, freq=self.s.freq_warp, time=self.s.time_stretch)
         if self.s.time_shift:
             x = time_shift(x, self.s.time_shift)
         if self.freq is not None:
@@ -84,6 +104,29 @@ def time_shift(x: Tensor, fraction: float) -> Tensor:
     cols = (torch.arange(width, device=x.device)[None, :] - shift[:, None]) % width
     index = cols[:, None, None, :].expand_as(x)
     return torch.gather(x, -1, index)
+
+
+def stretch(x: Tensor, *, freq: float, time: float) -> Tensor:
+    """Scale each image along frequency and time by its own factors in [1 - f, 1 + f].
+
+    The lowest frequency row and the first time column stay in place; a factor above 1
+    moves content up (higher frequencies, later), below 1 down, and rows or columns
+    that fall outside repeat the edge. Bilinear interpolation.
+    """
+    n = x.shape[0]
+    ones = torch.ones(n, device=x.device)
+
+    def factor(most: float) -> Tensor:
+        return ones if not most else 1 + most * (2 * torch.rand(n, device=x.device) - 1)
+
+    ft, ff = factor(time), factor(freq)
+    # affine_grid maps output to input coordinates in [-1, 1]: x_in = x_out / a + (1 / a - 1)
+    # keeps -1 (the first column, the lowest row) fixed.
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = 1 / ft, 1 / ft - 1
+    theta[:, 1, 1], theta[:, 1, 2] = 1 / ff, 1 / ff - 1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def mixup(x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor, float]:

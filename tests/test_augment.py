@@ -1,6 +1,9 @@
 import torch
 
-from pipeline.augment import AugmentSettings, SpecAugment, mixup, time_shift
+import pytest
+
+from pipeline.augment import AugmentSettings, SpecAugment, mixup, stretch, time_shift
+from pipeline.errors import ConfigError
 
 
 def test_masks_cover_whole_rows_and_columns_per_image():
@@ -24,6 +27,28 @@ def test_time_shift_rolls_each_image_along_time():
         k = int((shifted[0, 0, 0] - img[0, 0, 0]).item()) % 8
         assert torch.equal(shifted, torch.roll(img, -k, dims=-1))
     assert torch.equal(time_shift(x, 0.0), x)
+
+
+def test_stretch_scales_each_image_about_the_lowest_row_and_first_column():
+    torch.manual_seed(0)
+    rows = torch.arange(32.0)[:, None].expand(32, 20)  # value = row index
+    x = rows.repeat(16, 1, 1, 1)  # (16, 1, 32, 20)
+    out = stretch(x, freq=0.2, time=0.0)
+    # Bilinear sampling of a ramp is exact: output row j reads input row (j + 0.5) / a - 0.5.
+    j = 4
+    factors = (j + 0.5) / (out[:, 0, j, 0] + 0.5)
+    assert ((factors >= 0.8 - 1e-4) & (factors <= 1.2 + 1e-4)).all()
+    assert factors.std() > 0.05  # each image its own factor
+    expected = ((torch.arange(32.0) + 0.5)[None, :] / factors[:, None] - 0.5).clamp(0, 31)
+    assert torch.allclose(out[:, 0, :, 0], expected, atol=1e-4)
+    assert torch.allclose(out[..., :1].expand_as(out), out, atol=1e-5)  # time untouched
+    cols = torch.arange(20.0).repeat(16, 1, 32, 1)  # value = column index
+    along_time = stretch(cols, freq=0.0, time=0.3)
+    factors = 2.5 / (along_time[:, 0, 0, 2] + 0.5)
+    assert ((factors >= 0.7 - 1e-4) & (factors <= 1.3 + 1e-4)).all()
+    assert torch.allclose(stretch(x, freq=0.0, time=0.0), x)
+    with pytest.raises(ConfigError, match=r"train.augment.freq_warp=1.5 must be a fraction"):
+        AugmentSettings(freq_warp=1.5)
 
 
 def test_mixup_is_a_convex_combination_of_two_images():
