@@ -456,3 +456,23 @@ def test_per_image_standardisation_makes_images_gain_invariant():
     plain = Normalizer.fit(images, mode="global")
     assert not plain.per_image
     assert not np.allclose(plain(images), plain(louder), atol=1e-2)
+
+
+def test_per_image_freq_mode_removes_a_fixed_channel_response():
+    import torch
+
+    from pipeline.features.stft import Normalizer
+
+    rng = np.random.default_rng(1)
+    images = rng.normal(-40, 10, (16, 1, 8, 6)).astype(np.float32)
+    # Another microphone: a fixed gain per frequency row, in dB.
+    coloured = images + rng.normal(0, 6, (1, 1, 8, 1)).astype(np.float32)
+    norm = Normalizer.fit(images, mode="global", per_image="freq")
+    np.testing.assert_allclose(norm(images), norm(coloured), atol=1e-4)
+    torch_out = norm.torch(torch.from_numpy(coloured)).numpy()
+    np.testing.assert_allclose(torch_out, norm(coloured), atol=1e-4)
+    assert Normalizer.from_dict(norm.to_dict()).per_image == "freq"
+    whole = Normalizer.fit(images, mode="global", per_image=True)
+    assert not np.allclose(whole(images), whole(coloured), atol=1e-2)
+    with pytest.raises(ConfigError, match=r"features.per_image='rows' must be false, true"):
+        Normalizer.fit(images, mode="global", per_image="rows")

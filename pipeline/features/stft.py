@@ -447,22 +447,30 @@ class Normalizer:
         mode: ``global`` (one mean and std) or ``per_freq`` (one per channel and frequency row).
         mean: array broadcastable to (channels, height, width).
         std: same shape as ``mean``.
-        per_image: first standardise every image by its own mean and standard
-            deviation (``features.per_image``): on a dB scale a louder or quieter
-            recording then gives the same image, which helps across speakers,
-            microphones and sensors.
+        per_image: first standardise every image by its own statistics
+            (``features.per_image``). ``True``: its mean and standard deviation; on a dB
+            scale a louder or quieter recording then gives the same image, which helps
+            across speakers, microphones and sensors. ``"freq"``: each frequency row's
+            mean over time is removed (cepstral mean normalisation: a fixed channel or
+            microphone response is a constant per row in dB), then the image's standard
+            deviation divides. ``False``: neither.
     """
 
     mode: str
     mean: np.ndarray
     std: np.ndarray
-    per_image: bool = False
+    per_image: bool | str = False
 
     @classmethod
-    def fit(cls, images: np.ndarray, *, mode: str, per_image: bool = False) -> Normalizer:
+    def fit(cls, images: np.ndarray, *, mode: str, per_image: bool | str = False) -> Normalizer:
         """Fit on (n, channels, height, width) training images."""
+        if per_image not in (True, False, "freq"):
+            raise ConfigError(
+                f"features.per_image={per_image!r} must be false, true (each image by its own "
+                "mean and std) or freq (each frequency row's mean removed)"
+            )
         if per_image:
-            images = _standardise_each(images)
+            images = _standardise_each(images, per_image)
         if mode == "global":
             axes: tuple[int, ...] = (0, 1, 2, 3)
         elif mode == "per_freq":
@@ -476,19 +484,19 @@ class Normalizer:
             mode,
             mean.reshape(shape).astype(np.float32),
             np.maximum(std, 1e-6).reshape(shape).astype(np.float32),
-            bool(per_image),
+            per_image,
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Standardise (n, channels, height, width) images."""
         if self.per_image:
-            images = _standardise_each(images)
+            images = _standardise_each(images, self.per_image)
         return (images - self.mean) / self.std
 
     def torch(self, images: Tensor) -> Tensor:
         """The same on a tensor, on its device."""
         if self.per_image:
-            images = _standardise_each(images)
+            images = _standardise_each(images, self.per_image)
         mean = torch.as_tensor(self.mean, device=images.device)
         std = torch.as_tensor(self.std, device=images.device)
         return (images - mean) / std
@@ -503,17 +511,19 @@ class Normalizer:
             d["mode"],
             np.asarray(d["mean"], np.float32),
             np.asarray(d["std"], np.float32),
-            bool(d.get("per_image", False)),
+            d.get("per_image", False),
         )
 
 
-def _standardise_each(images):
-    """Each image (n, channels, height, width) minus its mean, over its standard deviation."""
+def _standardise_each(images, how: bool | str = True):
+    """Each image (n, channels, height, width) minus its mean (per row for ``"freq"``),
+    over its standard deviation after that."""
     axes = (1, 2, 3)
+    mean_axes = (3,) if how == "freq" else axes
     if isinstance(images, Tensor):
-        mean = images.mean(dim=axes, keepdim=True)
-        std = images.std(dim=axes, keepdim=True, unbiased=False)
-        return (images - mean) / std.clamp(min=1e-6)
-    mean = images.mean(axis=axes, keepdims=True, dtype=np.float64)
-    std = images.std(axis=axes, keepdims=True, dtype=np.float64)
-    return ((images - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+        centred = images - images.mean(dim=mean_axes, keepdim=True)
+        std = centred.pow(2).mean(dim=axes, keepdim=True).sqrt()
+        return centred / std.clamp(min=1e-6)
+    centred = images - images.mean(axis=mean_axes, keepdims=True, dtype=np.float64)
+    std = np.sqrt((centred**2).mean(axis=axes, keepdims=True))
+    return (centred / np.maximum(std, 1e-6)).astype(np.float32)
