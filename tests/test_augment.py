@@ -1,6 +1,5 @@
-import torch
-
 import pytest
+import torch
 
 from pipeline.augment import AugmentSettings, SpecAugment, mixup, stretch, time_shift
 from pipeline.errors import ConfigError

@@ -13,6 +13,13 @@ the device, the commands and the published figures to compare with).
 ``--ablation "key=value ..."`` adds a ResNet-only row per setting with those
 overrides, e.g. ``--ablation "train.augment.freq_mask=0 train.augment.time_mask=0"``
 (repeatable).
+
+``--tune NAME="key=value ..."`` (repeatable) is how the preset's settings were
+chosen: ResNet only, for each ``--tune-pairs`` entry ``held_out:validation`` it
+trains on the other speakers with ``data.val_groups=[validation]`` and reports the
+validation speaker's file accuracy at the last epoch (the preset keeps the last
+epoch). The held-out speaker's results are not shown, so they cannot steer the
+choice; they are in each run's metrics.json.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from pipeline import atomic
 
@@ -50,17 +58,43 @@ Published figures to compare with (different splits and dataset versions, so onl
 
 
 def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
-    """One ``python -m pipeline.run`` with ``overrides``; returns its metrics.json."""
+    """One ``python -m pipeline.run`` with ``overrides``; returns its metrics.json.
+
+    A run folder that already holds a finished run of the same configuration (Hydra's
+    .hydra/config.yaml) is read instead of run again, so an interrupted benchmark picks
+    up where it stopped.
+    """
     cmd = [sys.executable, "-m", "pipeline.run", *overrides, f"hydra.run.dir={run_dir}",
            "progress=false"]  # fmt: skip
     log(" ".join(shlex.quote(c) for c in cmd[1:]))
+    done = run_dir / "metrics.json"
+    if done.exists() and _same_overrides(run_dir, cmd[3:]):
+        return json.loads(done.read_text())
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(done.read_text())
     metrics["_wall_seconds"] = time.perf_counter() - t0
     return metrics
+
+
+def _same_overrides(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``run_dir`` was run with ``overrides`` and today's configuration files."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        return False
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        now = compose("config", [o for o in overrides if not o.startswith("hydra.")])
+    return OmegaConf.to_container(OmegaConf.load(saved)) == OmegaConf.to_container(now)
+
+
+def last_val_accuracy(metrics: dict, model: str) -> float | None:
+    """Validation (window) accuracy at the last epoch of a network's learning curve."""
+    curve = metrics.get("histories", {}).get(model)
+    return 1 - curve[-1]["val_error"] if curve else None
 
 
 def best_val_accuracy(metrics: dict, model: str) -> float | None:
@@ -85,6 +119,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-official", action="store_true", help="skip the official split")
     parser.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar='NAME="KEY=VALUE ..."',
+        help="tune only: candidate settings scored on validation speakers",
+    )
+    parser.add_argument(
+        "--tune-pairs",
+        default="nicolas:george,george:nicolas,theo:lucas",
+        help="held_out:validation speaker pairs for --tune",
+    )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
@@ -95,6 +141,8 @@ def main(argv: list[str]) -> int:
     models = args.models.split(",")
     base = ["+experiment=fsdd", f"data.root={root}", f"models=[{','.join(models)}]",
             *args.overrides]  # fmt: skip
+    if args.tune:
+        return tune(args, ["+experiment=fsdd", f"data.root={root}", *args.overrides], runs)
     settings = [] if args.no_official else [("official", [])]
     settings += [
         (f"loso-{s}", ["data.split=group", f"data.test_groups=[{s}]"])
@@ -114,6 +162,36 @@ def main(argv: list[str]) -> int:
         # Rewritten after every setting, so an interrupted benchmark keeps what it measured.
         text = render(results, ablations, models=models, commands=commands, extra=args.overrides)
         atomic.write_text(Path(args.output), text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def tune(args, base: list[str], runs: Path) -> int:
+    """Score each ``--tune`` candidate on validation speakers only; write a Markdown table."""
+    pairs = [p.split(":") for p in args.tune_pairs.split(",")]
+    commands: list[str] = []
+    scores: dict[str, list[float]] = {}
+    for cand in args.tune:
+        name, _, over = cand.partition("=")
+        scores[name] = []
+        for held, val in pairs:
+            extra = ["models=[resnet]", "data.split=group", f"data.test_groups=[{held}]",
+                     f"data.val_groups=[{val}]", *over.split()]  # fmt: skip
+            m = run_cli([*base, *extra], runs / f"tune-{name}-{held}-{val}", log=commands.append)
+            scores[name].append(last_val_accuracy(m, "resnet"))
+            print(name, held, val, round(scores[name][-1], 4), flush=True)
+        lines = ["# Tuning on validation speakers (ResNet, last epoch, window accuracy)", "",
+                 "| candidate | overrides | " + " | ".join(f"val {v} (held out {h})"
+                                                          for h, v in pairs) + " | mean |",
+                 "|---|---|" + "---|" * (len(pairs) + 1)]  # fmt: skip
+        for c in args.tune:
+            n, _, o = c.partition("=")
+            if n in scores and len(scores[n]) == len(pairs):
+                lines.append(f"| {n} | `{o or '(preset)'}` | "
+                             + " | ".join(f"{v:.4f}" for v in scores[n])
+                             + f" | {np.mean(scores[n]):.4f} |")  # fmt: skip
+        lines += ["", "```bash", *(f"python {c}" for c in commands), "```", ""]
+        atomic.write_text(Path(args.output), "\n".join(lines))
     print(f"wrote {args.output}")
     return 0
 
