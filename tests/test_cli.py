@@ -237,3 +237,47 @@ def test_fsdd_preset_official_split_on_a_subset(tmp_path):
     with open(tmp_path / "run" / "predictions" / "resnet.csv") as fh:
         tested = {Path(r["path"]).name for r in csv.DictReader(fh)}
     assert tested and all(re.search(r"_[0-4]\.wav$", name) for name in tested)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDD.is_dir(), reason=f"the Free Spoken Digit Dataset is not at {FSDD}")
+def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_path):
+    """python -m pipeline.bench fsdd on 3 digits x 3 speakers x 6 takes: tuning, then one fold."""
+    subset = tmp_path / "recordings"
+    subset.mkdir()
+    for digit in "017":
+        for speaker in ("george", "lucas", "theo"):
+            for i in range(6):
+                name = f"{digit}_{speaker}_{i}.wav"
+                os.symlink(FSDD / name, subset / name)
+    out, runs = tmp_path / "BENCH.md", tmp_path / "runs"
+    common = ["--root", str(subset), "--runs", str(runs), "--output", str(out)]
+    small = ["train.epochs=1", "train.batch_size=16", "svm.cv=2"]
+
+    def bench(*args):
+        cmd = [sys.executable, "-m", "pipeline.bench", "fsdd", *common, *args, *small]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    bench("--tune", "warp=train.augment.freq_warp=0.1", "--tune-pairs", "theo:lucas")
+    record = json.loads((runs / "tune-warp-theo-lucas" / "candidate.json").read_text())
+    metrics = json.loads((runs / "tune-warp-theo-lucas" / "metrics.json").read_text())
+    assert metrics["dataset"]["groups"] == {"train": ["george"], "val": ["lucas"], "test": ["theo"]}
+    assert record["val_accuracy"] == pytest.approx(
+        1 - metrics["histories"]["resnet"][-1]["val_error"]
+    )
+    text = out.read_text()
+    assert "| warp | `train.augment.freq_warp=0.1` |" in text
+    assert "held out theo" in text and f"{record['val_accuracy']:.4f}" in text
+
+    bench("--no-official", "--speakers", "theo", "--models", "resnet,svm")
+    text = out.read_text()
+    assert "## Targets" in text and "only 1 of six speakers so far" in text
+    assert "| theo |" in text and "| warp |" in text  # the tuning section survives the rewrite
+    fold = json.loads((runs / "loso-theo" / "metrics.json").read_text())
+    assert fold["dataset"]["groups"]["test"] == ["theo"]
+    # Run again: the finished fold is read back, not trained again.
+    mtime = (runs / "loso-theo" / "metrics.json").stat().st_mtime_ns
+    bench("--no-official", "--speakers", "theo", "--models", "resnet,svm")
+    assert (runs / "loso-theo" / "metrics.json").stat().st_mtime_ns == mtime
