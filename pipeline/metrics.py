@@ -50,18 +50,30 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     }
 
 
-def file_level_accuracy(scores: np.ndarray, y_true: np.ndarray, record: np.ndarray) -> float:
-    """Accuracy per file, each file's windows combined by the mean of their softmax scores.
+def file_level_predictions(
+    scores: np.ndarray, y_true: np.ndarray, record: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each file's true class and prediction, its windows combined by the mean softmax score.
 
     Args:
         scores: (n_windows, n_classes) logits or decision scores.
         y_true: (n_windows,) true class indices (constant within a file).
         record: (n_windows,) file index of each window.
+
+    Returns:
+        ``(y_file, pred_file)``, one entry per file in the order of ``np.unique(record)``.
     """
     probs = softmax(scores, axis=1)
-    files = np.unique(record)
-    correct = [probs[record == f].mean(axis=0).argmax() == y_true[record == f][0] for f in files]
-    return float(np.mean(correct))
+    files, first = np.unique(record, return_index=True)
+    sums = np.zeros((len(files), probs.shape[1]))
+    np.add.at(sums, np.searchsorted(files, record), probs)
+    return np.asarray(y_true)[first], sums.argmax(1)
+
+
+def file_level_accuracy(scores: np.ndarray, y_true: np.ndarray, record: np.ndarray) -> float:
+    """Accuracy per file, each file's windows combined by the mean of their softmax scores."""
+    y_file, pred_file = file_level_predictions(scores, y_true, record)
+    return float(np.mean(y_file == pred_file))
 
 
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:

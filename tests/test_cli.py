@@ -210,6 +210,9 @@ def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
     with open(tmp_path / "run" / "predictions" / "svm.csv") as f:
         starts = [float(r["segment_start_seconds"]) for r in csv.DictReader(f)]
     assert min(starts) >= 15.0 * (1 - 0.15)  # test windows lie in the last 15 % of each recording
+    # McNemar counts the independent units: the three test recordings, not their windows.
+    assert metrics["significance"][0]["unit"] == "files"
+    assert metrics["significance"][0]["n"] == 3
 
 
 @pytest.mark.slow

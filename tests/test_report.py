@@ -239,13 +239,26 @@ def test_every_headline_number_equals_metrics_json(tiny_run):
 @pytest.mark.slow
 def test_mcnemar_p_values_match_a_direct_computation(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
+    # The tiny run cuts files into windows, so the test is on files: each file's windows
+    # combined by their mean softmax score, from the prediction files.
     correct = {}
     for name in MODELS:
+        files: dict[str, list] = {}
         with open(tiny_run / "predictions" / f"{name}.csv") as f:
-            correct[name] = np.array([r["true"] == r["predicted"] for r in csv.DictReader(f)])
+            for r in csv.DictReader(f):
+                scores = np.array([float(v) for k, v in r.items() if k.startswith("score_")])
+                classes = [k[len("score_") :] for k in r if k.startswith("score_")]
+                probs = np.exp(scores - scores.max())
+                files.setdefault(r["path"], [r["true"], []])[1].append(probs / probs.sum())
+        correct[name] = np.array(
+            [true == classes[int(np.mean(p, axis=0).argmax())] for true, p in files.values()]
+        )
+    windows = (tiny_run / "predictions" / "svm.csv").read_text().count("\n") - 1
+    assert len(correct[MODELS[0]]) < windows
     pairs = [(a, b) for i, a in enumerate(MODELS) for b in MODELS[i + 1 :]]
     tests = metrics["significance"]
     assert [(s["a"], s["b"]) for s in tests] == pairs
+    assert {s["unit"] for s in tests} == {"files"}
     md = markdown_table((tiny_run / "report.md").read_text(), "## Significance")
     html = Page((tiny_run / "report.html").read_text()).tables["significance-table"]
     for s, md_row, html_row in zip(tests, md[1:], html[1:], strict=True):
@@ -417,3 +430,17 @@ def test_headless_chromium_renders_the_report_with_its_images(tiny_run, tmp_path
     proc = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
     n = len(Page(page.read_text()).images)
     assert f"<title>decoded {n} of {n}</title>" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_file_level_predictions_average_each_files_window_scores():
+    # Three files: 0 has windows voting 2:1 for class 1 with a confident dissenter,
+    # 1 has one window, 2 has two windows; the records are not sorted.
+    scores = np.log(
+        np.array([[0.6, 0.4], [0.05, 0.95], [0.45, 0.55], [0.9, 0.1], [0.2, 0.8], [0.45, 0.55]])
+    )
+    record = np.array([7, 7, 7, 3, 9, 9])
+    y_true = np.array([0, 0, 0, 0, 1, 1])
+    y_file, pred = metrics_mod.file_level_predictions(scores, y_true, record)
+    # Files in order 3, 7, 9; file 7's mean probability of class 1 is (0.4+0.95+0.55)/3.
+    assert y_file.tolist() == [0, 0, 1] and pred.tolist() == [0, 1, 1]
+    assert metrics_mod.file_level_accuracy(scores, y_true, record) == pytest.approx(2 / 3)

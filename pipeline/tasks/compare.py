@@ -43,7 +43,7 @@ from pipeline.fit import (
     resolve_device,
     setup_distributed,
 )
-from pipeline.metrics import classification_metrics, file_level_accuracy, pairwise_mcnemar
+from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
 from pipeline.signals import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -402,6 +402,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     results: dict[str, dict] = {}
     histories: dict[str, list[dict]] = {}
     predicted: dict[str, np.ndarray] = {}
+    predicted_files: dict[str, np.ndarray] = {}  # where files were cut into windows
+    y_files = np.empty(0, dtype=int)
     for name in names:
         model = _build(
             cfg, name, n_classes=len(classes), in_channels=images.shape[1], seed=cfg.seed
@@ -438,7 +440,10 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         y_pred = scores.argmax(1)
         m = classification_metrics(y_te.numpy(), y_pred, classes)
         if segmented:
-            m["file_accuracy"] = file_level_accuracy(scores, y_te.numpy(), ex.record[masks["test"]])
+            y_files, predicted_files[name] = file_level_predictions(
+                scores, y_te.numpy(), ex.record[masks["test"]]
+            )
+            m["file_accuracy"] = float(np.mean(y_files == predicted_files[name]))
         m.update(
             n_params=_n_params(model),
             train_seconds=train_seconds,
@@ -479,7 +484,16 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             "cache_hit": data.cache_hit,
         },
         "histories": histories,
-        "significance": pairwise_mcnemar(tensors["test"][1].numpy(), predicted),
+        # Windows of one file are not independent: where files were cut into windows,
+        # the test compares the models' file-level predictions.
+        "significance": [
+            {**pair, "unit": "files" if segmented else "images"}
+            for pair in (
+                pairwise_mcnemar(y_files, predicted_files)
+                if segmented
+                else pairwise_mcnemar(tensors["test"][1].numpy(), predicted)
+            )
+        ],
         "run": {
             "seed": cfg.seed,
             "device": str(device),

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import report, summary
 from pipeline.errors import ConfigError
-from pipeline.metrics import pairwise_mcnemar
+from pipeline.metrics import file_level_predictions, pairwise_mcnemar
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,20 @@ def significance_from_predictions(run_dir: Path, names: list[str]) -> list[dict]
                 "list different test items; they must come from the same run"
             )
     truth = np.array([r["true"] for r in rows[first]])
-    return pairwise_mcnemar(truth, {n: np.array([r["predicted"] for r in v])
-                                    for n, v in rows.items()})  # fmt: skip
+    paths = [r["path"] for r in rows[first]]
+    if len(set(paths)) == len(paths):
+        pairs = pairwise_mcnemar(truth, {n: np.array([r["predicted"] for r in v])
+                                         for n, v in rows.items()})  # fmt: skip
+        return [{**p, "unit": "images"} for p in pairs]
+    # Files cut into windows: the test counts files, as the run itself does.
+    _, record = np.unique(paths, return_inverse=True)
+    predicted = {}
+    for name, v in rows.items():
+        classes = [k[len("score_") :] for k in v[0] if k.startswith("score_")]
+        scores = np.array([[float(r[f"score_{c}"]) for c in classes] for r in v])
+        y = np.array([classes.index(t) for t in truth])
+        y_files, predicted[name] = file_level_predictions(scores, y, record)
+    return [{**p, "unit": "files"} for p in pairwise_mcnemar(y_files, predicted)]
 
 
 class SweepSummary(Callback):
