@@ -476,3 +476,31 @@ def test_per_image_freq_mode_removes_a_fixed_channel_response():
     assert not np.allclose(whole(images), whole(coloured), atol=1e-2)
     with pytest.raises(ConfigError, match=r"features.per_image='rows' must be false, true"):
         Normalizer.fit(images, mode="global", per_image="rows")
+
+
+def test_a_size_limit_evicts_the_least_recently_used_entries(tmp_path, files, caplog):
+    import os
+
+    from pipeline.features.cache import cached, entries
+
+    root = tmp_path / "cache"
+
+    def lookup(n, **kw):
+        settings = {**SETTINGS, "n": n}
+        return cached(lambda: (extracted(seed=n), {}), root=root, files=files, settings=settings,
+                      **kw)  # fmt: skip
+
+    keys = [lookup(n).key for n in range(3)]
+    size = entries(root)[0][1]
+    for i, key in enumerate(keys):  # used in the order 0, 1, 2, an hour apart
+        os.utime(root / key / "meta.json", (1e9 + 3600 * i, 1e9 + 3600 * i))
+    assert lookup(0).hit  # a hit makes entry 0 the most recently used
+    with caplog.at_level("INFO", logger="pipeline.features.cache"):
+        fourth = lookup(3, max_bytes=int(2.5 * size))
+    left = {folder.name for folder, _, _ in entries(root)}
+    assert left == {keys[0], fourth.key}  # 1 and 2 went, oldest use first
+    assert "removed the least recently used entry" in caplog.text
+    # The entry being written stays even when it alone is over the limit.
+    fifth = lookup(4, max_bytes=1)
+    assert {folder.name for folder, _, _ in entries(root)} == {fifth.key}
+    assert np.array_equal(fifth.extracted.images, extracted(seed=4).images)

@@ -18,10 +18,15 @@ is written into a temporary folder beside it and renamed into place with
 :func:`os.replace`, so an interrupted or concurrent run never leaves a half-written
 entry under a key: a later run either finds the whole entry or none. Caching is
 explicit: :func:`cached` logs a hit or a miss.
+
+A hit marks its entry as used (the mtime of its ``meta.json``); with a size limit
+(``features.cache_max_gb``) a new entry evicts the least recently used others until
+the cache fits, logging each one it removes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -178,12 +183,55 @@ def _remove_stale(root: Path, key: str) -> None:
             continue
 
 
+def entries(root: Path) -> list[tuple[Path, int, float]]:
+    """Every finished entry under ``root``: (folder, bytes, last used), oldest use first."""
+    out = []
+    for folder in Path(root).iterdir() if Path(root).is_dir() else []:
+        meta = folder / "meta.json"
+        if folder.name.startswith(".") or not meta.is_file():
+            continue
+        try:
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            out.append((folder, size, meta.stat().st_mtime))
+        except OSError:  # removed meanwhile by another run
+            continue
+    return sorted(out, key=lambda e: e[2])
+
+
+def prune(root: Path, *, max_bytes: int, keep: str | None = None) -> list[Path]:
+    """Remove the least recently used entries until the cache holds at most ``max_bytes``.
+
+    ``keep`` (the entry a run is using) is never removed, even when it alone is larger.
+    On POSIX a run still reading a removed entry keeps its memory-mapped images.
+
+    Returns:
+        The folders removed.
+    """
+    found = entries(root)
+    total = sum(size for _, size, _ in found)
+    removed = []
+    for folder, size, _ in found:
+        if total <= max_bytes:
+            break
+        if folder.name == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        removed.append(folder)
+        log.info(
+            "feature cache over %.2f GB: removed the least recently used entry %s (%.1f MB)",
+            max_bytes / 1e9, folder, size / 1e6,
+        )  # fmt: skip
+    return removed
+
+
 def cached(
     compute: Callable[[], tuple[Extracted, dict]],
     *,
     root: Path | None,
     files: Sequence[Path],
     settings: Mapping,
+    max_bytes: int | None = None,
 ) -> Lookup:
     """``compute()``'s images and info, from the cache under ``root`` when an entry exists.
 
@@ -193,6 +241,8 @@ def cached(
         root: the cache folder, or None to compute without caching.
         files: the input files, in record order.
         settings: everything else the images depend on (JSON-serialisable).
+        max_bytes: after writing a new entry, evict the least recently used others
+            until the cache holds at most this much; None for no limit.
 
     Raises:
         ConfigError: ``root`` is not a folder, or the entry cannot be written there.
@@ -209,12 +259,17 @@ def cached(
     found = load_entry(root, key)
     if found is not None:
         log.info("feature cache hit %s (%s)", key, root / key)
+        with contextlib.suppress(OSError):  # a read-only cache still serves hits
+            os.utime(root / key / "meta.json")  # most recently used
         return Lookup(*found, key=key, hit=True)
     log.info("feature cache miss %s: computing the images", key)
     ex, info = compute()
     describe = {"n_files": len(files), "settings": dict(settings)}
     try:
-        return Lookup(*save_entry(root, key, ex, info=info, describe=describe), key=key, hit=False)
+        saved = save_entry(root, key, ex, info=info, describe=describe)
+        if max_bytes is not None:
+            prune(root, max_bytes=max_bytes, keep=key)
+        return Lookup(*saved, key=key, hit=False)
     except OSError as err:
         raise ConfigError(
             f"features.cache_dir={str(root)!r} cannot be written ({err.strerror or err}); point "

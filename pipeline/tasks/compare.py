@@ -227,9 +227,15 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         "features": {k: features[k] for k in STFTParams.__dataclass_fields__ if k in features},
     }
     cache_root = Path(cfg.features.cache_dir) if cfg.features.cache else None
+    max_gb = cfg.features.get("cache_max_gb")
+    if max_gb is not None and not max_gb > 0:
+        raise ConfigError(
+            f"features.cache_max_gb={max_gb!r} must be a positive size in GB, or null for no limit"
+        )
     lookup = feature_cache.cached(
-        compute, root=cache_root, files=[r.path for r in records], settings=settings
-    )
+        compute, root=cache_root, files=[r.path for r in records], settings=settings,
+        max_bytes=None if max_gb is None else int(max_gb * 1e9),
+    )  # fmt: skip
     extracted = lookup.extracted
     extracted.split = np.where(
         timed[extracted.record], extracted.split, np.asarray(splits)[extracted.record]
