@@ -94,7 +94,7 @@ def _same_overrides(run_dir: Path, overrides: list[str]) -> bool:
 def last_val_accuracy(metrics: dict, model: str) -> float | None:
     """Validation (window) accuracy at the last epoch of a network's learning curve."""
     curve = metrics.get("histories", {}).get(model)
-    return 1 - curve[-1]["val_error"] if curve else None
+    return _accuracy(curve[-1]) if curve else None
 
 
 def best_val_accuracy(metrics: dict, model: str) -> float | None:
@@ -103,7 +103,13 @@ def best_val_accuracy(metrics: dict, model: str) -> float | None:
     best = metrics["models"][model].get("best_epoch")
     if not curve or not best:
         return None
-    return 1 - curve[best - 1]["val_error"]
+    return _accuracy(curve[best - 1])
+
+
+def _accuracy(row: dict) -> float | None:
+    """1 - the row's validation error; None for a run without validation (null or NaN)."""
+    error = row.get("val_error")
+    return None if error is None or error != error else 1 - error
 
 
 def main(argv: list[str]) -> int:
@@ -285,11 +291,14 @@ def render(results, ablations, *, models, commands, extra) -> str:
         lines.append("")
     folds = {k: v for k, v in results.items() if k.startswith("loso-")}
     if folds:
+        vals = {k: best_val_accuracy(m, "resnet") if "resnet" in models else None
+                for k, m in folds.items()}  # fmt: skip
+        val_head = " ResNet val. acc. |" if any(v is not None for v in vals.values()) else ""
         lines += ["## Leave one speaker out (train on five speakers, test on the sixth)", "",
                   "File-level accuracy (a file's windows scored by their mean probability). "
                   + _validation_sentence(next(iter(folds.values()))), "",
-                  "| held-out speaker | " + " | ".join(models) + " | ResNet val. acc. |",
-                  "|---|" + "---|" * (len(models) + 1)]  # fmt: skip
+                  "| held-out speaker | " + " | ".join(models) + " |" + val_head,
+                  "|---|" + "---|" * len(models) + "---|" * bool(val_head)]  # fmt: skip
         table = {model: [] for model in models}
         for name, m in folds.items():
             row = []
@@ -298,18 +307,24 @@ def render(results, ablations, *, models, commands, extra) -> str:
                 acc = r.get("file_accuracy", r["accuracy"])
                 table[model].append(acc)
                 row.append(f"{acc:.4f}")
-            val = best_val_accuracy(m, "resnet") if "resnet" in models else None
-            lines.append(f"| {name[5:]} | " + " | ".join(row) + f" | {_f(val)} |")
+            val = f" {_f(vals[name])} |" if val_head else ""
+            lines.append(f"| {name[5:]} | " + " | ".join(row) + " |" + val)
+        pad = " |" if val_head else ""
         lines.append(
-            "| **mean** | " + " | ".join(f"**{np.mean(v):.4f}**" for v in table.values()) + " | |"
+            "| **mean** | "
+            + " | ".join(f"**{np.mean(v):.4f}**" for v in table.values())
+            + " |"
+            + pad
         )
         f1 = {model: np.mean([m["models"][model]["macro_f1"] for m in folds.values()])
               for model in models}  # fmt: skip
         secs = {model: np.mean([m["models"][model]["train_seconds"] for m in folds.values()])
                 for model in models}  # fmt: skip
         lines.append("| mean macro-F1 (windows) | " + " | ".join(f"{v:.4f}" for v in f1.values())
-                     + " | |")  # fmt: skip
-        lines.append("| mean train s | " + " | ".join(f"{v:.0f}" for v in secs.values()) + " | |")
+                     + " |" + pad)  # fmt: skip
+        lines.append(
+            "| mean train s | " + " | ".join(f"{v:.0f}" for v in secs.values()) + " |" + pad
+        )
         lines.append("")
     for a, per in ablations.items():
         if not per:
