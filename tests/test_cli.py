@@ -280,7 +280,12 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     assert "| theo |" in text and "| warp |" in text  # the tuning section survives the rewrite
     fold = json.loads((runs / "loso-theo" / "metrics.json").read_text())
     assert fold["dataset"]["groups"]["test"] == ["theo"]
+    # Notes written by hand between the markers survive a rewrite, once.
+    out.write_text(text.replace("<!-- notes -->", "<!-- notes -->\nTheo was hoarse.", 1))
     # Run again: the finished fold is read back, not trained again.
     mtime = (runs / "loso-theo" / "metrics.json").stat().st_mtime_ns
     bench("--no-official", "--speakers", "theo", "--models", "resnet,svm")
     assert (runs / "loso-theo" / "metrics.json").stat().st_mtime_ns == mtime
+    text = out.read_text()
+    assert text.count("Theo was hoarse.") == 1 and text.count("<!-- /notes -->") == 1
+    assert text.count("| warp |") == 1

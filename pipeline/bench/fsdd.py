@@ -172,9 +172,7 @@ def main(argv: list[str]) -> int:
         text = render(results, ablations, models=models, commands=commands, extra=args.overrides)
         for section in ("notes", "tuning"):
             if kept(old, section):
-                text = splice(
-                    text, section, kept(old, section).split("\n", 1)[1].rsplit("\n", 1)[0]
-                )
+                text = splice(text, section, kept(old, section))
         atomic.write_text(output, text)
     print(f"wrote {args.output}")
     return 0
@@ -246,10 +244,10 @@ def splice(text: str, name: str, section: str) -> str:
 
 
 def kept(text: str, name: str) -> str:
-    """The ``<!-- name -->`` block of ``text`` with its markers, or ''."""
+    """The text between ``<!-- name -->`` and ``<!-- /name -->`` (stripped), or ''."""
     begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     if begin in text and end in text:
-        return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+        return text.split(begin, 1)[1].split(end, 1)[0].strip()
     return ""
 
 
