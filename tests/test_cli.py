@@ -215,17 +215,22 @@ def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
     assert metrics["significance"][0]["n"] == 3
 
 
+def fsdd_subset(folder: Path, *, digits: str, takes: int) -> Path:
+    """Links to FSDD's first ``takes`` takes of ``digits`` by george, lucas and theo."""
+    folder.mkdir()
+    for digit in digits:
+        for speaker in ("george", "lucas", "theo"):
+            for i in range(takes):
+                name = f"{digit}_{speaker}_{i}.wav"
+                os.symlink(FSDD / name, folder / name)
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FSDD.is_dir(), reason=f"the Free Spoken Digit Dataset is not at {FSDD}")
 def test_fsdd_preset_official_split_on_a_subset(tmp_path):
     """+experiment=fsdd as a user runs it, on 4 digits x 3 speakers x 10 takes."""
-    subset = tmp_path / "recordings"
-    subset.mkdir()
-    for digit in "0147":
-        for speaker in ("george", "lucas", "theo"):
-            for i in range(10):
-                name = f"{digit}_{speaker}_{i}.wav"
-                os.symlink(FSDD / name, subset / name)
+    subset = fsdd_subset(tmp_path / "recordings", digits="0147", takes=10)
     proc = run_cli(
         "+experiment=fsdd", f"data.root={subset}", "train.epochs=2", "train.batch_size=16",
         "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
@@ -246,13 +251,7 @@ def test_fsdd_preset_official_split_on_a_subset(tmp_path):
 @pytest.mark.skipif(not FSDD.is_dir(), reason=f"the Free Spoken Digit Dataset is not at {FSDD}")
 def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_path):
     """python -m pipeline.bench fsdd on 3 digits x 3 speakers x 6 takes: tuning, then one fold."""
-    subset = tmp_path / "recordings"
-    subset.mkdir()
-    for digit in "017":
-        for speaker in ("george", "lucas", "theo"):
-            for i in range(6):
-                name = f"{digit}_{speaker}_{i}.wav"
-                os.symlink(FSDD / name, subset / name)
+    subset = fsdd_subset(tmp_path / "recordings", digits="017", takes=6)
     out, runs = tmp_path / "BENCH.md", tmp_path / "runs"
     common = ["--root", str(subset), "--runs", str(runs), "--output", str(out)]
     small = ["train.epochs=1", "train.batch_size=16", "svm.cv=2"]

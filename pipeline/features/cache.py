@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from pipeline import atomic
 from pipeline.data.dataset import Skipped
 from pipeline.errors import ConfigError
 from pipeline.features.extract import Extracted
@@ -141,9 +142,8 @@ def save_entry(
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root, key)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the entry from other users
+    # mkdtemp's 0700 would hide the entry from other users
+    tmp.chmod(0o777 & ~atomic.current_umask())
     try:
         np.save(tmp / "images.npy", np.ascontiguousarray(ex.images, dtype=np.float32))
         for a in ARRAYS:
