@@ -68,7 +68,7 @@ def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
            "progress=false"]  # fmt: skip
     log(" ".join(shlex.quote(c) for c in cmd[1:]))
     done = run_dir / "metrics.json"
-    if done.exists() and _same_overrides(run_dir, cmd[3:]):
+    if done.exists() and _same_config(run_dir, cmd[3:]):
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -79,7 +79,7 @@ def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
     return metrics
 
 
-def _same_overrides(run_dir: Path, overrides: list[str]) -> bool:
+def _same_config(run_dir: Path, overrides: list[str]) -> bool:
     """Whether ``run_dir`` was run with ``overrides`` and today's configuration files."""
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
