@@ -102,12 +102,16 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     return {"n": int(correct_a.size), "a_only": a_only, "b_only": b_only, "p_value": float(p)}
 
 
-def pairwise_mcnemar(y_true: np.ndarray, predictions: dict[str, np.ndarray]) -> list[dict]:
+def pairwise_mcnemar(
+    y_true: np.ndarray, predictions: dict[str, np.ndarray], *, unit: str = "images"
+) -> list[dict]:
     """McNemar's exact test between every pair of models, with Holm's adjusted p-values.
 
     Args:
         y_true: (n,) true class indices.
         predictions: model name -> (n,) predicted class indices, in the order of ``y_true``.
+        unit: what the items are (``images``, or ``files`` when each file's windows were
+            combined first); recorded in every pair.
 
     Returns:
         One dict per pair ``(a, b)`` in the order of ``predictions``: the fields of
@@ -117,7 +121,7 @@ def pairwise_mcnemar(y_true: np.ndarray, predictions: dict[str, np.ndarray]) -> 
     names = list(predictions)
     correct = {n: np.asarray(predictions[n]) == np.asarray(y_true) for n in names}
     pairs = [
-        {"a": a, "b": b, **mcnemar(correct[a], correct[b])}
+        {"a": a, "b": b, **mcnemar(correct[a], correct[b]), "unit": unit}
         for i, a in enumerate(names)
         for b in names[i + 1 :]
     ]

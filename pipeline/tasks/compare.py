@@ -492,14 +492,11 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         "histories": histories,
         # Windows of one file are not independent: where files were cut into windows,
         # the test compares the models' file-level predictions.
-        "significance": [
-            {**pair, "unit": "files" if segmented else "images"}
-            for pair in (
-                pairwise_mcnemar(y_files, predicted_files)
-                if segmented
-                else pairwise_mcnemar(tensors["test"][1].numpy(), predicted)
-            )
-        ],
+        "significance": (
+            pairwise_mcnemar(y_files, predicted_files, unit="files")
+            if segmented
+            else pairwise_mcnemar(tensors["test"][1].numpy(), predicted)
+        ),
         "run": {
             "seed": cfg.seed,
             "device": str(device),

@@ -120,9 +120,8 @@ def significance_from_predictions(run_dir: Path, names: list[str]) -> list[dict]
     truth = np.array([r["true"] for r in rows[first]])
     paths = [r["path"] for r in rows[first]]
     if len(set(paths)) == len(paths):
-        pairs = pairwise_mcnemar(truth, {n: np.array([r["predicted"] for r in v])
-                                         for n, v in rows.items()})  # fmt: skip
-        return [{**p, "unit": "images"} for p in pairs]
+        return pairwise_mcnemar(truth, {n: np.array([r["predicted"] for r in v])
+                                        for n, v in rows.items()})  # fmt: skip
     # Files cut into windows: the test counts files, as the run itself does.
     _, record = np.unique(paths, return_inverse=True)
     predicted = {}
@@ -131,7 +130,7 @@ def significance_from_predictions(run_dir: Path, names: list[str]) -> list[dict]
         scores = np.array([[float(r[f"score_{c}"]) for c in classes] for r in v])
         y = np.array([classes.index(t) for t in truth])
         y_files, predicted[name] = file_level_predictions(scores, y, record)
-    return [{**p, "unit": "files"} for p in pairwise_mcnemar(y_files, predicted)]
+    return pairwise_mcnemar(y_files, predicted, unit="files")
 
 
 class SweepSummary(Callback):
