@@ -253,10 +253,10 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     """python -m pipeline.bench fsdd on 3 digits x 3 speakers x 6 takes: tuning, then one fold."""
     subset = fsdd_subset(tmp_path / "recordings", digits="017", takes=6)
     out, runs = tmp_path / "BENCH.md", tmp_path / "runs"
-    common = ["--root", str(subset), "--runs", str(runs), "--output", str(out)]
     small = ["train.epochs=1", "train.batch_size=16", "svm.cv=2"]
 
-    def bench(*args):
+    def bench(*args, runs=runs):
+        common = ["--root", str(subset), "--runs", str(runs), "--output", str(out)]
         cmd = [sys.executable, "-m", "pipeline.bench", "fsdd", *common, *args, *small]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -272,11 +272,18 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     text = out.read_text()
     assert "| warp | `train.augment.freq_warp=0.1` |" in text
     assert "held out theo" in text and f"{record['val_accuracy']:.4f}" in text
+    # A second round, in its own runs folder, gets its own table after the first.
+    bench("--tune", "mask=train.augment.freq_mask=4", "--tune-pairs", "theo:lucas",
+          "--tune-round", "2", runs=tmp_path / "runs2")  # fmt: skip
+    text = out.read_text()
+    assert text.index("| warp |") < text.index("round 2") < text.index("| mask |")
+    assert text.count("| warp |") == 1 and text.count("| mask |") == 1
 
     bench("--no-official", "--speakers", "theo", "--models", "resnet,svm")
     text = out.read_text()
     assert "## Targets" in text and "only 1 of six speakers so far" in text
-    assert "| theo |" in text and "| warp |" in text  # the tuning section survives the rewrite
+    assert "| theo |" in text and "| warp |" in text  # the tuning sections survive the rewrite
+    assert text.index("| warp |") < text.index("| mask |")
     fold = json.loads((runs / "loso-theo" / "metrics.json").read_text())
     assert fold["dataset"]["groups"]["test"] == ["theo"]
     # Notes written by hand between the markers survive a rewrite, once.
@@ -287,4 +294,4 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     assert (runs / "loso-theo" / "metrics.json").stat().st_mtime_ns == mtime
     text = out.read_text()
     assert text.count("Theo was hoarse.") == 1 and text.count("<!-- /notes -->") == 1
-    assert text.count("| warp |") == 1
+    assert text.count("| warp |") == 1 and text.count("| mask |") == 1
