@@ -3,7 +3,9 @@
 SpecAugment's frequency and time masking (Park et al. 2019) through torchaudio's
 transforms, a random circular shift along time, random stretching of the frequency
 axis (in the spirit of vocal tract length perturbation, Jaitly & Hinton 2013) and of
-the time axis (speaking rate), and mixup (Zhang et al. 2018).
+the time axis (speaking rate), a random channel response (a smooth curve added along
+frequency, as a different microphone or mounting adds its own gain per band to a
+log spectrogram), and mixup (Zhang et al. 2018).
 Masks are filled with 0, the training mean after normalisation. Random numbers
 come from torch's global generator, which :func:`pipeline.fit.fit` seeds per
 rank and stores in its checkpoints, so a resumed run draws the same masks.
@@ -32,6 +34,9 @@ class AugmentSettings:
         freq_warp: largest stretch of the frequency axis: each image is scaled by its own
             factor in [1 - f, 1 + f], anchored at the lowest row (0: off; 0.1 is mild).
         time_stretch: the same along time, anchored at the first column (0: off).
+        channel: largest amplitude of a random smooth curve added along frequency (the
+            same for every column), in units of the normalised image (0: off; 0.5 is
+            about +-8 dB on a log-mel image whose standard deviation is 15 dB).
         mixup: alpha of the Beta(alpha, alpha) mixing weight (0: off; 0.2 is common).
     """
 
@@ -40,6 +45,7 @@ class AugmentSettings:
     time_shift: float = 0.0
     freq_warp: float = 0.0
     time_stretch: float = 0.0
+    channel: float = 0.0
     mixup: float = 0.0
 
     def __post_init__(self) -> None:
@@ -61,6 +67,11 @@ class AugmentSettings:
                     f"train.augment.{key}={value!r} must be a fraction in [0, 1), e.g. 0.1 "
                     "for factors between 0.9 and 1.1"
                 )
+        if not self.channel >= 0:
+            raise ConfigError(
+                f"train.augment.channel={self.channel!r} must be 0 (off) or a positive "
+                "amplitude in normalised units, e.g. 0.5"
+            )
         if not self.mixup >= 0:
             raise ConfigError(f"train.augment.mixup={self.mixup!r} must be 0 (off) or positive")
 
@@ -69,7 +80,7 @@ class AugmentSettings:
         """Whether any per-image transform (masking, shift) is on."""
         return bool(
             self.freq_mask or self.time_mask or self.time_shift or self.freq_warp
-            or self.time_stretch
+            or self.time_stretch or self.channel
         )  # fmt: skip
 
 
@@ -85,6 +96,8 @@ class SpecAugment(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.s.freq_warp or self.s.time_stretch:
             x = stretch(x, freq=self.s.freq_warp, time=self.s.time_stretch)
+        if self.s.channel:
+            x = channel_response(x, self.s.channel)
         if self.s.time_shift:
             x = time_shift(x, self.s.time_shift)
         if self.freq is not None:
@@ -104,6 +117,23 @@ def time_shift(x: Tensor, fraction: float) -> Tensor:
     cols = (torch.arange(width, device=x.device)[None, :] - shift[:, None]) % width
     index = cols[:, None, None, :].expand_as(x)
     return torch.gather(x, -1, index)
+
+
+def channel_response(x: Tensor, amplitude: float, terms: int = 3) -> Tensor:
+    """Add to each image its own smooth random curve along frequency.
+
+    The curve is ``sum_k a_k cos(pi k f)`` over ``f`` in [0, 1] from the lowest row to
+    the highest, ``k = 1..terms``, with ``a_k`` uniform in [-amplitude / k, amplitude / k]:
+    tilts and broad bumps, as channels and microphones make, with no overall offset
+    (gain), which per-image normalisation would remove anyway. Every column gets the
+    same curve, as a fixed channel adds the same gain per band at every instant.
+    """
+    n, rows = x.shape[0], x.shape[-2]
+    k = torch.arange(1, terms + 1, device=x.device, dtype=x.dtype)
+    a = amplitude * (2 * torch.rand(n, terms, device=x.device, dtype=x.dtype) - 1) / k
+    f = torch.linspace(0, 1, rows, device=x.device, dtype=x.dtype)
+    curve = a @ torch.cos(torch.pi * k[:, None] * f[None, :])  # (n, rows)
+    return x + curve[:, None, :, None]
 
 
 def stretch(x: Tensor, *, freq: float, time: float) -> Tensor:

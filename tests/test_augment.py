@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from pipeline.augment import AugmentSettings, SpecAugment, mixup, stretch, time_shift
+from pipeline.augment import (
+    AugmentSettings,
+    SpecAugment,
+    channel_response,
+    mixup,
+    stretch,
+    time_shift,
+)
 from pipeline.errors import ConfigError
 
 
@@ -48,6 +55,25 @@ def test_stretch_scales_each_image_about_the_lowest_row_and_first_column():
     assert torch.allclose(stretch(x, freq=0.0, time=0.0), x)
     with pytest.raises(ConfigError, match=r"train.augment.freq_warp=1.5 must be a fraction"):
         AugmentSettings(freq_warp=1.5)
+
+
+def test_channel_response_adds_one_smooth_curve_along_frequency_per_image():
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 40, 12)
+    out = channel_response(x, 0.5)
+    curve = out - x
+    # The same gain per band at every instant, and no overall offset added.
+    assert torch.allclose(curve, curve[..., :1].expand_as(curve), atol=1e-6)
+    c = curve[:, 0, :, 0]  # (images, rows)
+    assert c.abs().max() <= 0.5 * (1 + 1 / 2 + 1 / 3) + 1e-6
+    assert c.mean(dim=1).abs().max() < 0.05  # cosines k >= 1 average to about 0 over rows
+    assert c.std(dim=0).mean() > 0.1  # each image its own curve
+    assert (c.diff(dim=1).abs().max(dim=1).values < 0.2).all()  # smooth: small row steps
+    on = SpecAugment(AugmentSettings(channel=0.5))(x)
+    assert AugmentSettings(channel=0.5).any_image and not torch.allclose(on, x)
+    assert torch.equal(channel_response(x, 0.0), x)
+    with pytest.raises(ConfigError, match=r"train.augment.channel=-1 must be 0 \(off\)"):
+        AugmentSettings(channel=-1)
 
 
 def test_mixup_is_a_convex_combination_of_two_images():
