@@ -165,6 +165,11 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def format_number(value: float | None, fmt: str) -> str:
+    """``fmt % value``, or "-" for a missing value (None or NaN: no validation set)."""
+    return "-" if value is None or value != value else fmt % value
+
+
 def plot_learning_curves(histories: dict[str, list[dict]]):
     """Training (dashed) and validation (solid) error against epoch, one colour per network."""
     fig, ax = plt.subplots(figsize=(7.6, 4))
@@ -178,14 +183,9 @@ def plot_learning_curves(histories: dict[str, list[dict]]):
             color=color,
             label=f"{name} train",
         )
-        ax.plot(
-            epochs,
-            [100 * h["val_error"] for h in history],
-            "-",
-            color=color,
-            lw=2,
-            label=f"{name} val",
-        )
+        val = [np.nan if h["val_error"] is None else 100 * h["val_error"] for h in history]
+        if np.isfinite(val).any():  # a run without validation has no validation curve
+            ax.plot(epochs, val, "-", color=color, lw=2, label=f"{name} val")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("error (%)")
@@ -287,6 +287,7 @@ def templates(*, html: bool) -> jinja2.Environment:
         lstrip_blocks=html,
     )
     env.filters["p"] = format_p
+    env.filters["num"] = format_number
     return env
 
 

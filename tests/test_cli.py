@@ -133,6 +133,32 @@ def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
     assert "broken.wav" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_run_without_validation_writes_strict_json_and_reports_it(tmp_path, tone_dataset):
+    proc = run_cli(
+        "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000", "data.val_fraction=0",
+        "models=[resnet]", "train.epochs=2", "features.n_fft=64", "features.hop_length=16",
+        "features.win_length=64", "features.size=[16,16]", "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def no_constants(name):
+        raise AssertionError(f"metrics.json holds {name}, which is not JSON")
+
+    text = (tmp_path / "run" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=no_constants)
+    assert metrics["dataset"]["n_val"] == 0
+    history = metrics["histories"]["resnet"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["val_loss"] is None and h["val_error"] is None for h in history)
+    assert metrics["models"]["resnet"]["best_epoch"] == 2  # the last epoch is kept
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "weights of the last epoch, 2 (no validation split)" in report
+    assert "| resnet | 2 |" in report and "| - | - |" in report
+    assert (tmp_path / "run" / "figures" / "learning_curves.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
