@@ -34,9 +34,12 @@ class AugmentSettings:
         freq_warp: largest stretch of the frequency axis: each image is scaled by its own
             factor in [1 - f, 1 + f], anchored at the lowest row (0: off; 0.1 is mild).
         time_stretch: the same along time, anchored at the first column (0: off).
-        channel: largest amplitude of a random smooth curve added along frequency (the
-            same for every column), in units of the normalised image (0: off; 0.5 is
-            about +-8 dB on a log-mel image whose standard deviation is 15 dB).
+        channel: largest amplitude of the first term of a random smooth curve added
+            along frequency (the same for every column), in units of the normalised image
+            (0: off; on a log-mel image whose standard deviation is 15 dB, 0.5 tilts it by
+            up to +-7.5 dB and the three terms together reach +-14 dB). Not with
+            ``features.per_image=freq``, which removes every row's mean from the test
+            images, so they never carry such a curve.
         mixup: alpha of the Beta(alpha, alpha) mixing weight (0: off; 0.2 is common).
     """
 
@@ -125,7 +128,7 @@ def channel_response(x: Tensor, amplitude: float, terms: int = 3) -> Tensor:
     The curve is ``sum_k a_k cos(pi k f)`` over ``f`` in [0, 1] from the lowest row to
     the highest, ``k = 1..terms``, with ``a_k`` uniform in [-amplitude / k, amplitude / k]:
     tilts and broad bumps, as channels and microphones make, with no overall offset
-    (gain), which per-image normalisation would remove anyway. Every column gets the
+    (a gain, which ``features.per_image`` removes from every image). Every column gets the
     same curve, as a fixed channel adds the same gain per band at every instant.
     """
     n, rows = x.shape[0], x.shape[-2]

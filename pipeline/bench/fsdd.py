@@ -147,6 +147,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args(argv)
+    if args.tune_round and not re.fullmatch(r"[\w-]+", args.tune_round):
+        parser.error(
+            f"--tune-round={args.tune_round!r} must be letters, digits, '_' or '-' "
+            "(it names a section marker in the output), e.g. 2 or 2026-11-26"
+        )
     root = Path(args.root).resolve()
     if not root.is_dir():
         print(f"--root={root} does not exist; point it at fsdd/recordings", file=sys.stderr)
@@ -266,7 +271,7 @@ def keep_sections(old: str, new: str) -> str:
     for name in sections(old):
         if name == "notes" or name.startswith("tuning"):
             if name not in sections(new):  # a later tuning round: after the one before it
-                before = [n for n in sections(new) if n.startswith("tuning")][-1]
+                before = ([n for n in sections(new) if n.startswith("tuning")] or ["notes"])[-1]
                 new = new.replace(
                     f"<!-- /{before} -->",
                     f"<!-- /{before} -->\n\n<!-- {name} -->\n<!-- /{name} -->",
