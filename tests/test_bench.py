@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from pipeline.bench.__main__ import main
 
 
@@ -31,3 +33,34 @@ def test_train_benchmark_prints_both_rates_and_the_ratio(capsys):
     rates = {k: float(v) for k, v in re.findall(r"(pipeline|bare)\s+([\d.]+) images/s", out)}
     assert set(rates) == {"pipeline", "bare"} and all(v > 0 for v in rates.values())
     assert "ratio pipeline/bare:" in out
+
+
+def _fold(acc: float, file_acc: float, seconds: float = 60.0) -> dict:
+    """The parts of a run's metrics.json that the FSDD tables read."""
+    scores = {"accuracy": acc, "macro_f1": acc - 0.01, "file_accuracy": file_acc,
+              "train_seconds": seconds, "best_epoch": 3}  # fmt: skip
+    return {
+        "models": {"resnet": dict(scores), "svm": dict(scores, file_accuracy=file_acc - 0.1)},
+        "dataset": {"n_val": 0},
+        "histories": {},
+        "run": {"device": "cpu"},
+    }
+
+
+def test_fsdd_tables_give_mean_and_std_over_seeds():
+    from pipeline.bench.fsdd import merge_seeds, render
+
+    merged = merge_seeds([_fold(0.80, 0.90, 50), _fold(0.70, 0.70, 70)])
+    r = merged["models"]["resnet"]
+    assert r["seeds"] == 2 and r["file_accuracy"] == pytest.approx(0.80)
+    assert r["std"]["file_accuracy"] == pytest.approx(0.1414, abs=1e-4)  # ddof 1
+    assert r["train_seconds"] == pytest.approx(60)
+    assert merge_seeds([_fold(0.8, 0.9)]) == _fold(0.8, 0.9)  # one seed: as it was
+
+    results = {"loso-theo": merged, "loso-lucas": merge_seeds([_fold(1.0, 1.0), _fold(1.0, 1.0)])}
+    text = render(results, {}, models=["resnet", "svm"], commands=[], extra=[], seeds="0,1")
+    assert "Every setting ran once per seed (0, 1)" in text
+    assert "| theo | 0.8000 ± 0.1414 | 0.7000 ± 0.1414 |" in text
+    assert "| lucas | 1.0000 ± 0.0000 | 0.9000 ± 0.0000 |" in text
+    assert "| **mean** | **0.9000** | **0.8000** |" in text
+    assert "only 2 of six speakers so far" in text  # the targets read the means

@@ -25,6 +25,7 @@ choice; they are in each run's metrics.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -92,6 +93,29 @@ def _same_config(run_dir: Path, overrides: list[str]) -> bool:
     return OmegaConf.to_container(OmegaConf.load(saved)) == OmegaConf.to_container(now)
 
 
+def merge_seeds(runs: list[dict]) -> dict:
+    """One run's metrics as they are, or several seeds' merged into one: each model's
+    scores become their means over the seeds, with the standard deviations (ddof 1)
+    under ``std`` and the number of runs under ``seeds``."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = copy.deepcopy(runs[0])
+    for model, r in merged["models"].items():
+        r["seeds"], r["std"] = len(runs), {}
+        for key in ("accuracy", "macro_f1", "file_accuracy", "train_seconds"):
+            values = [m["models"][model].get(key) for m in runs]
+            if None not in values:
+                r[key], r["std"][key] = float(np.mean(values)), float(np.std(values, ddof=1))
+    return merged
+
+
+def _cell(r: dict, key: str) -> str:
+    """A model's score, with its standard deviation over seeds where there are several."""
+    value = r.get(key, r["accuracy"])  # file_accuracy falls back to the window accuracy
+    std = r.get("std", {}).get(key if key in r else "accuracy")
+    return f"{value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
 def last_val_accuracy(metrics: dict, model: str) -> float | None:
     """Validation (window) accuracy at the last epoch of a network's learning curve."""
     curve = metrics.get("histories", {}).get(model)
@@ -125,6 +149,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--speakers", default=",".join(SPEAKERS), help="held-out speakers")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-official", action="store_true", help="skip the official split")
+    parser.add_argument(
+        "--seeds",
+        default="",
+        metavar="S,S,...",
+        help="run every setting once per seed (folders <setting>-seed<S>); the tables then give "
+        "the mean and standard deviation over the seeds",
+    )
     parser.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--tune",
@@ -170,8 +201,14 @@ def main(argv: list[str]) -> int:
     commands: list[str] = []
     results: dict[str, dict] = {}
     ablations: dict[str, dict[str, dict]] = {a: {} for a in args.ablation}
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     for name, extra in settings:
-        results[name] = run_cli([*base, *extra], runs / name, log=commands.append)
+        per_seed = [
+            run_cli([*base, *extra, *([] if seed is None else [f"seed={seed}"])],
+                    runs / (name if seed is None else f"{name}-seed{seed}"), log=commands.append)
+            for seed in seeds
+        ]  # fmt: skip
+        results[name] = merge_seeds(per_seed)
         print(name, {m: round(results[name]["models"][m]["accuracy"], 4) for m in models})
         for a in args.ablation:
             tag = a.replace("=", "-").replace("/", "_")
@@ -182,7 +219,8 @@ def main(argv: list[str]) -> int:
         # the notes and tuning sections of the file are kept as they are.
         output = Path(args.output)
         old = output.read_text() if output.exists() else ""
-        text = render(results, ablations, models=models, commands=commands, extra=args.overrides)
+        text = render(results, ablations, models=models, commands=commands, extra=args.overrides,
+                      seeds=args.seeds)  # fmt: skip
         atomic.write_text(output, keep_sections(old, text))
     print(f"wrote {args.output}")
     return 0
@@ -298,7 +336,7 @@ def _device_line(metrics: dict) -> str:
     return f"{device}; {cores} CPU cores ({platform.processor() or platform.machine()})"
 
 
-def render(results, ablations, *, models, commands, extra) -> str:
+def render(results, ablations, *, models, commands, extra, seeds: str = "") -> str:
     first = next(iter(results.values()))
     lines = [
         "# Benchmarks: Free Spoken Digit Dataset",
@@ -307,7 +345,13 @@ def render(results, ablations, *, models, commands, extra) -> str:
         + (" " + " ".join(extra) if extra else "")
         + f"` on {time.strftime('%Y-%m-%d')}. Machine: {_device_line(first)}.",
         "Every run goes through the public CLI with the `+experiment=fsdd` preset "
-        "(conf/experiment/fsdd.yaml); the exact commands are at the end.",
+        "(conf/experiment/fsdd.yaml); the exact commands are at the end."
+        + (
+            f" Every setting ran once per seed ({seeds.replace(',', ', ')}): each score is "
+            "the mean ± standard deviation over those runs."
+            if seeds
+            else ""
+        ),
         "",
         *status(results, models),
         "<!-- notes -->",  # hand-written notes go here; kept when the file is rewritten
@@ -322,8 +366,8 @@ def render(results, ablations, *, models, commands, extra) -> str:
         for model in models:
             r = m["models"][model]
             lines.append(
-                f"| {model} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
-                f"{r.get('file_accuracy', r['accuracy']):.4f} | {r['train_seconds']:.0f} |"
+                f"| {model} | {_cell(r, 'accuracy')} | {_cell(r, 'macro_f1')} | "
+                f"{_cell(r, 'file_accuracy')} | {r['train_seconds']:.0f} |"
             )
         lines.append("")
     folds = {k: v for k, v in results.items() if k.startswith("loso-")}
@@ -341,9 +385,8 @@ def render(results, ablations, *, models, commands, extra) -> str:
             row = []
             for model in models:
                 r = m["models"][model]
-                acc = r.get("file_accuracy", r["accuracy"])
-                table[model].append(acc)
-                row.append(f"{acc:.4f}")
+                table[model].append(r.get("file_accuracy", r["accuracy"]))
+                row.append(_cell(r, "file_accuracy"))
             val = f" {_f(vals[name])} |" if val_head else ""
             lines.append(f"| {name[5:]} | " + " | ".join(row) + " |" + val)
         pad = " |" if val_head else ""
