@@ -298,11 +298,16 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     text = out.read_text()
     assert "| warp | `train.augment.freq_warp=0.1` |" in text
     assert "held out theo" in text and f"{record['val_accuracy']:.4f}" in text
-    # A second round, in its own runs folder, gets its own table after the first.
+    # A second round, in its own runs folder and with two seeds, gets its own table after the
+    # first; each cell is the mean over the seeds.
     bench("--tune", "mask=train.augment.freq_mask=4", "--tune-pairs", "theo:lucas",
-          "--tune-round", "2", runs=tmp_path / "runs2")  # fmt: skip
+          "--tune-round", "2", "--seeds", "0,1", runs=tmp_path / "runs2")  # fmt: skip
     text = out.read_text()
     assert text.index("| warp |") < text.index("round 2") < text.index("| mask |")
+    runs2 = tmp_path / "runs2"
+    found = [runs2 / f"tune-mask-theo-lucas-seed{s}" / "candidate.json" for s in (0, 1)]
+    scores = [json.loads(f.read_text())["val_accuracy"] for f in found]
+    assert f"| mask | `train.augment.freq_mask=4` | {sum(scores) / 2:.4f} (2) |" in text
     assert text.count("| warp |") == 1 and text.count("| mask |") == 1
 
     bench("--no-official", "--speakers", "theo", "--models", "resnet,svm")

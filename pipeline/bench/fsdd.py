@@ -153,8 +153,9 @@ def main(argv: list[str]) -> int:
         "--seeds",
         default="",
         metavar="S,S,...",
-        help="run every setting once per seed (folders <setting>-seed<S>); the tables then give "
-        "the mean and standard deviation over the seeds",
+        help="run every setting (with --tune: every candidate and pair) once per seed, in "
+        "folders ending -seed<S>; the tables then give the mean (and standard deviation) over "
+        "the seeds",
     )
     parser.add_argument("--ablation", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
@@ -233,20 +234,24 @@ def tune(args, base: list[str], runs: Path) -> int:
     the tuning section of ``--output``; the rest of that file is kept.
     """
     pairs = [p.split(":") for p in args.tune_pairs.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    runs_of = [(held, val, seed) for held, val in pairs for seed in seeds]
     for cand in args.tune:
         name, _, over = cand.partition("=")
-        for held, val in pairs:
+        for held, val, seed in runs_of:
             extra = ["models=[resnet]", "data.split=group", f"data.test_groups=[{held}]",
-                     f"data.val_groups=[{val}]", *over.split()]  # fmt: skip
-            run_dir = runs / f"tune-{name}-{held}-{val}"
+                     f"data.val_groups=[{val}]", *over.split(),
+                     *([] if seed is None else [f"seed={seed}"])]  # fmt: skip
+            tail = "" if seed is None else f"-seed{seed}"
+            run_dir = runs / f"tune-{name}-{held}-{val}{tail}"
             commands: list[str] = []
             m = run_cli([*base, *extra], run_dir, log=commands.append)
             record = {"name": name, "overrides": over, "held_out": held, "validation": val,
-                      "val_accuracy": last_val_accuracy(m, "resnet"),
+                      "seed": seed, "val_accuracy": last_val_accuracy(m, "resnet"),
                       "train_seconds": m["models"]["resnet"]["train_seconds"],
                       "command": commands[0]}  # fmt: skip
             atomic.write_text(run_dir / "candidate.json", json.dumps(record, indent=1))
-            print(name, held, val, round(record["val_accuracy"], 4), flush=True)
+            print(name, held, val, seed, round(record["val_accuracy"], 4), flush=True)
             output = Path(args.output)
             old = output.read_text() if output.exists() else ""
             section = f"tuning-{args.tune_round}" if args.tune_round else "tuning"
@@ -266,23 +271,29 @@ def tuning_section(runs: Path, round_name: str = "") -> str:
     records = [json.loads(p.read_text()) for p in found]
     pairs = list(dict.fromkeys((r["held_out"], r["validation"]) for r in records))
     by_name: dict[str, dict] = {}
-    for r in records:
+    for r in records:  # several seeds of a candidate and pair: their mean
         by_name.setdefault(r["name"], {"overrides": r["overrides"], "scores": {}})
-        by_name[r["name"]]["scores"][(r["held_out"], r["validation"])] = r["val_accuracy"]
+        pair = by_name[r["name"]]["scores"].setdefault((r["held_out"], r["validation"]), [])
+        pair.append(r["val_accuracy"])
+    seeded = any(len(v) > 1 for c in by_name.values() for v in c["scores"].values())
     title = "## Tuning on validation speakers" + (f", round {round_name}" if round_name else "")
     lines = [title, "",
              "How the preset's settings were chosen: `python -m pipeline.bench fsdd --tune "
              "NAME=\"overrides\"`. ResNet only; each run holds one speaker out and validates "
              "on another training speaker (`data.val_groups`); the table shows that validation "
-             "speaker's window accuracy at the last epoch, never the held-out speaker's.", "",
+             "speaker's window accuracy at the last epoch, never the held-out speaker's"
+             + (" (the mean over the seeds run, their number in brackets)." if seeded else "."),
+             "",
              "| candidate | overrides | " + " | ".join(f"val {v} (held out {h})" for h, v in pairs)
              + " | mean |", "|---|---|" + "---|" * (len(pairs) + 1)]  # fmt: skip
     for name, c in by_name.items():
-        vals = [c["scores"].get(p) for p in pairs]
-        done = [v for v in vals if v is not None]
-        mean = f"{np.mean(done):.4f}" if len(done) == len(pairs) else "-"
+        scores = [c["scores"].get(p, []) for p in pairs]
+        vals = [float(np.mean(v)) if v else None for v in scores]
+        cells = [_f(v) + (f" ({len(n)})" if seeded and n else "")
+                 for v, n in zip(vals, scores, strict=True)]  # fmt: skip
+        mean = f"{np.mean(vals):.4f}" if None not in vals else "-"
         lines.append(f"| {name} | `{c['overrides'] or '(the preset)'}` | "
-                     + " | ".join(_f(v) for v in vals) + f" | {mean} |")  # fmt: skip
+                     + " | ".join(cells) + f" | {mean} |")  # fmt: skip
     lines += ["", "```bash", *(f"python {r['command']}" for r in records), "```", ""]
     return "\n".join(lines)
 
