@@ -260,6 +260,7 @@ def test_fsdd_preset_official_split_on_a_subset(tmp_path):
     proc = run_cli(
         "+experiment=fsdd", f"data.root={subset}", "train.epochs=2", "train.batch_size=16",
         "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=900,  # about a minute alone; far longer beside a benchmark on 2 cores
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
