@@ -120,6 +120,16 @@ def _cell(r: dict, key: str) -> str:
     return f"{value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
+def seeded(seed: int | None) -> list[str]:
+    """The override that sets ``seed`` (none for the configuration's own seed)."""
+    return [] if seed is None else [f"seed={seed}"]
+
+
+def suffix(seed: int | None) -> str:
+    """The run folder's suffix for ``seed``."""
+    return "" if seed is None else f"-seed{seed}"
+
+
 def last_val_accuracy(metrics: dict, model: str) -> float | None:
     """Validation (window) accuracy at the last epoch of a network's learning curve."""
     curve = metrics.get("histories", {}).get(model)
@@ -198,8 +208,9 @@ def main(argv: list[str]) -> int:
     models = args.models.split(",")
     base = ["+experiment=fsdd", f"data.root={root}", f"models=[{','.join(models)}]",
             *args.overrides]  # fmt: skip
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     if args.tune:
-        return tune(args, ["+experiment=fsdd", f"data.root={root}", *args.overrides], runs)
+        return tune(args, ["+experiment=fsdd", f"data.root={root}", *args.overrides], runs, seeds)
     settings = [] if args.no_official else [("official", [])]
     settings += [
         (f"loso-{s}", ["data.split=group", f"data.test_groups=[{s}]"])
@@ -208,11 +219,10 @@ def main(argv: list[str]) -> int:
     commands: list[str] = []
     results: dict[str, dict] = {}
     ablations: dict[str, dict[str, dict]] = {a: {} for a in args.ablation}
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     for name, extra in settings:
         per_seed = [
-            run_cli([*base, *extra, *([] if seed is None else [f"seed={seed}"])],
-                    runs / (name if seed is None else f"{name}-seed{seed}"), log=commands.append)
+            run_cli([*base, *extra, *seeded(seed)], runs / f"{name}{suffix(seed)}",
+                    log=commands.append)
             for seed in seeds
         ]  # fmt: skip
         results[name] = merge_seeds(per_seed)
@@ -233,23 +243,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def tune(args, base: list[str], runs: Path) -> int:
+def tune(args, base: list[str], runs: Path, seeds: list[int | None]) -> int:
     """Score each ``--tune`` candidate on validation speakers only.
 
     Every candidate run in ``runs`` so far (this call's and earlier ones') goes into
     the tuning section of ``--output``; the rest of that file is kept.
     """
     pairs = [p.split(":") for p in args.tune_pairs.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     runs_of = [(held, val, seed) for held, val in pairs for seed in seeds]
+    section = f"tuning-{args.tune_round}" if args.tune_round else "tuning"
     for cand in args.tune:
         name, _, over = cand.partition("=")
         for held, val, seed in runs_of:
             extra = ["models=[resnet]", "data.split=group", f"data.test_groups=[{held}]",
-                     f"data.val_groups=[{val}]", *over.split(),
-                     *([] if seed is None else [f"seed={seed}"])]  # fmt: skip
-            tail = "" if seed is None else f"-seed{seed}"
-            run_dir = runs / f"tune-{name}-{held}-{val}{tail}"
+                     f"data.val_groups=[{val}]", *over.split(), *seeded(seed)]  # fmt: skip
+            run_dir = runs / f"tune-{name}-{held}-{val}{suffix(seed)}"
             commands: list[str] = []
             m = run_cli([*base, *extra], run_dir, log=commands.append)
             record = {"name": name, "overrides": over, "held_out": held, "validation": val,
@@ -260,12 +268,9 @@ def tune(args, base: list[str], runs: Path) -> int:
             print(name, held, val, seed, round(record["val_accuracy"], 4), flush=True)
             output = Path(args.output)
             old = output.read_text() if output.exists() else ""
-            section = f"tuning-{args.tune_round}" if args.tune_round else "tuning"
             table = tuning_section(runs, args.tune_round)
             if section not in sections(old):  # a new round goes after the earlier ones
-                last = ([n for n in sections(old) if n.startswith("tuning")] or ["tuning"])[-1]
-                old = old.replace(f"<!-- /{last} -->", f"<!-- /{last} -->\n\n<!-- {section} -->"
-                                  f"\n<!-- /{section} -->", 1)  # fmt: skip
+                old = add_section(old, section, after=_last_tuning(old, "tuning"))
             atomic.write_text(output, splice(old, section, table))
     print(f"wrote {args.output}")
     return 0
@@ -326,15 +331,21 @@ def keep_sections(old: str, new: str) -> str:
     for name in sections(old):
         if name == "notes" or name.startswith("tuning"):
             if name not in sections(new):  # a later tuning round: after the one before it
-                before = ([n for n in sections(new) if n.startswith("tuning")] or ["notes"])[-1]
-                new = new.replace(
-                    f"<!-- /{before} -->",
-                    f"<!-- /{before} -->\n\n<!-- {name} -->\n<!-- /{name} -->",
-                    1,
-                )
+                new = add_section(new, name, after=_last_tuning(new, "notes"))
             if kept(old, name):
                 new = splice(new, name, kept(old, name))
     return new
+
+
+def add_section(text: str, name: str, *, after: str) -> str:
+    """``text`` with an empty ``name`` section right after the section ``after``."""
+    end = f"<!-- /{after} -->"
+    return text.replace(end, f"{end}\n\n<!-- {name} -->\n<!-- /{name} -->", 1)
+
+
+def _last_tuning(text: str, default: str) -> str:
+    """The last tuning round's section name in ``text``, or ``default``."""
+    return ([n for n in sections(text) if n.startswith("tuning")] or [default])[-1]
 
 
 def kept(text: str, name: str) -> str:
