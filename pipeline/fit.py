@@ -55,6 +55,7 @@ class TrainSettings:
     patience: int | None = None
     monitor: str = "val_accuracy"
     class_weights: str | None = None
+    ema_epochs: float = 0.0
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     channels_last: bool = True
     amp: bool = True
@@ -97,6 +98,11 @@ class TrainSettings:
         if not isinstance(self.resume, bool | str):
             raise ConfigError(
                 f"train.resume={self.resume!r} must be true, false or the run folder to resume"
+            )
+        if not self.ema_epochs >= 0:
+            raise ConfigError(
+                f"train.ema_epochs={self.ema_epochs!r} must be 0 (off) or a positive number of "
+                "epochs, e.g. 2"
             )
         if self.patience is not None and self.patience < 1:
             raise ConfigError(
@@ -160,6 +166,46 @@ def _make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
     return torch.optim.AdamW(groups, lr=s.lr)
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights and batch-norm statistics.
+
+    After every optimisation step ``avg <- avg + (1 - d) * (w - avg)`` for every floating
+    parameter and buffer, where the decay ``d = 1 - 1 / (epochs * steps_per_epoch)`` gives
+    the average a horizon of ``epochs`` epochs, and ``d`` is capped at ``t / (t + 1)`` at
+    step ``t``, so the early average is a plain mean of the steps so far instead of a
+    mix with the random initial weights. Counters (``num_batches_tracked``) are copied.
+    Batch-norm statistics are averaged like the weights (as timm's ``ModelEmaV2`` does)
+    instead of being recomputed by an extra pass over the data.
+    """
+
+    def __init__(self, model: nn.Module, *, epochs: float, steps_per_epoch: int) -> None:
+        self.decay = 1 - 1 / max(1.0, epochs * steps_per_epoch)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, self.steps / (self.steps + 1))
+        for avg, now in zip(_tensors(self.model), _tensors(model), strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(now.detach(), 1 - d)
+            else:
+                avg.copy_(now)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = state["steps"]
+
+
+def _tensors(model: nn.Module) -> list[Tensor]:
+    """Every parameter and buffer, in the state dict's order (names are unique)."""
+    return list(model.state_dict(keep_vars=True).values())
 
 
 def _lr_factor(step: int, *, steps_per_epoch: int, s: TrainSettings) -> float:
@@ -256,13 +302,19 @@ def fit(
     )  # the same draw on every rank; with one process, a seeded shuffle
     local_batch = max(1, s.batch_size // world)
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    ema = (
+        WeightAverage(model, epochs=s.ema_epochs, steps_per_epoch=steps_per_epoch)
+        if s.ema_epochs
+        else None
+    )
+    kept = ema.model if ema is not None else model  # the weights validated and kept
     state = {
         "epoch": 0, "step": 0, "best": [-math.inf, -math.inf], "best_epoch": 0, "stale": 0,
         "history": [], "seconds": 0.0, "finished": False,
         "best_state": copy.deepcopy(model.state_dict()),
     }  # fmt: skip
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scaler)
+        state = _load_checkpoint(checkpoint, model, optimizer, scaler, ema)
         log.info("%s: resumed from %s after epoch %d", name, checkpoint, state["epoch"])
     start = time.perf_counter() - state["seconds"]
     for epoch in range(state["epoch"] + 1, s.epochs + 1):
@@ -304,6 +356,8 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update(model)
             state["step"] += 1
             # Summed on the device: no host synchronisation per step.
             totals[:2] += torch.stack(
@@ -317,7 +371,7 @@ def fit(
             torch.distributed.all_reduce(totals)
         loss_sum, errors, seen = totals.tolist()
         ips = seen / (time.perf_counter() - epoch_start)
-        val_loss, val_error = evaluate_loss(model, x_val, y_val, device=device, s=s)
+        val_loss, val_error = evaluate_loss(kept, x_val, y_val, device=device, s=s)
         row = {
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
@@ -343,7 +397,7 @@ def fit(
             score = [1 - val_error, -val_loss]
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch, stale=0)
-            state["best_state"] = copy.deepcopy(model.state_dict())
+            state["best_state"] = copy.deepcopy(kept.state_dict())
         else:
             state["stale"] += 1
             if s.patience is not None and state["stale"] >= s.patience:
@@ -352,7 +406,7 @@ def fit(
         state["epoch"] = epoch
         state["seconds"] = time.perf_counter() - start
         if checkpoint is not None and rank == 0:
-            _save_checkpoint(checkpoint, state, model, optimizer, scaler)
+            _save_checkpoint(checkpoint, state, model, optimizer, scaler, ema)
     result = FitResult(
         history=state["history"],
         best_epoch=state["best_epoch"],
@@ -420,7 +474,7 @@ def _gather(x: Tensor, idx: Tensor, device: torch.device) -> Tensor:
     return batch.to(device, non_blocking=True)
 
 
-def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler) -> None:
+def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler, ema=None) -> None:
     """Write the training state atomically: a crash mid-write leaves the previous one intact."""
     payload = {
         **state,
@@ -429,15 +483,20 @@ def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler) -> None:
         "scaler": scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scaler, ema=None) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(payload.pop("model"))
+    averaged = payload.pop("ema", None)
+    if ema is not None and averaged is not None:
+        ema.load_state_dict(averaged)
     optimizer.load_state_dict(payload.pop("optimizer"))
     scaler.load_state_dict(payload.pop("scaler"))
     torch.set_rng_state(payload.pop("torch_rng"))

@@ -3,7 +3,14 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.fit import TrainSettings, _lr_factor, fit, predict_logits, resolve_device
+from pipeline.fit import (
+    TrainSettings,
+    WeightAverage,
+    _lr_factor,
+    fit,
+    predict_logits,
+    resolve_device,
+)
 
 
 class TinyNet(nn.Module):
@@ -154,8 +161,51 @@ def test_augmented_training_is_seeded_and_changes_the_result():
         ({"monitor": "f1"}, "train.monitor='f1' must be one of"),
         ({"class_weights": "inverse"}, "train.class_weights='inverse' must be null or"),
         ({"schedule": "step"}, "train.schedule='step' must be one of"),
+        ({"ema_epochs": -1}, "train.ema_epochs=-1 must be 0 .off. or a positive number"),
     ],
 )
 def test_bad_train_settings_name_the_key(kw, match):
     with pytest.raises(ConfigError, match=match):
         TrainSettings(**kw)
+
+
+def test_weight_average_is_a_running_mean_then_an_exponential_average():
+    net = nn.BatchNorm1d(2)  # a parameter, float buffers and an integer counter
+    avg = WeightAverage(net, epochs=1, steps_per_epoch=4)  # decay 1 - 1/4
+    seen = [net.weight.detach().clone()]
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+            net.running_mean.fill_(value)
+        net.num_batches_tracked += 1
+        avg.update(net)
+        seen.append(net.weight.detach().clone())
+    # Three steps: d = min(3/4, t/(t+1)) keeps it a plain mean of the start and every step.
+    assert torch.allclose(avg.model.weight, torch.stack(seen).mean(0))
+    assert torch.allclose(avg.model.running_mean, torch.tensor([1.5, 1.5]))  # (0+1+2+3)/4
+    assert avg.model.num_batches_tracked.item() == 3
+    with torch.no_grad():
+        net.weight.fill_(7.0)
+    before = avg.model.weight.detach().clone()
+    avg.update(net)  # step 4: d = 3/4 from here on
+    assert torch.allclose(avg.model.weight, 0.75 * before + 0.25 * 7.0)
+    assert not avg.model.weight.requires_grad
+
+
+def test_fit_with_a_weight_average_validates_and_keeps_the_average():
+    x, y = blobs(96, 0)
+    xv, yv = blobs(30, 1)
+    models = {}
+    for ema in (0.0, 1e-9, 2.0):  # off; a horizon under one step, which is no average; on
+        torch.manual_seed(0)
+        models[ema] = TinyNet()
+        s = TrainSettings(epochs=5, batch_size=16, lr=0.05, ema_epochs=ema)
+        result = fit(models[ema], x, y, xv, yv, settings=s, device=torch.device("cpu"), seed=0,
+                     progress=False)  # fmt: skip
+    for a, b in zip(models[0.0].parameters(), models[1e-9].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(models[0.0].conv.weight, models[2.0].conv.weight)
+    # The recorded validation error is the kept (averaged) weights' error.
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+    logits = predict_logits(models[2.0], xv, device=torch.device("cpu"))
+    assert (logits.argmax(1) != yv).float().mean().item() == pytest.approx(best["val_error"])

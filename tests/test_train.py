@@ -39,12 +39,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_result(tmp_path):
-    reference = run_cli(*overrides(tmp_path, "reference"))
+    # With a weight average, whose state must survive the kill too.
+    ema = "train.ema_epochs=2"
+    reference = run_cli(*overrides(tmp_path, "reference", ema))
     assert reference.returncode == 0, reference.stdout + reference.stderr
 
     checkpoint = tmp_path / "interrupted" / "checkpoints" / "resnet.pt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "interrupted")],
+        [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "interrupted", ema)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 240
@@ -55,7 +57,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
     killed_after = torch.load(checkpoint, weights_only=True)["epoch"]
     assert killed_after < 8
 
-    resumed = run_cli(*overrides(tmp_path, "interrupted", "train.resume=true"))
+    resumed = run_cli(*overrides(tmp_path, "interrupted", ema, "train.resume=true"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {checkpoint} after epoch {killed_after}" in resumed.stdout
 
