@@ -504,3 +504,33 @@ def test_a_size_limit_evicts_the_least_recently_used_entries(tmp_path, files, ca
     fifth = lookup(4, max_bytes=1)
     assert {folder.name for folder, _, _ in entries(root)} == {fifth.key}
     assert np.array_equal(fifth.extracted.images, extracted(seed=4).images)
+
+
+def test_per_group_centring_removes_each_groups_channel_and_keeps_the_classes():
+    from pipeline.features.stft import Normalizer, centre_groups, group_profiles
+
+    rng = np.random.default_rng(2)
+    content = rng.normal(0, 1, (30, 1, 8, 6)).astype(np.float32)
+    groups = np.array(["ann", "bob", "cy"] * 10)
+    # Each group's microphone: its own fixed gain per frequency row.
+    channel = {g: rng.normal(0, 3, (1, 8, 1)).astype(np.float32) for g in ("ann", "bob", "cy")}
+    images = content + np.stack([channel[g] for g in groups])
+    profiles = group_profiles(images, groups)
+    assert sorted(profiles) == ["ann", "bob", "cy"] and profiles["ann"].shape == (1, 8, 1)
+    for g in profiles:
+        expected = images[groups == g].mean(axis=(0, 3))[..., None]
+        np.testing.assert_allclose(profiles[g], expected, atol=1e-5)
+    centred = centre_groups(images.copy(), groups)
+    for g in profiles:
+        np.testing.assert_allclose(centred[groups == g].mean(axis=(0, 3)), 0, atol=1e-5)
+        # What differs between a group's images (the classes) is left as it was.
+        np.testing.assert_allclose(
+            centred[groups == g],
+            content[groups == g] - content[groups == g].mean((0, 3), keepdims=True),
+            atol=1e-4,
+        )
+    norm = Normalizer.fit(images, mode="global", per_image=True, per_group="freq")
+    assert Normalizer.from_dict(norm.to_dict()).per_group == "freq"
+    assert Normalizer.from_dict({**norm.to_dict(), "per_group": False}).per_group is False
+    with pytest.raises(ConfigError, match=r"features.per_group='speaker' must be false or freq"):
+        Normalizer.fit(images, mode="global", per_group="speaker")

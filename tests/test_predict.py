@@ -214,3 +214,73 @@ def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
     assert reading_workers("auto") >= 0 and reading_workers(3) == 3
     with pytest.raises(ConfigError, match="predict.workers=-1 must be auto or a whole number"):
         reading_workers(-1)
+
+
+def write_speaker_dataset(root: Path, *, rate: int = 1000) -> Path:
+    """Three tone classes said by three "speakers", each heard through its own hum:
+    root/<speaker>/<class>_<speaker>_<i>.wav."""
+    rng = np.random.default_rng(3)
+    t = np.arange(rate // 2) / rate
+    for speaker, hum in (("ann", 100.0), ("bob", 250.0), ("cy", 420.0)):
+        (root / speaker).mkdir(parents=True)
+        for label, freq in (("low", 60.0), ("mid", 180.0), ("high", 350.0)):
+            for i in range(4):
+                x = np.sin(2 * np.pi * (freq + rng.uniform(-10, 10)) * t)
+                x += 0.8 * np.sin(2 * np.pi * hum * t) + 0.3 * rng.standard_normal(t.size)
+                sf.write(root / speaker / f"{label}_{speaker}_{i}.wav",
+                         (0.3 * x).astype(np.float32), rate, subtype="FLOAT")  # fmt: skip
+    return root
+
+
+@pytest.mark.slow
+def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
+    data = write_speaker_dataset(tmp_path / "speakers")
+    common = ["data=folder", f"data.root={data}", "data.label_regex='^([a-z]+)_'",
+              "data.split=group", "data.test_groups=[cy]", "data.val_fraction=0",
+              "features.n_fft=64", "features.hop_length=16", "features.win_length=64",
+              "features.size=[16,16]", "features.per_group=freq"]  # fmt: skip
+    proc = cli(*common, f"hydra.run.dir={tmp_path / 'none'}")
+    assert proc.returncode != 0
+    assert "features.per_group=freq needs each file's group" in proc.stdout + proc.stderr
+
+    run = tmp_path / "run"
+    proc = cli(*common, "data.group_regex='^[a-z]+_([a-z]+)_'", "models=[resnet]",
+               "train.epochs=2", "train.batch_size=8", f"hydra.run.dir={run}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "each of 3 groups' mean frequency profile removed" in (run / "run.log").read_text()
+    out = tmp_path / "predicted"
+    # The held-out speaker's folder: its profile comes from its own files, as in training,
+    # with the group read by the training run's data.group_regex from the bundle.
+    proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
+               f"predict.input={data / 'cy'}", f"hydra.run.dir={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "profiles of 1 group(s) from the input: 'cy'" in (out / "run.log").read_text()
+    rows = {r["path"]: r for r in read_csv(out / "predictions.csv")}
+    evaluated = read_csv(run / "predictions" / "resnet.csv")
+    assert len(rows) == len(evaluated) == 12
+    classes = ["high", "low", "mid"]
+    for e in evaluated:
+        scores = softmax(np.array([float(e[f"score_{c}"]) for c in classes]))
+        p = rows[e["path"]]
+        assert p["predicted"] == e["predicted"]
+        assert float(p["confidence"]) == pytest.approx(scores.max(), rel=1e-3)
+    # Grouped otherwise (every file its own group), the same files score differently.
+    proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
+               f"predict.input={data / 'cy'}", r"predict.group_regex='_(\d+)\.wav$'",
+               f"hydra.run.dir={tmp_path / 'regrouped'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    regrouped = read_csv(tmp_path / "regrouped" / "predictions.csv")
+    assert [r["confidence"] for r in regrouped] != [
+        rows[r["path"]]["confidence"] for r in regrouped
+    ]
+
+
+def test_files_a_group_regex_does_not_match_share_one_group():
+    import re
+
+    from pipeline.tasks.predict import file_group
+
+    pattern = re.compile(r"^\d+_([a-z]+)_")
+    assert file_group(Path("/x/7_jackson_3.wav"), pattern) == "jackson"
+    assert file_group(Path("/x/recording.wav"), pattern) == ""
+    assert file_group(Path("/x/7_jackson_3.wav"), None) == ""

@@ -454,21 +454,38 @@ class Normalizer:
             mean over time is removed (cepstral mean normalisation: a fixed channel or
             microphone response is a constant per row in dB), then the image's standard
             deviation divides. ``False``: neither.
+        per_group: ``"freq"`` (``features.per_group``): after standardising, remove from
+            every image the mean frequency profile of its group (speaker, microphone,
+            machine), taken over all that group's images and time, by
+            :func:`centre_groups`. A group's own images give its profile, test groups'
+            included (they need no labels), as per-speaker cepstral mean normalisation does
+            in speech recognition: what a speaker's voice and microphone add to every
+            recording goes, what differs between the classes stays, provided each group
+            holds a mix of classes. ``False``: off.
     """
 
     mode: str
     mean: np.ndarray
     std: np.ndarray
     per_image: bool | str = False
+    per_group: bool | str = False
 
     @classmethod
-    def fit(cls, images: np.ndarray, *, mode: str, per_image: bool | str = False) -> Normalizer:
+    def fit(
+        cls,
+        images: np.ndarray,
+        *,
+        mode: str,
+        per_image: bool | str = False,
+        per_group: bool | str = False,
+    ) -> Normalizer:
         """Fit on (n, channels, height, width) training images."""
         if per_image not in (True, False, "freq"):
             raise ConfigError(
                 f"features.per_image={per_image!r} must be false, true (each image by its own "
                 "mean and std) or freq (each frequency row's mean removed)"
             )
+        check_per_group(per_group)
         if per_image:
             images = _standardise_each(images, per_image)
         if mode == "global":
@@ -485,6 +502,7 @@ class Normalizer:
             mean.reshape(shape).astype(np.float32),
             np.maximum(std, 1e-6).reshape(shape).astype(np.float32),
             per_image,
+            per_group,
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -503,7 +521,7 @@ class Normalizer:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "per_image": self.per_image}  # fmt: skip
+                "per_image": self.per_image, "per_group": self.per_group}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
@@ -512,7 +530,47 @@ class Normalizer:
             np.asarray(d["mean"], np.float32),
             np.asarray(d["std"], np.float32),
             d.get("per_image", False),
+            d.get("per_group", False),
         )
+
+
+def check_per_group(value) -> None:
+    """``features.per_group`` is false or freq."""
+    if value not in (False, "freq"):
+        raise ConfigError(
+            f"features.per_group={value!r} must be false or freq (each group's mean "
+            "frequency profile removed from its images)"
+        )
+
+
+def group_profiles(images: np.ndarray, groups: np.ndarray) -> dict:
+    """Each group's mean frequency profile: {group: (channels, height, 1)} over its images and time.
+
+    Args:
+        images: normalised images (n, channels, height, width).
+        groups: the group of each image (n,), any hashable values.
+    """
+    names, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    rows = images.mean(axis=3, dtype=np.float64)  # (n, channels, height)
+    sums = np.zeros((len(names), *rows.shape[1:]))
+    np.add.at(sums, index, rows)
+    counts = np.bincount(index, minlength=len(names))
+    return {
+        name: (sums[i] / counts[i])[..., None].astype(np.float32)
+        for i, name in enumerate(names.tolist())
+    }
+
+
+def centre_groups(images: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Subtract from each image (n, channels, height, width) its group's profile, in place.
+
+    Returns:
+        ``images``, every group's mean over its images and time now 0 in every row.
+    """
+    keys = np.asarray(groups, dtype=object).astype(str)
+    for name, profile in group_profiles(images, keys).items():
+        images[keys == name] -= profile
+    return images
 
 
 def _standardise_each(images, how: bool | str = True):

@@ -34,7 +34,14 @@ from pipeline.data.synthetic import ensure_dataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.features import cache as feature_cache
 from pipeline.features.extract import Extracted, extract_images
-from pipeline.features.stft import AUTO, Normalizer, STFTParams, auto_sizes
+from pipeline.features.stft import (
+    AUTO,
+    Normalizer,
+    STFTParams,
+    auto_sizes,
+    centre_groups,
+    check_per_group,
+)
 from pipeline.fit import (
     TrainSettings,
     fit,
@@ -339,6 +346,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     progress = cfg.progress
     names = model_names(cfg)
     stft_params(cfg)  # a bad feature setting fails now; auto sizes are chosen with the data
+    per_group = cfg.features.get("per_group", False)
+    check_per_group(per_group)
+    if per_group and not cfg.data.get("group_regex") and not cfg.data.get("manifest"):
+        raise ConfigError(
+            f"features.per_group={per_group} needs each file's group (speaker, microphone): "
+            "set data.group_regex, e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav, or give a "
+            "data.manifest with a group column"
+        )
     settings = train_settings(cfg)
     device = setup_distributed(resolve_device(cfg.device))
     rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
@@ -376,8 +391,23 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         raw_images[masks["train"]],
         mode=cfg.features.normalize,
         per_image=cfg.features.get("per_image", False),
+        per_group=cfg.features.get("per_group", False),
     )
     images = normalizer(raw_images)
+    if normalizer.per_group:
+        groups = np.array([records[i].group for i in ex.record], dtype=object)
+        missing = sorted({str(records[i].path) for i in ex.record[groups == None]})  # noqa: E711
+        if missing:
+            raise ConfigError(
+                f"features.per_group={normalizer.per_group} needs every file's group, and "
+                f"{missing[0]} has none ({len(missing)} file(s)); set data.group_regex "
+                "(e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav) or a manifest group column"
+            )
+        centre_groups(images, groups)
+        log.info(
+            "features.per_group: each of %d groups' mean frequency profile removed",
+            len(set(groups.tolist())),
+        )
     log.info(
         "images %s %s in %.2f s", images.shape[1:],
         "loaded from the feature cache" if data.cache_hit else "computed", feature_seconds,
@@ -389,6 +419,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         "segment_samples": data.seg.length,
         "hop_samples": data.seg.hop,
         "pad": data.seg.pad,
+        # predict's default grouping for features.per_group
+        "group_regex": cfg.data.get("group_regex"),
     }
     tensors = {
         s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS

@@ -4,7 +4,9 @@ Everything the model was trained with (rate, channels, windows, STFT settings,
 normalisation) comes from the bundle, never from the current config. Files are
 read one at a time and their windows classified in batches, so memory stays
 bounded whatever the number of files; the output CSVs are written to temporary
-files and renamed when complete.
+files and renamed when complete. A bundle trained with ``features.per_group=freq``
+needs each group's mean frequency profile first: a first pass over the files
+computes them (groups by ``predict.group_regex``), the second classifies.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -74,10 +77,19 @@ class Classifier:
             self.in_channels = int(bundle.model.image_shape_[0])
 
     @torch.no_grad()
-    def __call__(self, windows: np.ndarray) -> np.ndarray:
-        # Images stay on the device from the STFT to the softmax (one copy each way).
+    def images(self, windows: np.ndarray) -> torch.Tensor:
+        """Normalised images of windows (n, channels, samples), on the device."""
         images = self.front(torch.from_numpy(windows).to(self.device)).float()
-        images = self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
+        return self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
+
+    @torch.no_grad()
+    def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities (n, classes); ``profiles`` (n, channels, height, 1), when
+        given, are the windows' group profiles (``features.per_group``), subtracted."""
+        # Images stay on the device from the STFT to the softmax (one copy each way).
+        images = self.images(windows)
+        if profiles is not None:
+            images = images - torch.from_numpy(profiles).to(self.device)
         if self.bundle.kind == "svm":
             return self.bundle.model.predict_proba(images.cpu().numpy())
         x = images.contiguous(memory_format=torch.channels_last)
@@ -92,6 +104,7 @@ class _File:
     true: str | None
     n: int  # windows
     starts: np.ndarray
+    group: str = ""
 
 
 def reading_workers(workers: int | str) -> int:
@@ -192,6 +205,37 @@ def read_files(
     return (item for chunk in loader for item in chunk)
 
 
+def file_group(path: Path, pattern: re.Pattern | None) -> str:
+    """The first capture group of ``pattern`` in the file name; "" (one shared group) when
+    there is no pattern or it does not match."""
+    match = pattern.search(path.name) if pattern is not None else None
+    return match.group(1) if match else ""
+
+
+def group_profiles(
+    classify: Classifier,
+    files: Iterator[tuple[Path, np.ndarray | str]],
+    pattern: re.Pattern | None,
+    *,
+    progress: bool,
+) -> dict[str, np.ndarray]:
+    """Each group's mean frequency profile (channels, height, 1) over its windows and time,
+    as :func:`pipeline.features.stft.group_profiles` computes it in training.
+    Unreadable files are left out here; the classifying pass reports them."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for path, windows in tqdm(files, desc="group profiles", unit="file", disable=not progress):
+        if isinstance(windows, str):
+            continue
+        rows = classify.images(windows).double().mean(dim=3).sum(dim=0)  # (channels, height)
+        g = file_group(path, pattern)
+        sums[g] = sums.get(g, 0) + rows
+        counts[g] = counts.get(g, 0) + len(windows)
+    return {
+        g: (sums[g] / counts[g]).cpu().numpy()[..., None].astype(np.float32) for g in sorted(sums)
+    }
+
+
 def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
     """File scores (n_classes,) from its windows' probabilities (windows, n_classes)."""
     if rule == "mean":
@@ -226,10 +270,20 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         )
     bundle = load_bundle(p.model)
     device = resolve_device(cfg.device)
+    group_regex = p.get("group_regex") or bundle.data.get("group_regex")
+    try:
+        pattern = re.compile(group_regex) if group_regex else None
+    except re.error as err:
+        raise ConfigError(f"predict.group_regex={group_regex!r} is not a regex: {err}") from err
+    if pattern is not None and pattern.groups < 1:
+        raise ConfigError(
+            f"predict.group_regex={group_regex!r} needs a capture group naming the group, "
+            "e.g. '^\\d+_([a-z]+)_'"
+        )
     summary = predict_folder(
         bundle, source, outputs=outputs, device=device, batch_size=p.batch_size,
         top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
-        workers=workers,
+        workers=workers, group_pattern=pattern,
     )  # fmt: skip
     line = (
         f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
@@ -257,12 +311,15 @@ def predict_folder(
     rule: str,
     progress: bool,
     workers: int = 4,
+    group_pattern: re.Pattern | None = None,
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
     Files are read and cut into windows by ``workers`` processes (0: in this one),
     a bounded number ahead of the classifier, and their rows written in the order
-    they were found.
+    they were found. For a bundle with ``features.per_group``, a first pass computes
+    each group's profile (files grouped by ``group_pattern``; files it does not
+    match, or all of them without one, form one group).
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
@@ -275,6 +332,15 @@ def predict_folder(
     rate = data["sample_rate"]
     counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
     start_time = time.perf_counter()
+    reader = WindowReader(rate, read, length, hop, pad, classify.in_channels)
+    profiles = None
+    if bundle.normalizer.per_group:
+        files = read_files(source, reader, workers=workers)
+        profiles = group_profiles(classify, files, group_pattern, progress=progress)
+        log.info(
+            "features.per_group: profiles of %d group(s) from the input: %s",
+            len(profiles), ", ".join(repr(g) for g in profiles) or "none",
+        )  # fmt: skip
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
         handles = [stack.enter_context(open(t, "w", newline="", encoding="utf-8")) for t in tmps]
@@ -294,7 +360,13 @@ def predict_folder(
             nonlocal pending, n_pending
             if not pending:
                 return
-            probs = classify(np.concatenate([w for _, w in pending]))
+            shift = None
+            if profiles is not None:
+                shift = np.concatenate(
+                    [np.broadcast_to(profiles[f.group], (f.n, *profiles[f.group].shape))
+                     for f, _ in pending]
+                )  # fmt: skip
+            probs = classify(np.concatenate([w for _, w in pending]), shift)
             at = 0
             for f, _ in pending:
                 p = probs[at : at + f.n]
@@ -318,7 +390,6 @@ def predict_folder(
                     counts["correct"] += predicted == f.true
             pending, n_pending = [], 0
 
-        reader = WindowReader(rate, read, length, hop, pad, classify.in_channels)
         root = source if source.is_dir() else source.parent
         loaded = read_files(source, reader, workers=workers)
         bar = tqdm(loaded, desc="predict", unit="file", disable=not progress)
@@ -330,7 +401,8 @@ def predict_folder(
             parts = path.relative_to(root).parts
             true = parts[0] if len(parts) > 1 and parts[0] in classes else None
             starts = np.arange(len(windows)) * hop
-            pending.append((_File(path, true, len(windows), starts), windows))
+            group = file_group(path, group_pattern)
+            pending.append((_File(path, true, len(windows), starts, group), windows))
             n_pending += len(windows)
             if n_pending >= batch_size:
                 flush()
