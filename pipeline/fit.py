@@ -314,7 +314,7 @@ def fit(
         "best_state": copy.deepcopy(model.state_dict()),
     }  # fmt: skip
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scaler, ema)
+        state = _load_checkpoint(checkpoint, model, optimizer, scaler, ema, rank=rank, world=world)
         log.info("%s: resumed from %s after epoch %d", name, checkpoint, state["epoch"])
     start = time.perf_counter() - state["seconds"]
     for epoch in range(state["epoch"] + 1, s.epochs + 1):
@@ -405,8 +405,10 @@ def fit(
                 state["finished"] = True
         state["epoch"] = epoch
         state["seconds"] = time.perf_counter() - start
-        if checkpoint is not None and rank == 0:
-            _save_checkpoint(checkpoint, state, model, optimizer, scaler, ema)
+        if checkpoint is not None:
+            rng = _rng_states(world)  # every rank's: a collective under torch.distributed
+            if rank == 0:
+                _save_checkpoint(checkpoint, state, model, optimizer, scaler, rng, ema)
     result = FitResult(
         history=state["history"],
         best_epoch=state["best_epoch"],
@@ -474,24 +476,39 @@ def _gather(x: Tensor, idx: Tensor, device: torch.device) -> Tensor:
     return batch.to(device, non_blocking=True)
 
 
-def _save_checkpoint(path: Path, state: dict, model, optimizer, scaler, ema=None) -> None:
+def _rng_states(world: int) -> list[dict]:
+    """This process's random number generator states, or under torch.distributed every
+    rank's (in rank order): each rank draws its own augmentation and must resume its own."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state_all()
+    if world == 1:
+        return [mine]
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def _save_checkpoint(
+    path: Path, state: dict, model, optimizer, scaler, rng: list[dict], ema=None
+) -> None:
     """Write the training state atomically: a crash mid-write leaves the previous one intact."""
     payload = {
         **state,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "rng": rng,
     }
     if ema is not None:
         payload["ema"] = ema.state_dict()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scaler, ema=None) -> dict:
+def _load_checkpoint(
+    path: Path, model, optimizer, scaler, ema=None, *, rank: int = 0, world: int = 1
+) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(payload.pop("model"))
     averaged = payload.pop("ema", None)
@@ -499,10 +516,20 @@ def _load_checkpoint(path: Path, model, optimizer, scaler, ema=None) -> dict:
         ema.load_state_dict(averaged)
     optimizer.load_state_dict(payload.pop("optimizer"))
     scaler.load_state_dict(payload.pop("scaler"))
-    torch.set_rng_state(payload.pop("torch_rng"))
-    cuda_rng = payload.pop("cuda_rng", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_rng)
+    rng = payload.pop("rng", None)
+    if rng is None:  # written before every rank's state was kept: rank 0's alone
+        rng = [{"torch": payload.pop("torch_rng")}]
+    if len(rng) != world:
+        # Another number of processes: the batches are dealt out differently anyway.
+        log.warning(
+            "%s was written by %d process(es), resumed with %d: each rank keeps its fresh "
+            "seed, so augmentation draws differ from an uninterrupted run",
+            path, len(rng), world,
+        )  # fmt: skip
+        return payload
+    torch.set_rng_state(rng[rank]["torch"])
+    if "cuda" in rng[rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng[rank]["cuda"])
     return payload
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,3 +91,65 @@ def test_torchrun_trains_with_ddp_on_two_cpu_processes(tmp_path):
     assert set(metrics["models"]) == {"resnet", "svm"}
     assert len(metrics["histories"]["resnet"]) == 2
     assert sorted(p.name for p in (tmp_path / "ddp" / "models").iterdir()) == ["resnet", "svm"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from Linux's /proc (torchrun starts its ranks in their
+    own sessions, so killing its process group misses them)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parent.items() if p in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds torchrun's ranks in /proc")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
+def test_a_killed_torchrun_resumes_every_ranks_augmentation(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+
+    def launch(run: str, *extra: str) -> list[str]:
+        # Each rank masks its own images: its random draws must resume where they stopped.
+        settings = ["train.epochs=4", "device=cpu", "train.augment.freq_mask=4",
+                    "train.augment.time_mask=4", *extra]  # fmt: skip
+        return [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run",
+                *overrides(tmp_path, run, *settings)]  # fmt: skip
+
+    reference = subprocess.run(launch("reference"), cwd=REPO, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    checkpoint = tmp_path / "interrupted" / "checkpoints" / "resnet.pt"
+    proc = subprocess.Popen(launch("interrupted"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in [*descendants(proc.pid), proc.pid]:  # both ranks and torchrun, as a pre-emption
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] < 4, "the run ended before it could be interrupted"
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"],
+                                                      saved["rng"][1]["torch"])  # fmt: skip
+
+    resumed = subprocess.run(launch("interrupted", "train.resume=true"), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {checkpoint} after epoch {saved['epoch']}" in resumed.stdout
+    ref = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())
+    assert [h["train_loss"] for h in got["histories"]["resnet"]] == [
+        h["train_loss"] for h in ref["histories"]["resnet"]
+    ]
+    a = torch.load(tmp_path / "reference" / "models" / "resnet" / "weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "interrupted" / "models" / "resnet" / "weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
