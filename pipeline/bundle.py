@@ -27,7 +27,10 @@ from pipeline import atomic
 from pipeline.errors import BundleError
 from pipeline.features.stft import Normalizer, STFTParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 adds features.per_group; bundles without it are still written as version 1,
+# so releases that read only version 1 keep reading them and refuse the others.
+READS = (1, 2)
 _PACKAGES = (
     "stft-resnet-pipeline",
     "torch",
@@ -89,7 +92,7 @@ def save_bundle(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if normalizer.per_group else 1,
         "classes": list(classes),
         "data": data,
         "features": asdict(features),
@@ -133,10 +136,10 @@ def load_bundle(path: str | Path) -> Bundle:
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS:
         raise BundleError(
-            f"{path}: bundle format_version={version!r}, but this release reads version "
-            f"{FORMAT_VERSION}; retrain the model, or install the release that wrote it "
+            f"{path}: bundle format_version={version!r}, but this release reads versions "
+            f"{list(READS)}; retrain the model, or install the release that wrote it "
             f"(it was written with {meta.get('versions', {}).get('stft-resnet-pipeline', '?')})"
         )
     kind = meta["kind"]

@@ -99,7 +99,11 @@ class TrainSettings:
             raise ConfigError(
                 f"train.resume={self.resume!r} must be true, false or the run folder to resume"
             )
-        if not self.ema_epochs >= 0:
+        if (
+            not isinstance(self.ema_epochs, int | float)
+            or isinstance(self.ema_epochs, bool)
+            or not self.ema_epochs >= 0
+        ):
             raise ConfigError(
                 f"train.ema_epochs={self.ema_epochs!r} must be 0 (off) or a positive number of "
                 "epochs, e.g. 2"
@@ -174,8 +178,8 @@ class WeightAverage:
     After every optimisation step ``avg <- avg + (1 - d) * (w - avg)`` for every floating
     parameter and buffer, where the decay ``d = 1 - 1 / (epochs * steps_per_epoch)`` gives
     the average a horizon of ``epochs`` epochs, and ``d`` is capped at ``t / (t + 1)`` at
-    step ``t``, so the early average is a plain mean of the steps so far instead of a
-    mix with the random initial weights. Counters (``num_batches_tracked``) are copied.
+    the ``t``-th update (from 0), so the early average is a plain mean of the steps so
+    far, without the random initial weights. Counters (``num_batches_tracked``) are copied.
     Batch-norm statistics are averaged like the weights (as timm's ``ModelEmaV2`` does)
     instead of being recomputed by an extra pass over the data.
     """
@@ -187,8 +191,8 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        d = min(self.decay, self.steps / (self.steps + 1))  # 0 at the first step
         self.steps += 1
-        d = min(self.decay, self.steps / (self.steps + 1))
         for avg, now in zip(_tensors(self.model), _tensors(model), strict=True):
             if avg.is_floating_point():
                 avg.lerp_(now.detach(), 1 - d)
@@ -512,18 +516,23 @@ def _load_checkpoint(
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(payload.pop("model"))
     averaged = payload.pop("ema", None)
-    if ema is not None and averaged is not None:
-        ema.load_state_dict(averaged)
+    if ema is not None:
+        # A checkpoint written without an average starts one from the resumed weights.
+        if averaged is not None:
+            ema.load_state_dict(averaged)
+        else:
+            ema.model.load_state_dict(model.state_dict())
     optimizer.load_state_dict(payload.pop("optimizer"))
     scaler.load_state_dict(payload.pop("scaler"))
     rng = payload.pop("rng", None)
-    if rng is None:  # written before every rank's state was kept: rank 0's alone
+    if rng is None:  # an older checkpoint holds rank 0's states alone
         rng = [{"torch": payload.pop("torch_rng")}]
+        if "cuda_rng" in payload:
+            rng[0]["cuda"] = payload.pop("cuda_rng")
     if len(rng) != world:
-        # Another number of processes: the batches are dealt out differently anyway.
         log.warning(
-            "%s was written by %d process(es), resumed with %d: each rank keeps its fresh "
-            "seed, so augmentation draws differ from an uninterrupted run",
+            "%s holds the random states of %d process(es), and %d resume it: each keeps its "
+            "fresh seed, so augmentation draws differ from an uninterrupted run",
             path, len(rng), world,
         )  # fmt: skip
         return payload

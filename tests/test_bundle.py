@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bundle import FORMAT_VERSION, load_bundle, save_bundle
+from pipeline.bundle import load_bundle, save_bundle
 from pipeline.errors import BundleError
 from pipeline.features.stft import Normalizer, STFTParams
 from pipeline.models.resnet import build_resnet
@@ -51,7 +51,17 @@ def test_network_bundle_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(torch.from_numpy(x)), model(torch.from_numpy(x)))
     meta = json.loads((tmp_path / "net" / "bundle.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION and "torch" in meta["versions"]
+    assert meta["format_version"] == 1 and "torch" in meta["versions"]
+
+
+def test_a_per_group_bundle_is_version_2_which_releases_reading_only_1_refuse(tmp_path):
+    x, _ = images()
+    save_bundle(
+        tmp_path / "net", build_resnet(num_classes=3, depth=8), classes=["a", "b", "c"],
+        data=DATA, features=PARAMS, normalizer=Normalizer.fit(x, mode="global", per_group="freq"),
+    )  # fmt: skip
+    assert json.loads((tmp_path / "net" / "bundle.json").read_text())["format_version"] == 2
+    assert load_bundle(tmp_path / "net").normalizer.per_group == "freq"
 
 
 def test_svm_bundle_round_trip(tmp_path):
@@ -71,7 +81,9 @@ def test_incomplete_or_foreign_bundles_are_refused(tmp_path):
     meta_path = tmp_path / "net" / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(BundleError, match="format_version=99, but this release reads version 1"):
+    with pytest.raises(
+        BundleError, match=r"format_version=99, but this release reads versions \[1, 2\]"
+    ):
         load_bundle(tmp_path / "net")
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "net" / "weights.pt").unlink()

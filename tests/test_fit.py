@@ -162,6 +162,7 @@ def test_augmented_training_is_seeded_and_changes_the_result():
         ({"class_weights": "inverse"}, "train.class_weights='inverse' must be null or"),
         ({"schedule": "step"}, "train.schedule='step' must be one of"),
         ({"ema_epochs": -1}, "train.ema_epochs=-1 must be 0 .off. or a positive number"),
+        ({"ema_epochs": None}, "train.ema_epochs=None must be 0 .off. or a positive number"),
     ],
 )
 def test_bad_train_settings_name_the_key(kw, match):
@@ -180,14 +181,15 @@ def test_weight_average_is_a_running_mean_then_an_exponential_average():
         net.num_batches_tracked += 1
         avg.update(net)
         seen.append(net.weight.detach().clone())
-    # Three steps: d = min(3/4, t/(t+1)) keeps it a plain mean of the start and every step.
-    assert torch.allclose(avg.model.weight, torch.stack(seen).mean(0))
-    assert torch.allclose(avg.model.running_mean, torch.tensor([1.5, 1.5]))  # (0+1+2+3)/4
+    # Three steps: d = min(3/4, t/(t+1)) for t = 0, 1, 2 keeps it a plain mean of the
+    # steps, without the initial weights.
+    assert torch.allclose(avg.model.weight, torch.stack(seen[1:]).mean(0))
+    assert torch.allclose(avg.model.running_mean, torch.tensor([2.0, 2.0]))  # (1+2+3)/3
     assert avg.model.num_batches_tracked.item() == 3
     with torch.no_grad():
         net.weight.fill_(7.0)
     before = avg.model.weight.detach().clone()
-    avg.update(net)  # step 4: d = 3/4 from here on
+    avg.update(net)  # the fourth update: d = 3/4 from here on
     assert torch.allclose(avg.model.weight, 0.75 * before + 0.25 * 7.0)
     assert not avg.model.weight.requires_grad
 
@@ -209,3 +211,19 @@ def test_fit_with_a_weight_average_validates_and_keeps_the_average():
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
     logits = predict_logits(models[2.0], xv, device=torch.device("cpu"))
     assert (logits.argmax(1) != yv).float().mean().item() == pytest.approx(best["val_error"])
+
+
+def test_resuming_a_checkpoint_without_an_average_starts_it_from_the_resumed_weights(tmp_path):
+    from pipeline.fit import _load_checkpoint, _make_optimizer, _rng_states, _save_checkpoint
+
+    torch.manual_seed(0)
+    model, fresh = TinyNet(), TinyNet()
+    s = TrainSettings()
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    path = tmp_path / "m.pt"
+    _save_checkpoint(path, {"epoch": 3}, model, _make_optimizer(model, s), scaler, _rng_states(1))
+    ema = WeightAverage(fresh, epochs=1, steps_per_epoch=10)  # holds fresh's random weights
+    state = _load_checkpoint(path, fresh, _make_optimizer(fresh, s), scaler, ema)
+    assert state["epoch"] == 3
+    for a, b in zip(ema.model.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -264,12 +264,17 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
         p = rows[e["path"]]
         assert p["predicted"] == e["predicted"]
         assert float(p["confidence"]) == pytest.approx(scores.max(), rel=1e-3)
-    # Grouped otherwise (every file its own group), the same files score differently.
+    # Grouped otherwise (by take number: four groups of three), the files score differently.
     proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
                f"predict.input={data / 'cy'}", r"predict.group_regex='_(\d+)\.wav$'",
                f"hydra.run.dir={tmp_path / 'regrouped'}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     regrouped = read_csv(tmp_path / "regrouped" / "predictions.csv")
+    unmatched = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
+                    f"predict.input={data / 'cy'}", "predict.group_regex='^(none)'",
+                    f"hydra.run.dir={tmp_path / 'unmatched'}")  # fmt: skip
+    assert unmatched.returncode == 0, unmatched.stdout + unmatched.stderr
+    assert "12 file(s) match no group_regex ('^(none)') and form one group" in unmatched.stdout
     assert [r["confidence"] for r in regrouped] != [
         rows[r["path"]]["confidence"] for r in regrouped
     ]

@@ -486,6 +486,7 @@ class Normalizer:
                 "mean and std) or freq (each frequency row's mean removed)"
             )
         check_per_group(per_group)
+        per_group = per_group or False
         if per_image:
             images = _standardise_each(images, per_image)
         if mode == "global":
@@ -535,8 +536,8 @@ class Normalizer:
 
 
 def check_per_group(value) -> None:
-    """``features.per_group`` is false or freq."""
-    if value not in (False, "freq"):
+    """``features.per_group`` is false (or null) or freq."""
+    if value not in (False, None, "freq"):
         raise ConfigError(
             f"features.per_group={value!r} must be false or freq (each group's mean "
             "frequency profile removed from its images)"

@@ -224,16 +224,24 @@ def group_profiles(
     Unreadable files are left out here; the classifying pass reports them."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    files_in: dict[str, int] = {}
     for path, windows in tqdm(files, desc="group profiles", unit="file", disable=not progress):
         if isinstance(windows, str):
             continue
-        rows = classify.images(windows).double().mean(dim=3).sum(dim=0)  # (channels, height)
+        # float64 on the CPU (MPS has no float64): (channels, height)
+        rows = classify.images(windows).mean(dim=3).sum(dim=0).cpu().double()
         g = file_group(path, pattern)
         sums[g] = sums.get(g, 0) + rows
         counts[g] = counts.get(g, 0) + len(windows)
-    return {
-        g: (sums[g] / counts[g]).cpu().numpy()[..., None].astype(np.float32) for g in sorted(sums)
-    }
+        files_in[g] = files_in.get(g, 0) + 1
+    if "" in files_in:
+        how = f"match no group_regex ({pattern.pattern!r})" if pattern else "have no group_regex"
+        log.warning(
+            "features.per_group: %d file(s) %s and form one group; its mean profile is removed "
+            "from each of them, which is right only if they share a microphone or speaker and "
+            "hold a mix of classes", files_in[""], how,
+        )  # fmt: skip
+    return {g: (sums[g] / counts[g]).numpy()[..., None].astype(np.float32) for g in sorted(sums)}
 
 
 def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
@@ -270,16 +278,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         )
     bundle = load_bundle(p.model)
     device = resolve_device(cfg.device)
-    group_regex = p.get("group_regex") or bundle.data.get("group_regex")
-    try:
-        pattern = re.compile(group_regex) if group_regex else None
-    except re.error as err:
-        raise ConfigError(f"predict.group_regex={group_regex!r} is not a regex: {err}") from err
-    if pattern is not None and pattern.groups < 1:
-        raise ConfigError(
-            f"predict.group_regex={group_regex!r} needs a capture group naming the group, "
-            "e.g. '^\\d+_([a-z]+)_'"
-        )
+    pattern = None
+    if bundle.normalizer.per_group:
+        pattern = _group_pattern(p.get("group_regex"), bundle)
+    elif p.get("group_regex"):
+        log.warning(
+            "predict.group_regex=%r is not used: %s was trained without features.per_group",
+            p.group_regex, p.model,
+        )  # fmt: skip
     summary = predict_folder(
         bundle, source, outputs=outputs, device=device, batch_size=p.batch_size,
         top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
@@ -298,6 +304,26 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     if summary["classified"] == 0:
         raise DataError(f"no file under predict.input={str(source)!r} could be classified")
     return summary
+
+
+def _group_pattern(configured: str | None, bundle: Bundle) -> re.Pattern | None:
+    """``predict.group_regex``, else the training run's ``data.group_regex``, compiled."""
+    regex = configured or bundle.data.get("group_regex")
+    key = "predict.group_regex" if configured else "the bundle's data.group_regex"
+    if not regex:
+        return None
+    try:
+        pattern = re.compile(regex)
+    except re.error as err:
+        raise ConfigError(
+            f"{key}={regex!r} is not a regex: {err}; set predict.group_regex"
+        ) from err
+    if pattern.groups < 1:
+        raise ConfigError(
+            f"{key}={regex!r} needs a capture group naming the group, e.g. "
+            "predict.group_regex='^\\d+_([a-z]+)_'"
+        )
+    return pattern
 
 
 def predict_folder(
@@ -402,6 +428,13 @@ def predict_folder(
             true = parts[0] if len(parts) > 1 and parts[0] in classes else None
             starts = np.arange(len(windows)) * hop
             group = file_group(path, group_pattern)
+            if profiles is not None and group not in profiles:
+                # Listed or readable only since the first pass: the folder changed meanwhile.
+                reason = (f"{path}: its group {group!r} has no profile: the input changed "
+                          "during the run; classify it again")  # fmt: skip
+                errors_csv.writerow([str(path), reason])
+                counts["errors"] += 1
+                continue
             pending.append((_File(path, true, len(windows), starts, group), windows))
             n_pending += len(windows)
             if n_pending >= batch_size:
