@@ -83,8 +83,8 @@ def find_records(
         ConfigError: a regex does not compile or has no capture group.
     """
     root = Path(root)
-    label_re = _compile("data.label_regex", label_regex)
-    group_re = _compile("data.group_regex", group_regex)
+    label_re = compile_regex("data.label_regex", label_regex)
+    group_re = compile_regex("data.group_regex", group_regex)
     if manifest is not None:
         found = _from_manifest(Path(manifest), suffixes)
     else:
@@ -196,7 +196,9 @@ def _with_group(record: Record, group_re: re.Pattern, pattern: str) -> Record:
     return Record(record.path, record.label, group=match.group(1), split=record.split)
 
 
-def _compile(key: str, pattern: str | None) -> re.Pattern | None:
+def compile_regex(key: str, pattern: str | None) -> re.Pattern | None:
+    """``pattern`` compiled, None for none; a ConfigError naming ``key`` when it is not a
+    regular expression or has no capture group."""
     if pattern is None:
         return None
     try:

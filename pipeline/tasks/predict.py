@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.bundle import Bundle, load_bundle
+from pipeline.data.records import compile_regex
 from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage
@@ -308,22 +309,9 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
 
 def _group_pattern(configured: str | None, bundle: Bundle) -> re.Pattern | None:
     """``predict.group_regex``, else the training run's ``data.group_regex``, compiled."""
-    regex = configured or bundle.data.get("group_regex")
-    key = "predict.group_regex" if configured else "the bundle's data.group_regex"
-    if not regex:
-        return None
-    try:
-        pattern = re.compile(regex)
-    except re.error as err:
-        raise ConfigError(
-            f"{key}={regex!r} is not a regex: {err}; set predict.group_regex"
-        ) from err
-    if pattern.groups < 1:
-        raise ConfigError(
-            f"{key}={regex!r} needs a capture group naming the group, e.g. "
-            "predict.group_regex='^\\d+_([a-z]+)_'"
-        )
-    return pattern
+    if configured:
+        return compile_regex("predict.group_regex", configured)
+    return compile_regex("the bundle's data.group_regex", bundle.data.get("group_regex"))
 
 
 def predict_folder(
