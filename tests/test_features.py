@@ -534,3 +534,67 @@ def test_per_group_centring_removes_each_groups_channel_and_keeps_the_classes():
     assert Normalizer.from_dict({**norm.to_dict(), "per_group": False}).per_group is False
     with pytest.raises(ConfigError, match=r"features.per_group='speaker' must be false or freq"):
         Normalizer.fit(images, mode="global", per_group="speaker")
+
+
+def _voice(f0: float, sr: int = 8000, seconds: float = 0.5) -> np.ndarray:
+    """A vowel-like signal: harmonics of ``f0`` shaped by formants at 500, 1500 and 2500 Hz."""
+    t = np.arange(int(sr * seconds)) / sr
+    out = np.zeros_like(t)
+    for k in range(1, int(sr / 2 / f0)):
+        f = k * f0
+        gain = sum(np.exp(-(((f - c) / 150.0) ** 2)) for c in (500.0, 1500.0, 2500.0))
+        out += (gain + 1e-3) * np.sin(2 * np.pi * f * t)
+    return out.astype(np.float32)
+
+
+def test_lifter_keeps_the_first_cepstral_terms_like_scipys_dct():
+    from scipy.fft import dct, idct
+
+    x = np.random.default_rng(3).standard_normal((2, 1, 4000)).astype(np.float32)
+    raw = params(power=2, scale="db", top_db=80.0, n_fft=512, hop_length=128, win_length=512)
+    smooth = STFTParams(**{**raw.to_dict(), "size": None, "lifter": 20})
+    before = compute_images(x, raw, progress=False)
+    after = compute_images(x, smooth, progress=False)
+    cepstrum = dct(before, type=2, norm="ortho", axis=-2)
+    cepstrum[..., 20:, :] = 0
+    np.testing.assert_allclose(after, idct(cepstrum, type=2, norm="ortho", axis=-2), atol=1e-3)
+    # The kept terms are untouched: the MFCCs (librosa's, of the same dB image) are equal.
+    mfcc = librosa.feature.mfcc(S=before[0, 0], n_mfcc=20, norm="ortho")
+    np.testing.assert_allclose(
+        librosa.feature.mfcc(S=after[0, 0], n_mfcc=20, norm="ortho"), mfcc, atol=1e-2
+    )
+    front = STFTImage(smooth)  # the module (predict's front end) gives the same image
+    np.testing.assert_allclose(front(torch.from_numpy(x)).numpy(), after, atol=1e-4)
+
+
+def test_lifter_removes_pitch_harmonics_and_keeps_the_formants():
+    x = np.stack([_voice(100.0), _voice(140.0)])[:, None]
+    kw = dict(n_fft=512, hop_length=128, win_length=512, power=2, scale="db", top_db=80.0)
+    raw = compute_images(x, params(**kw), progress=False).mean(-1)[:, 0]  # (2, 257) profiles
+    smooth = compute_images(x, params(**kw, lifter=16), progress=False).mean(-1)[:, 0]
+
+    # Two pitches, one vocal tract: the harmonic ripple makes the raw profiles differ (their
+    # levels differ too, a gain that per_image removes, so each profile is centred first).
+    def gap(a):
+        a = a - a.mean(-1, keepdims=True)
+        return np.abs(a[0] - a[1]).mean()
+
+    assert gap(smooth) < 0.3 * gap(raw)
+    # The formant peaks stay where they were (bins are 15.6 Hz apart).
+    hz = np.arange(257) * 8000 / 512
+    for centre in (500.0, 1500.0, 2500.0):
+        band = (hz > centre - 400) & (hz < centre + 400)
+        assert abs(hz[band][np.argmax(smooth[0][band])] - centre) < 100
+
+
+def test_lifter_settings_are_checked_and_round_trip():
+    with pytest.raises(ConfigError, match=r"features.lifter=0 must be a positive integer"):
+        params(scale="db", power=2, lifter=0)
+    with pytest.raises(ConfigError, match=r"features.lifter=20 smooths a log spectrum"):
+        params(lifter=20)  # magnitude scale
+    with pytest.raises(ConfigError, match=r"features.lifter=129 keeps every one of the 129"):
+        params(scale="db", power=2, lifter=129)
+    p = params(scale="db", power=2, lifter=20)
+    assert STFTParams.from_dict(p.to_dict()) == p
+    old = {k: v for k, v in p.to_dict().items() if k != "lifter"}  # a bundle from before
+    assert STFTParams.from_dict(old).lifter is None

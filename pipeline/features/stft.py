@@ -64,6 +64,10 @@ class STFTParams:
             is ``htk``).
         norm: mel filter normalisation, torchaudio's ``norm``: None (peak 1) or ``slaney``
             (each filter divided by its width, librosa's default).
+        lifter: keep this many cepstral coefficients of each frame's log spectrum and
+            return to the frequency axis (cepstral smoothing): the spectral envelope
+            (formants, channel) stays and the pitch harmonics go, as MFCCs keep 13 to 20
+            coefficients. None leaves the image as it is.
 
     The fields after ``size`` default to a linear axis over the whole band, which is
     what images were before they existed; ``conf/features/*.yaml`` writes them all out.
@@ -85,6 +89,7 @@ class STFTParams:
     f_max: float | None = None
     mel_scale: str = "htk"
     norm: str | None = None
+    lifter: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_fft", "hop_length", "win_length"):
@@ -115,6 +120,29 @@ class STFTParams:
                 "the native size"
             )
         self._check_band()
+        self._check_lifter()
+
+    def _check_lifter(self) -> None:
+        if self.lifter is None:
+            return
+        if not isinstance(self.lifter, int) or isinstance(self.lifter, bool) or self.lifter < 1:
+            raise ConfigError(
+                f"features.lifter={self.lifter!r} must be a positive integer (cepstral "
+                "coefficients kept, e.g. 20), or null for no smoothing"
+            )
+        if self.scale not in ("db", "log1p"):
+            raise ConfigError(
+                f"features.lifter={self.lifter} smooths a log spectrum, but features.scale="
+                f"{self.scale!r}; set scale to db or log1p, or lifter to null"
+            )
+        if self.sample_rate is None and self.uses_band:
+            return  # the height is known once the rate is
+        if self.lifter >= self.n_freq():
+            raise ConfigError(
+                f"features.lifter={self.lifter} keeps every one of the {self.n_freq()} frequency "
+                "rows, so it would change nothing; lower it below the image height before "
+                "resizing, or set it to null"
+            )
 
     def _check_band(self) -> None:
         """Check the mel and frequency-range settings; those that need the rate only with it."""
@@ -303,12 +331,30 @@ def mel_filters(params: STFTParams, device: torch.device | str | None = None) ->
     return fb.to(device)
 
 
+def cepstral_smoother(n_freq: int, keep: int, device: torch.device | str | None = None) -> Tensor:
+    """The (n_freq, n_freq) matrix that keeps a log spectrum's first ``keep`` cepstral terms.
+
+    With ``D`` the orthonormal DCT-II basis (torchaudio's :func:`create_dct`, the MFCC
+    transform), the cepstrum of a column ``s`` is ``D.T @ s``; zeroing every term from
+    ``keep`` on and transforming back gives ``D[:, :keep] @ D[:, :keep].T @ s``. The matrix
+    is a projection: applying it twice changes nothing.
+    """
+    basis = AF.create_dct(keep, n_freq, norm="ortho")  # (n_freq, keep)
+    return (basis @ basis.T).to(device)
+
+
 def stft_image(
-    x: Tensor, window: Tensor, params: STFTParams, *, mel_fb: Tensor | None = None
+    x: Tensor,
+    window: Tensor,
+    params: STFTParams,
+    *,
+    mel_fb: Tensor | None = None,
+    smoother: Tensor | None = None,
 ) -> Tensor:
     """Time-frequency image of signal windows.
 
-    Order: STFT, ``|.|**power``, mel filterbank or frequency crop, scale, resize.
+    Order: STFT, ``|.|**power``, mel filterbank or frequency crop, scale, cepstral
+    smoothing (``lifter``), resize.
 
     Args:
         x: Tensor of dimension (..., channels, samples).
@@ -316,6 +362,8 @@ def stft_image(
         params: the image settings.
         mel_fb: the filterbank of :func:`mel_filters`, on ``x``'s device; built here
             when ``params.n_mels`` is set and it is not given.
+        smoother: the matrix of :func:`cepstral_smoother`, on ``x``'s device; built here
+            when ``params.lifter`` is set and it is not given.
 
     Returns:
         Tensor of dimension (..., channels, freq, time), where freq is
@@ -364,6 +412,10 @@ def stft_image(
         ).reshape(*lead, *spec.shape[-3:])
     elif params.scale == "log1p":
         spec = torch.log1p(spec)
+    if params.lifter is not None:
+        if smoother is None:
+            smoother = cepstral_smoother(spec.shape[-2], params.lifter, device=spec.device)
+        spec = torch.matmul(smoother, spec)  # (F, F) @ (..., F, T): each frame smoothed
     if params.size is not None:
         lead = spec.shape[:-3]
         spec = F.adaptive_avg_pool2d(spec.reshape(-1, *spec.shape[-3:]), params.size)
@@ -383,10 +435,14 @@ class STFTImage(nn.Module):
         self.register_buffer("window", make_window(params), persistent=False)
         fb = mel_filters(params) if params.n_mels is not None else None
         self.register_buffer("mel_fb", fb, persistent=False)
+        smoother = (
+            cepstral_smoother(params.n_freq(), params.lifter) if params.lifter is not None else None
+        )
+        self.register_buffer("smoother", smoother, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """(batch, channels, samples) -> (batch, channels, freq, time)."""
-        return stft_image(x, self.window, self.params, mel_fb=self.mel_fb)
+        return stft_image(x, self.window, self.params, mel_fb=self.mel_fb, smoother=self.smoother)
 
 
 # On a CPU, a chunk's complex spectrum should stay in the processor's cache: 3,000 windows

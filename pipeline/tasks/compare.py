@@ -99,6 +99,7 @@ def stft_params(
         f_max=float(f.f_max) if f.f_max is not None else None,
         mel_scale=f.mel_scale,
         norm=f.norm,
+        lifter=f.lifter,
     )
 
 
