@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
-MONITORS = ("val_accuracy", "val_loss")
+MONITORS = ("val_accuracy", "val_loss", "last")
 CLASS_WEIGHTS = (None, "balanced")
 
 
@@ -111,6 +111,12 @@ class TrainSettings:
         if self.patience is not None and self.patience < 1:
             raise ConfigError(
                 f"train.patience={self.patience!r} must be a positive integer or null"
+            )
+        if self.patience is not None and self.monitor == "last":
+            raise ConfigError(
+                f"train.patience={self.patience} stops on a monitored value, but "
+                "train.monitor=last keeps the last epoch whatever the validation says; set "
+                "monitor to val_accuracy or val_loss, or patience to null"
             )
 
 
@@ -393,8 +399,8 @@ def fit(
                 name, epoch, s.epochs, row["train_loss"], 1 - row["train_error"],
                 val_loss, 1 - val_error, row["lr"], ips,
             )  # fmt: skip
-        if not len(x_val):
-            score = [epoch, 0.0]
+        if not len(x_val) or s.monitor == "last":
+            score = [epoch, 0.0]  # keep the last epoch; validation is for the record
         elif s.monitor == "val_loss":
             score = [-val_loss, 1 - val_error]
         else:
@@ -419,7 +425,8 @@ def fit(
         train_seconds=time.perf_counter() - start,
     )
     model.load_state_dict(state["best_state"])
-    log.info("%s: kept epoch %d (best %s)", name, result.best_epoch, s.monitor)
+    how = "the last" if s.monitor == "last" else f"best {s.monitor}"
+    log.info("%s: kept epoch %d (%s)", name, result.best_epoch, how)
     return result
 
 

@@ -289,13 +289,26 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
-    bench("--tune", "warp=train.augment.freq_warp=0.1", "--tune-pairs", "theo:lucas")
+    bench("--tune", "warp=train.augment.freq_warp=0.1", "--tune-pairs", "theo:lucas,lucas:theo")
     record = json.loads((runs / "tune-warp-theo-lucas" / "candidate.json").read_text())
     metrics = json.loads((runs / "tune-warp-theo-lucas" / "metrics.json").read_text())
     assert metrics["dataset"]["groups"] == {"train": ["george"], "val": ["lucas"], "test": ["theo"]}
     assert record["val_accuracy"] == pytest.approx(
         1 - metrics["histories"]["resnet"][-1]["val_error"]
     )
+    # The mirror pair trains on the same speaker: it shares the run, whose last epoch is kept,
+    # and reads its validation speaker (theo) from the test results.
+    mirror = json.loads((runs / "tune-warp-lucas-theo" / "candidate.json").read_text())
+    assert not (runs / "tune-warp-lucas-theo" / "metrics.json").exists()
+    assert metrics["models"]["resnet"]["best_epoch"] == len(metrics["histories"]["resnet"])
+    assert mirror["val_accuracy"] == metrics["models"]["resnet"]["accuracy"]
+    # ... which is what training the mirror on its own gives: the same network, step for step.
+    bench("--tune", "alone=train.augment.freq_warp=0.1", "--tune-pairs", "lucas:theo",
+          "--tune-round", "alone", runs=tmp_path / "alone")  # fmt: skip
+    alone = json.loads(
+        (tmp_path / "alone" / "tune-alone-lucas-theo" / "candidate.json").read_text()
+    )
+    assert alone["val_accuracy"] == pytest.approx(mirror["val_accuracy"])
     text = out.read_text()
     assert "| warp | `train.augment.freq_warp=0.1` |" in text
     assert "held out theo" in text and f"{record['val_accuracy']:.4f}" in text

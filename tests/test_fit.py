@@ -75,6 +75,31 @@ def test_patience_stops_early():
     assert len(result.history) < 30
 
 
+def test_monitor_last_keeps_the_last_epoch_and_still_records_validation():
+    x, y = blobs(96, 0)
+    xv, yv = blobs(30, 1)
+    kept = {}
+    for monitor in ("last", "val_accuracy"):
+        torch.manual_seed(0)
+        model = TinyNet()
+        settings = TrainSettings(epochs=5, batch_size=16, lr=0.5, monitor=monitor)
+        result = fit(
+            model, x, y, xv, yv, settings=settings, device=torch.device("cpu"), seed=0,
+            progress=False,
+        )  # fmt: skip
+        kept[monitor] = (model, result)
+    model, result = kept["last"]
+    assert result.best_epoch == 5
+    assert all(h["val_error"] == h["val_error"] for h in result.history)  # recorded, not NaN
+    logits = predict_logits(model, xv, device=torch.device("cpu"))
+    assert (logits.argmax(1) != yv).float().mean().item() == pytest.approx(
+        result.history[-1]["val_error"]
+    )
+    # The monitor picks the kept epoch and nothing else: training is the same.
+    other = kept["val_accuracy"][1].history
+    assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in other]
+
+
 def test_multistep_schedule_divides_by_ten_at_milestones():
     s = TrainSettings(epochs=4, milestones=(0.5, 0.75))
     factors = [_lr_factor(step, steps_per_epoch=10, s=s) for step in (0, 19, 20, 29, 30, 39)]
@@ -159,6 +184,7 @@ def test_augmented_training_is_seeded_and_changes_the_result():
         ({"augment": {"freq_mask": -1}}, "train.augment.freq_mask=-1 must be a whole number"),
         ({"augment": {"time_shift": 2}}, r"train.augment.time_shift=2 must be a fraction"),
         ({"monitor": "f1"}, "train.monitor='f1' must be one of"),
+        ({"monitor": "last", "patience": 3}, "train.patience=3 stops on a monitored value"),
         ({"class_weights": "inverse"}, "train.class_weights='inverse' must be null or"),
         ({"schedule": "step"}, "train.schedule='step' must be one of"),
         ({"ema_epochs": -1}, "train.ema_epochs=-1 must be 0 .off. or a positive number"),

@@ -17,9 +17,12 @@ overrides, e.g. ``--ablation "train.augment.freq_mask=0 train.augment.time_mask=
 ``--tune NAME="key=value ..."`` (repeatable) is how the preset's settings were
 chosen: ResNet only, for each ``--tune-pairs`` entry ``held_out:validation`` it
 trains on the other speakers with ``data.val_groups=[validation]`` and reports the
-validation speaker's file accuracy at the last epoch (the preset keeps the last
+validation speaker's window accuracy at the last epoch (the preset keeps the last
 epoch). The held-out speaker's results are not shown, so they cannot steer the
-choice; they are in each run's metrics.json. ``--tune-round NAME`` gives a round its
+choice; they are in each run's metrics.json. A pair and its mirror (``a:b`` and
+``b:a``) train on the same speakers with the same seed, hence the same network, so
+they share one run with ``train.monitor=last``: its test speaker's accuracy is the
+mirror's validation accuracy. ``--tune-round NAME`` gives a round its
 own table, kept beside the earlier rounds'.
 
 ``--seeds 0,1,2`` runs every setting (or tuning candidate and pair) once per seed and
@@ -254,16 +257,29 @@ def tune(args, base: list[str], runs: Path, seeds: list[int | None]) -> int:
     section = f"tuning-{args.tune_round}" if args.tune_round else "tuning"
     for cand in args.tune:
         name, _, over = cand.partition("=")
+        done: dict[tuple, tuple[dict, str]] = {}  # (held, val, seed) -> metrics, command
         for held, val, seed in runs_of:
-            extra = ["models=[resnet]", "data.split=group", f"data.test_groups=[{held}]",
-                     f"data.val_groups=[{val}]", *over.split(), *seeded(seed)]  # fmt: skip
             run_dir = runs / f"tune-{name}-{held}-{val}{suffix(seed)}"
-            commands: list[str] = []
-            m = run_cli([*base, *extra], run_dir, log=commands.append)
+            if (val, held, seed) in done:
+                # The mirror pair trains on the same speakers with the same seed: the same
+                # network, step for step. With the last epoch kept, its test speaker's window
+                # accuracy is this pair's validation accuracy at the last epoch.
+                m, command = done[(val, held, seed)]
+                score = m["models"]["resnet"]["accuracy"]
+            else:
+                extra = ["models=[resnet]", "data.split=group", f"data.test_groups=[{held}]",
+                         f"data.val_groups=[{val}]", "train.monitor=last", *over.split(),
+                         *seeded(seed)]  # fmt: skip
+                commands: list[str] = []
+                m = run_cli([*base, *extra], run_dir, log=commands.append)
+                command = commands[0]
+                done[(held, val, seed)] = m, command
+                score = last_val_accuracy(m, "resnet")
             record = {"name": name, "overrides": over, "held_out": held, "validation": val,
-                      "seed": seed, "val_accuracy": last_val_accuracy(m, "resnet"),
+                      "seed": seed, "val_accuracy": score,
                       "train_seconds": m["models"]["resnet"]["train_seconds"],
-                      "command": commands[0]}  # fmt: skip
+                      "command": command}  # fmt: skip
+            run_dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(run_dir / "candidate.json", json.dumps(record, indent=1))
             print(name, held, val, seed, round(record["val_accuracy"], 4), flush=True)
             output = Path(args.output)
@@ -292,7 +308,9 @@ def tuning_section(runs: Path, round_name: str = "") -> str:
              "How the preset's settings were chosen: `python -m pipeline.bench fsdd --tune "
              "NAME=\"overrides\"`. ResNet only; each run holds one speaker out and validates "
              "on another training speaker (`data.val_groups`); the table shows that validation "
-             "speaker's window accuracy at the last epoch, never the held-out speaker's"
+             "speaker's window accuracy at the last epoch, never the held-out speaker's. A pair "
+             "and its mirror (george:nicolas, nicolas:george) train on the same speakers, so "
+             "they share one run (`train.monitor=last`): each speaker validates the other's fold"
              + (" (the mean over the seeds run, their number in brackets)." if seeded else "."),
              "",
              "| candidate | overrides | " + " | ".join(f"val {v} (held out {h})" for h, v in pairs)
@@ -305,7 +323,8 @@ def tuning_section(runs: Path, round_name: str = "") -> str:
         mean = f"{np.mean(vals):.4f}" if None not in vals else "-"
         lines.append(f"| {name} | `{c['overrides'] or '(the preset)'}` | "
                      + " | ".join(cells) + f" | {mean} |")  # fmt: skip
-    lines += ["", "```bash", *(f"python {r['command']}" for r in records), "```", ""]
+    commands = dict.fromkeys(f"python {r['command']}" for r in records)  # mirrors share one
+    lines += ["", "```bash", *commands, "```", ""]
     return "\n".join(lines)
 
 
