@@ -289,3 +289,98 @@ def test_files_a_group_regex_does_not_match_share_one_group():
     assert file_group(Path("/x/7_jackson_3.wav"), pattern) == "jackson"
     assert file_group(Path("/x/recording.wav"), pattern) == ""
     assert file_group(Path("/x/7_jackson_3.wav"), None) == ""
+
+
+def _reader(bundle):
+    from pipeline.tasks.predict import WindowReader
+
+    d = bundle.data
+    read = {k: d[k] for k in ("channels", "mat_key", "npz_key", "csv_columns") if k in d}
+    return WindowReader(
+        d["sample_rate"], read, d["segment_samples"], d["hop_samples"], d["pad"],
+        int(bundle.meta["model_config"]["in_channels"]),
+    )  # fmt: skip
+
+
+def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained):
+    import re
+
+    from pipeline.bundle import load_bundle
+    from pipeline.tasks.predict import Classifier, adapt_batchnorm
+
+    bundle = load_bundle(trained / "run" / "models" / "resnet")
+    classify = Classifier(bundle, device=torch.device("cpu"))
+    read = _reader(bundle)
+    files = sorted((trained / "tones").rglob("*.wav"))
+    loaded = [(f, read(f)) for f in files]
+    before = classify.batchnorm_state()
+    pattern = re.compile(r"^([a-z]+)_")  # the class as the group: three groups of six files
+    # Batches of 4 windows: each group's statistics are folded in over several batches.
+    states = adapt_batchnorm(
+        classify, iter(loaded), pattern, profiles=None, batch_size=4, progress=False
+    )
+    assert sorted(states) == ["high", "low", "mid"]
+    after = classify.batchnorm_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bundle's own are back
+    # The first batch norm sees the stem convolution's output, which no statistic changes:
+    # its running mean must be the mean over all the group's images, each weighted alike.
+    stem = classify.model.stem
+    conv = next(m for m in stem.modules() if isinstance(m, torch.nn.Conv2d))
+    bn = next(n for n, m in classify.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for group in states:
+        windows = np.concatenate([w for f, w in loaded if f.name.startswith(group + "_")])
+        with torch.no_grad():
+            out = conv(classify.images(windows))  # (n, channels, H, W)
+        expected = out.mean(dim=(0, 2, 3))
+        torch.testing.assert_close(states[group][f"{bn}.running_mean"], expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(states[group][f"{bn}.running_mean"], before[f"{bn}.running_mean"])
+
+
+@pytest.mark.slow
+def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained, tmp_path):
+    from pipeline.bundle import load_bundle
+    from pipeline.tasks.predict import Classifier
+
+    model = trained / "run" / "models" / "resnet"
+    common = ["task=predict", f"predict.model={model}", f"predict.input={trained / 'tones'}"]
+    proc = cli(*common, r"predict.group_regex='_0(\d)\.wav$'", "predict.adapt_bn=group",
+               f"hydra.run.dir={tmp_path / 'adapted'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log_text = (tmp_path / "adapted" / "run.log").read_text()
+    assert "batch-norm statistics of 6 group(s) from the input: '0', '1'" in log_text
+    rows = {r["path"]: r for r in read_csv(tmp_path / "adapted" / "predictions.csv")}
+    assert len(rows) == 18
+    # The reference: AdaBN by hand, each group's windows in one batch in training mode.
+    bundle = load_bundle(model)
+    classify = Classifier(bundle, device=torch.device("cpu"))
+    read = _reader(bundle)
+    trained_state = {k: v.clone() for k, v in classify.model.state_dict().items()}
+    for take in range(6):
+        files = sorted((trained / "tones").rglob(f"*_0{take}.wav"))
+        windows = [read(f) for f in files]
+        classify.model.load_state_dict(trained_state)
+        for m in classify.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = 1.0
+        classify.model.train()
+        with torch.no_grad():
+            classify.model(classify.images(np.concatenate(windows)))
+        classify.model.eval()
+        for f, w in zip(files, windows, strict=True):
+            probs = classify(w).mean(axis=0)
+            assert float(rows[str(f)]["confidence"]) == pytest.approx(probs.max(), rel=1e-4)
+            assert rows[str(f)]["predicted"] == bundle.classes[int(probs.argmax())]
+    # Without a group_regex (the bundle has none) the whole input is one group, with a warning;
+    # an SVM has no batch norm to adapt; a wrong value names the key.
+    one = cli(*common, "predict.adapt_bn=group", f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "18 file(s) have no group_regex and form one group" in one.stdout + one.stderr
+    svm = cli("task=predict", f"predict.model={trained / 'run' / 'models' / 'svm'}",
+              f"predict.input={trained / 'tones'}", "predict.adapt_bn=group",
+              f"hydra.run.dir={tmp_path / 'svm'}")  # fmt: skip
+    assert svm.returncode == 0, svm.stdout + svm.stderr
+    assert "predict.adapt_bn=group is not used" in svm.stdout + svm.stderr
+    bad = cli(*common, "predict.adapt_bn=speaker", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0
+    assert "predict.adapt_bn='speaker' must be false or group" in bad.stdout + bad.stderr

@@ -6,7 +6,10 @@ read one at a time and their windows classified in batches, so memory stays
 bounded whatever the number of files; the output CSVs are written to temporary
 files and renamed when complete. A bundle trained with ``features.per_group=freq``
 needs each group's mean frequency profile first: a first pass over the files
-computes them (groups by ``predict.group_regex``), the second classifies.
+computes them (groups by ``predict.group_regex``), the second classifies. With
+``predict.adapt_bn=group`` a pass before the last re-estimates a network's batch-norm
+statistics on each group's own images (AdaBN), which adapts it to a recording
+condition it never saw, without labels.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -38,7 +42,10 @@ from pipeline.signals import SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
 
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 AGGREGATES = ("mean", "vote", "max")
+ADAPT_BN = (False, "group")
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -82,6 +89,42 @@ class Classifier:
         """Normalised images of windows (n, channels, samples), on the device."""
         images = self.front(torch.from_numpy(windows).to(self.device)).float()
         return self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
+
+    def batchnorm_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the network's batch-norm buffers (running mean, variance, count)."""
+        names = {n for n, m in self.model.named_modules() if isinstance(m, BATCHNORMS)}
+        return {
+            k: v.detach().clone()
+            for k, v in self.model.state_dict().items()
+            if k.rpartition(".")[0] in names
+        }
+
+    def use_batchnorm(self, state: dict[str, torch.Tensor]) -> None:
+        """Load batch-norm buffers from :meth:`batchnorm_state` (a group's, or the bundle's)."""
+        self.model.load_state_dict(state, strict=False)
+
+    @torch.no_grad()
+    def adapt(self, images: torch.Tensor, seen: int) -> None:
+        """Fold a batch of one group's images into the loaded batch-norm statistics.
+
+        ``seen`` images are in them already (0 resets them): each layer's running mean and
+        variance become the means over all the group's images so far, every image weighted
+        alike, each layer normalising with its batch statistics as in training (AdaBN, Li
+        et al. 2016, https://arxiv.org/abs/1603.04779).
+        """
+        layers = [m for m in self.model.modules() if isinstance(m, BATCHNORMS)]
+        for m in layers:
+            if seen == 0:
+                m.reset_running_stats()
+            m.momentum = len(images) / (seen + len(images))
+        self.model.train()
+        try:
+            with autocast(self.device, True):
+                self.model(images.contiguous(memory_format=torch.channels_last))
+        finally:
+            self.model.eval()
+            for m in layers:
+                m.momentum = 0.1
 
     @torch.no_grad()
     def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
@@ -245,6 +288,60 @@ def group_profiles(
     return {g: (sums[g] / counts[g]).numpy()[..., None].astype(np.float32) for g in sorted(sums)}
 
 
+def adapt_batchnorm(
+    classify: Classifier,
+    files: Iterator[tuple[Path, np.ndarray | str]],
+    pattern: re.Pattern | None,
+    *,
+    profiles: dict[str, np.ndarray] | None,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each group's batch-norm statistics, re-estimated on its own images (AdaBN).
+
+    A group's windows are buffered and passed through the network ``batch_size`` at a
+    time, as in training; the model's own statistics are restored afterwards.
+    Unreadable files are left out here; the classifying pass reports them.
+    """
+    trained = classify.batchnorm_state()
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    seen: dict[str, int] = {}
+    buffers: dict[str, list[torch.Tensor]] = {}
+    files_in: dict[str, int] = {}
+
+    def fold(g: str) -> None:
+        images = torch.cat(buffers.pop(g))
+        classify.use_batchnorm(states.get(g, trained))
+        classify.adapt(images, seen.get(g, 0))
+        states[g], seen[g] = classify.batchnorm_state(), seen.get(g, 0) + len(images)
+
+    try:
+        for path, windows in tqdm(
+            files, desc="adapt batch norm", unit="file", disable=not progress
+        ):
+            if isinstance(windows, str) or not len(windows):
+                continue
+            g = file_group(path, pattern)
+            files_in[g] = files_in.get(g, 0) + 1
+            images = classify.images(windows)
+            if profiles is not None:
+                images = images - torch.from_numpy(profiles[g]).to(classify.device)
+            buffers.setdefault(g, []).append(images)
+            if sum(len(b) for b in buffers[g]) >= batch_size:
+                fold(g)
+        for g in list(buffers):
+            fold(g)
+    finally:
+        classify.use_batchnorm(trained)
+    if "" in files_in:
+        how = f"match no group_regex ({pattern.pattern!r})" if pattern else "have no group_regex"
+        log.warning(
+            "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
+            "are re-estimated together", files_in[""], how,
+        )  # fmt: skip
+    return {g: states[g] for g in sorted(states)}
+
+
 def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
     """File scores (n_classes,) from its windows' probabilities (windows, n_classes)."""
     if rule == "mean":
@@ -277,20 +374,29 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             f"predict.output={str(output)!r}: {existing} exist already; choose another "
             "predict.output or set predict.overwrite=true"
         )
+    adapt_bn = p.get("adapt_bn", False)
+    if adapt_bn not in ADAPT_BN:
+        raise ConfigError(
+            f"predict.adapt_bn={adapt_bn!r} must be false or group (re-estimate a network's "
+            "batch-norm statistics on each group's own files)"
+        )
     bundle = load_bundle(p.model)
     device = resolve_device(cfg.device)
+    if adapt_bn and bundle.kind != "network":
+        log.warning("predict.adapt_bn=group is not used: %s is an SVM, without batch norm", p.model)
+        adapt_bn = False
     pattern = None
-    if bundle.normalizer.per_group:
+    if bundle.normalizer.per_group or adapt_bn:
         pattern = _group_pattern(p.get("group_regex"), bundle)
     elif p.get("group_regex"):
         log.warning(
-            "predict.group_regex=%r is not used: %s was trained without features.per_group",
-            p.group_regex, p.model,
+            "predict.group_regex=%r is not used: %s was trained without features.per_group "
+            "and predict.adapt_bn is off", p.group_regex, p.model,
         )  # fmt: skip
     summary = predict_folder(
         bundle, source, outputs=outputs, device=device, batch_size=p.batch_size,
         top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
-        workers=workers, group_pattern=pattern,
+        workers=workers, group_pattern=pattern, adapt_bn=bool(adapt_bn),
     )  # fmt: skip
     line = (
         f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
@@ -326,6 +432,7 @@ def predict_folder(
     progress: bool,
     workers: int = 4,
     group_pattern: re.Pattern | None = None,
+    adapt_bn: bool = False,
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
@@ -333,7 +440,9 @@ def predict_folder(
     a bounded number ahead of the classifier, and their rows written in the order
     they were found. For a bundle with ``features.per_group``, a first pass computes
     each group's profile (files grouped by ``group_pattern``; files it does not
-    match, or all of them without one, form one group).
+    match, or all of them without one, form one group). With ``adapt_bn`` another
+    pass re-estimates a network's batch-norm statistics per group
+    (:func:`adapt_batchnorm`), and each group's files are classified with its own.
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
@@ -355,6 +464,18 @@ def predict_folder(
             "features.per_group: profiles of %d group(s) from the input: %s",
             len(profiles), ", ".join(repr(g) for g in profiles) or "none",
         )  # fmt: skip
+    adapted = None
+    if adapt_bn:
+        files = read_files(source, reader, workers=workers)
+        adapted = adapt_batchnorm(
+            classify, files, group_pattern, profiles=profiles, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+        log.info(
+            "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
+            len(adapted), ", ".join(repr(g) for g in adapted) or "none",
+        )  # fmt: skip
+    trained_bn = classify.batchnorm_state() if adapted is not None else None
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
         handles = [stack.enter_context(open(t, "w", newline="", encoding="utf-8")) for t in tmps]
@@ -380,7 +501,21 @@ def predict_folder(
                     [np.broadcast_to(profiles[f.group], (f.n, *profiles[f.group].shape))
                      for f, _ in pending]
                 )  # fmt: skip
-            probs = classify(np.concatenate([w for _, w in pending]), shift)
+            windows = np.concatenate([w for _, w in pending])
+            if adapted is None:
+                probs = classify(windows, shift)
+            else:  # each group's windows with its own batch-norm statistics
+                group_of = np.concatenate([[f.group] * f.n for f, _ in pending])
+                probs = np.empty((len(windows), len(classes)))
+                try:
+                    for g in dict.fromkeys(group_of):
+                        rows = group_of == g
+                        classify.use_batchnorm(adapted[g])
+                        probs[rows] = classify(
+                            windows[rows], None if shift is None else shift[rows]
+                        )
+                finally:
+                    classify.use_batchnorm(trained_bn)
             at = 0
             for f, _ in pending:
                 p = probs[at : at + f.n]
@@ -416,10 +551,10 @@ def predict_folder(
             true = parts[0] if len(parts) > 1 and parts[0] in classes else None
             starts = np.arange(len(windows)) * hop
             group = file_group(path, group_pattern)
-            if profiles is not None and group not in profiles:
+            if any(d is not None and group not in d for d in (profiles, adapted)):
                 # Listed or readable only since the first pass: the folder changed meanwhile.
-                reason = (f"{path}: its group {group!r} has no profile: the input changed "
-                          "during the run; classify it again")  # fmt: skip
+                reason = (f"{path}: its group {group!r} was not in the first pass: the input "
+                          "changed during the run; classify it again")  # fmt: skip
                 errors_csv.writerow([str(path), reason])
                 counts["errors"] += 1
                 continue
