@@ -241,6 +241,13 @@ def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
     assert metrics["significance"][0]["n"] == 3
 
 
+def read_predictions(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def fsdd_subset(folder: Path, *, digits: str, takes: int) -> Path:
     """Links to FSDD's first ``takes`` takes of ``digits`` by george, lucas and theo."""
     folder.mkdir()
@@ -324,9 +331,23 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     assert f"| mask | `train.augment.freq_mask=4` | {sum(scores) / 2:.4f} (2) |" in text
     assert text.count("| warp |") == 1 and text.count("| mask |") == 1
 
-    bench("--no-official", "--speakers", "theo", "--models", "resnet,svm")
+    bench("--no-official", "--speakers", "theo", "--models", "resnet,svm", "--adapt-bn")
     text = out.read_text()
     assert "## Targets" in text and "only 1 of six speakers so far" in text
+    # The held-out speaker classified again by predict with batch-norm adaptation: its own
+    # files, linked into class folders, and the SVM's figure carried over unchanged.
+    adapted = read_predictions(runs / "loso-theo" / "adapted-resnet" / "predictions.csv")
+    assert len(adapted) == 18 and all("_theo_" in r["path"] for r in adapted)
+    accuracy = sum(r["predicted"] == r["true"] for r in adapted) / 18
+    assert (
+        "batch-norm statistics of 1 group(s) from the input: 'theo'"
+        in (runs / "loso-theo" / "adapted-resnet" / "run.log").read_text()
+    )
+    assert "### The same models with test-time batch-norm adaptation" in text
+    svm = json.loads((runs / "loso-theo" / "metrics.json").read_text())["models"]["svm"]
+    svm_accuracy = svm.get("file_accuracy", svm["accuracy"])  # one window per file: the same
+    assert f"| theo | {accuracy:.4f} | {svm_accuracy:.4f} |" in text
+    assert "- The same with test-time batch-norm adaptation" in text
     assert "| theo |" in text and "| warp |" in text  # the tuning sections survive the rewrite
     assert text.index("| warp |") < text.index("| mask |")
     fold = json.loads((runs / "loso-theo" / "metrics.json").read_text())
