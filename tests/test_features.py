@@ -319,7 +319,7 @@ ALTERED = {
     "n_fft": 512, "hop_length": 32, "win_length": 128, "window": "hamming", "center": False,
     "pad_mode": "constant", "power": 2, "scale": "db", "top_db": 60.0, "size": [32, 16],
     "sample_rate": 8000, "n_mels": 20, "f_min": 20.0, "f_max": 3000.0, "mel_scale": "slaney",
-    "norm": "slaney",
+    "norm": "slaney", "lifter": 12,
 }  # fmt: skip
 
 
