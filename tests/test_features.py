@@ -593,7 +593,11 @@ def test_lifter_settings_are_checked_and_round_trip():
     with pytest.raises(ConfigError, match=r"features.lifter=20 smooths a log spectrum"):
         params(lifter=20)  # magnitude scale
     with pytest.raises(ConfigError, match=r"features.lifter=129 keeps every one of the 129"):
-        params(scale="db", power=2, lifter=129)
+        params(scale="db", power=2, lifter=129, sample_rate=8000)
+    # Before the data is read (no rate), a linear axis's height may still change (auto sizes).
+    assert params(scale="db", power=2, lifter=129).lifter == 129
+    with pytest.raises(ConfigError, match=r"features.lifter=40 keeps every one of the 40"):
+        params(scale="db", power=2, lifter=40, n_mels=40)
     p = params(scale="db", power=2, lifter=20)
     assert STFTParams.from_dict(p.to_dict()) == p
     old = {k: v for k, v in p.to_dict().items() if k != "lifter"}  # a bundle from before

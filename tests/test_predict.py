@@ -302,7 +302,7 @@ def _reader(bundle):
     )  # fmt: skip
 
 
-def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained):
+def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, monkeypatch, caplog):
     import re
 
     from pipeline.bundle import load_bundle
@@ -334,6 +334,21 @@ def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained):
         expected = out.mean(dim=(0, 2, 3))
         torch.testing.assert_close(states[group][f"{bn}.running_mean"], expected, atol=1e-5, rtol=0)
         assert not torch.allclose(states[group][f"{bn}.running_mean"], before[f"{bn}.running_mean"])
+    # The file order does not matter to that mean; beyond ADAPT_WINDOWS a random sample is used.
+    backwards = adapt_batchnorm(
+        classify, iter(loaded[::-1]), pattern, profiles=None, batch_size=4, progress=False
+    )
+    for group in states:
+        torch.testing.assert_close(
+            backwards[group][f"{bn}.running_mean"], states[group][f"{bn}.running_mean"]
+        )
+    monkeypatch.setattr("pipeline.tasks.predict.ADAPT_WINDOWS", 4)
+    with caplog.at_level("INFO", logger="pipeline.tasks.predict"):
+        sampled = adapt_batchnorm(
+            classify, iter(loaded), pattern, profiles=None, batch_size=4, progress=False
+        )
+    assert sorted(sampled) == sorted(states)
+    assert "3 group(s) have more than 4 windows; a random 4 of each" in caplog.text
 
 
 @pytest.mark.slow

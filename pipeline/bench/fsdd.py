@@ -20,10 +20,10 @@ trains on the other speakers with ``data.val_groups=[validation]`` and reports t
 validation speaker's window accuracy at the last epoch (the preset keeps the last
 epoch). The held-out speaker's results are not shown, so they cannot steer the
 choice; they are in each run's metrics.json. A pair and its mirror (``a:b`` and
-``b:a``) train on the same speakers with the same seed, hence the same network, so
-they share one run with ``train.monitor=last``: its test speaker's accuracy is the
-mirror's validation accuracy. ``--tune-round NAME`` gives a round its
-own table, kept beside the earlier rounds'.
+``b:a``) train on the same speakers with the same seed, hence the same network on
+a CPU (nearly so on a GPU), so they share one run with ``train.monitor=last``: its
+test speaker's accuracy is the mirror's validation accuracy. ``--tune-round NAME``
+gives a round its own table, kept beside the earlier rounds'.
 
 ``--adapt-bn`` also classifies each held-out speaker with the fold's saved networks
 through ``task=predict predict.adapt_bn=group`` (every batch norm's statistics
@@ -116,8 +116,11 @@ def adapted_accuracy(run_dir: Path, root: Path, speaker: str, model: str, *, log
     bundle is read instead of run again.
     """
     folder = run_dir / "heldout"
-    for f in sorted(root.glob(f"*_{speaker}_*.wav")):
+    files = sorted(root.glob(f"*_{speaker}_*.wav"))
+    for f in files:
         link = folder / f.name.split("_", 1)[0] / f.name
+        if link.is_symlink() and os.readlink(link) != str(f):
+            link.unlink()  # from another --root
         if not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(f)
@@ -127,16 +130,25 @@ def adapted_accuracy(run_dir: Path, root: Path, speaker: str, model: str, *, log
            f"predict.input={folder}", "predict.adapt_bn=group", "predict.overwrite=true",
            f"hydra.run.dir={out}", "progress=false"]  # fmt: skip
     log(" ".join(shlex.quote(c) for c in cmd[1:]))
-    done = out / "predictions.csv"
+    done, stamp = out / "predictions.csv", out / "command.json"
     weights = bundle / "weights.pt"
-    if not (done.exists() and done.stat().st_mtime > weights.stat().st_mtime):
+    # Reused only when the same command (hence predict settings) ran after the bundle was saved.
+    fresh = (done.exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd[1:]
+             and done.stat().st_mtime > weights.stat().st_mtime)  # fmt: skip
+    if not fresh:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             )
+        atomic.write_text(stamp, json.dumps(cmd[1:]))
     with open(done, newline="") as f:
         rows = list(csv.DictReader(f))
+    if len(rows) != len(files):
+        raise RuntimeError(
+            f"{done}: {len(rows)} of {speaker}'s {len(files)} files were classified; see "
+            f"{out / 'predictions_errors.csv'}"
+        )
     return float(np.mean([r["predicted"] == r["true"] for r in rows]))
 
 
@@ -317,16 +329,19 @@ def tune(args, base: list[str], runs: Path, seeds: list[int | None]) -> int:
         done: dict[tuple, tuple[dict, str]] = {}  # (held, val, seed) -> metrics, command
         for held, val, seed in runs_of:
             run_dir = runs / f"tune-{name}-{held}-{val}{suffix(seed)}"
-            if (val, held, seed) in done:
+            mirror = done.get((val, held, seed))
+            if mirror is not None and _kept_last(mirror[0], test=val):
                 # The mirror pair trains on the same speakers with the same seed: the same
                 # network, step for step. With the last epoch kept, its test speaker's window
                 # accuracy is this pair's validation accuracy at the last epoch.
-                m, command = done[(val, held, seed)]
+                m, command = mirror
                 score = m["models"]["resnet"]["accuracy"]
             else:
+                # The last epoch is kept whatever the candidate sets, so that the test
+                # speaker's accuracy can stand in for the mirror pair's validation score.
                 extra = ["models=[resnet]", "data.split=group", f"data.test_groups=[{held}]",
-                         f"data.val_groups=[{val}]", "train.monitor=last", *over.split(),
-                         *seeded(seed)]  # fmt: skip
+                         f"data.val_groups=[{val}]", *over.split(), *seeded(seed),
+                         "train.monitor=last"]  # fmt: skip
                 commands: list[str] = []
                 m = run_cli([*base, *extra], run_dir, log=commands.append)
                 command = commands[0]
@@ -349,6 +364,14 @@ def tune(args, base: list[str], runs: Path, seeds: list[int | None]) -> int:
     return 0
 
 
+def _kept_last(metrics: dict, *, test: str) -> bool:
+    """Whether a tuning run kept its last epoch and tested ``test`` alone, so that its
+    test accuracy is ``test``'s validation score at the last epoch."""
+    r = metrics["models"]["resnet"]
+    return (metrics["dataset"]["groups"]["test"] == [test]
+            and r.get("best_epoch") == len(metrics["histories"]["resnet"]))  # fmt: skip
+
+
 def tuning_section(runs: Path, round_name: str = "") -> str:
     """The tuning table of every candidate run under ``runs``, in the order they ran."""
     found = sorted(runs.glob("tune-*/candidate.json"), key=lambda p: p.stat().st_mtime)
@@ -366,8 +389,8 @@ def tuning_section(runs: Path, round_name: str = "") -> str:
              "NAME=\"overrides\"`. ResNet only; each run holds one speaker out and validates "
              "on another training speaker (`data.val_groups`); the table shows that validation "
              "speaker's window accuracy at the last epoch, never the held-out speaker's. A pair "
-             "and its mirror (george:nicolas, nicolas:george) train on the same speakers, so "
-             "they share one run (`train.monitor=last`): each speaker validates the other's fold"
+             "and its mirror (a:b and b:a) train on the same speakers, so they share one run "
+             "(`train.monitor=last`): each speaker validates the other's fold"
              + (" (the mean over the seeds run, their number in brackets)." if seeded else "."),
              "",
              "| candidate | overrides | " + " | ".join(f"val {v} (held out {h})" for h, v in pairs)

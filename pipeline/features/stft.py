@@ -135,8 +135,8 @@ class STFTParams:
                 f"features.lifter={self.lifter} smooths a log spectrum, but features.scale="
                 f"{self.scale!r}; set scale to db or log1p, or lifter to null"
             )
-        if self.sample_rate is None and self.uses_band:
-            return  # the height is known once the rate is
+        if self.sample_rate is None and self.n_mels is None:
+            return  # checked again once the data is read: auto sizes and crops need the rate
         if self.lifter >= self.n_freq():
             raise ConfigError(
                 f"features.lifter={self.lifter} keeps every one of the {self.n_freq()} frequency "

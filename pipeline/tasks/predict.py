@@ -46,6 +46,12 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 AGGREGATES = ("mean", "vote", "max")
 ADAPT_BN = (False, "group")
+# predict.adapt_bn: windows per group that give its batch-norm statistics (a random sample
+# beyond this many), the fewest for which they are re-estimated at all, and the fewest
+# without a warning that they are noisy.
+ADAPT_WINDOWS = 4096
+MIN_ADAPT_WINDOWS = 2
+FEW_ADAPT_WINDOWS = 32
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -91,7 +97,8 @@ class Classifier:
         return self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
 
     def batchnorm_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the network's batch-norm buffers (running mean, variance, count)."""
+        """Copies of the network's batch-norm tensors (running mean, variance and count, and
+        the unchanged weight and bias)."""
         names = {n for n, m in self.model.named_modules() if isinstance(m, BATCHNORMS)}
         return {
             k: v.detach().clone()
@@ -101,18 +108,22 @@ class Classifier:
 
     def use_batchnorm(self, state: dict[str, torch.Tensor]) -> None:
         """Load batch-norm buffers from :meth:`batchnorm_state` (a group's, or the bundle's)."""
-        self.model.load_state_dict(state, strict=False)
+        result = self.model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
 
     @torch.no_grad()
     def adapt(self, images: torch.Tensor, seen: int) -> None:
         """Fold a batch of one group's images into the loaded batch-norm statistics.
 
         ``seen`` images are in them already (0 resets them): each layer's running mean and
-        variance become the means over all the group's images so far, every image weighted
-        alike, each layer normalising with its batch statistics as in training (AdaBN, Li
-        et al. 2016, https://arxiv.org/abs/1603.04779).
+        variance become the means of the batch statistics so far, each batch weighted by its
+        number of images, each layer normalising with its batch statistics as in training
+        (AdaBN, Li et al. 2016, https://arxiv.org/abs/1603.04779). With shuffled batches of a
+        group, that is the group's mean and (up to the small spread between batch means) its
+        variance.
         """
         layers = [m for m in self.model.modules() if isinstance(m, BATCHNORMS)]
+        momenta = [m.momentum for m in layers]
         for m in layers:
             if seen == 0:
                 m.reset_running_stats()
@@ -123,8 +134,8 @@ class Classifier:
                 self.model(images.contiguous(memory_format=torch.channels_last))
         finally:
             self.model.eval()
-            for m in layers:
-                m.momentum = 0.1
+            for m, momentum in zip(layers, momenta, strict=True):
+                m.momentum = momentum
 
     @torch.no_grad()
     def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
@@ -253,7 +264,7 @@ def file_group(path: Path, pattern: re.Pattern | None) -> str:
     """The first capture group of ``pattern`` in the file name; "" (one shared group) when
     there is no pattern or it does not match."""
     match = pattern.search(path.name) if pattern is not None else None
-    return match.group(1) if match else ""
+    return (match.group(1) or "") if match else ""  # an optional group may match nothing
 
 
 def group_profiles(
@@ -299,38 +310,61 @@ def adapt_batchnorm(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each group's batch-norm statistics, re-estimated on its own images (AdaBN).
 
-    A group's windows are buffered and passed through the network ``batch_size`` at a
-    time, as in training; the model's own statistics are restored afterwards.
-    Unreadable files are left out here; the classifying pass reports them.
+    Up to :data:`ADAPT_WINDOWS` windows per group are kept (a seeded reservoir sample
+    beyond that, so memory stays bounded), shuffled with a fixed seed so that each batch
+    mixes the group's classes whatever the file order, and passed through the network in
+    equal batches of at most ``batch_size``, as in training. A group of one window keeps
+    the trained statistics; under :data:`FEW_ADAPT_WINDOWS` a warning says they are noisy. The
+    model's own statistics are restored afterwards. Unreadable files are left out here;
+    the classifying pass reports them.
     """
+    rng = np.random.default_rng(0)
+    kept: dict[str, list[torch.Tensor]] = {}  # per group, single windows' images on the CPU
+    seen: dict[str, int] = {}
+    files_in: dict[str, int] = {}
+    for path, windows in tqdm(files, desc="adapt batch norm", unit="file", disable=not progress):
+        if isinstance(windows, str) or not len(windows):
+            continue
+        g = file_group(path, pattern)
+        if profiles is not None and g not in profiles:
+            continue  # readable only since the profile pass: the classifying pass reports it
+        files_in[g] = files_in.get(g, 0) + 1
+        images = classify.images(windows)
+        if profiles is not None:
+            images = images - torch.from_numpy(profiles[g]).to(classify.device)
+        reservoir = kept.setdefault(g, [])
+        for image in images.cpu():
+            t = seen.get(g, 0)
+            seen[g] = t + 1
+            if t < ADAPT_WINDOWS:
+                reservoir.append(image)
+            elif (j := int(rng.integers(t + 1))) < ADAPT_WINDOWS:
+                reservoir[j] = image
     trained = classify.batchnorm_state()
     states: dict[str, dict[str, torch.Tensor]] = {}
-    seen: dict[str, int] = {}
-    buffers: dict[str, list[torch.Tensor]] = {}
-    files_in: dict[str, int] = {}
-
-    def fold(g: str) -> None:
-        images = torch.cat(buffers.pop(g))
-        classify.use_batchnorm(states.get(g, trained))
-        classify.adapt(images, seen.get(g, 0))
-        states[g], seen[g] = classify.batchnorm_state(), seen.get(g, 0) + len(images)
-
     try:
-        for path, windows in tqdm(
-            files, desc="adapt batch norm", unit="file", disable=not progress
-        ):
-            if isinstance(windows, str) or not len(windows):
+        for g in sorted(kept):
+            if len(kept[g]) < MIN_ADAPT_WINDOWS:
+                log.warning(
+                    "predict.adapt_bn: group %r has %d window: it keeps the trained batch-norm "
+                    "statistics", g, len(kept[g]),
+                )  # fmt: skip
+                states[g] = trained
                 continue
-            g = file_group(path, pattern)
-            files_in[g] = files_in.get(g, 0) + 1
-            images = classify.images(windows)
-            if profiles is not None:
-                images = images - torch.from_numpy(profiles[g]).to(classify.device)
-            buffers.setdefault(g, []).append(images)
-            if sum(len(b) for b in buffers[g]) >= batch_size:
-                fold(g)
-        for g in list(buffers):
-            fold(g)
+            if len(kept[g]) < FEW_ADAPT_WINDOWS:
+                log.warning(
+                    "predict.adapt_bn: group %r has only %d windows, so its batch-norm "
+                    "statistics are noisy; group more files together (predict.group_regex)",
+                    g, len(kept[g]),
+                )  # fmt: skip
+            sample = kept.pop(g)
+            images = torch.stack(sample)[torch.from_numpy(rng.permutation(len(sample)))]
+            classify.use_batchnorm(trained)
+            done = 0
+            for batch in torch.tensor_split(images, -(-len(images) // batch_size)):
+                classify.adapt(batch.to(classify.device), done)
+                done += len(batch)
+            states[g] = classify.batchnorm_state()
     finally:
         classify.use_batchnorm(trained)
     if "" in files_in:
@@ -339,7 +373,13 @@ def adapt_batchnorm(
             "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
             "are re-estimated together", files_in[""], how,
         )  # fmt: skip
-    return {g: states[g] for g in sorted(states)}
+    sampled = {g: n for g, n in seen.items() if n > ADAPT_WINDOWS}
+    if sampled:
+        log.info(
+            "predict.adapt_bn: %d group(s) have more than %d windows; a random %d of each "
+            "gave its statistics", len(sampled), ADAPT_WINDOWS, ADAPT_WINDOWS,
+        )  # fmt: skip
+    return states
 
 
 def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
