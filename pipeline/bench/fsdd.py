@@ -72,6 +72,13 @@ Published figures to compare with (different splits and dataset versions, so onl
 """
 
 
+def _run(cmd: list[str]) -> None:
+    """Run ``cmd`` from the repository; a failure raises with the tail of its output."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
 def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
     """One ``python -m pipeline.run`` with ``overrides``; returns its metrics.json.
 
@@ -86,9 +93,7 @@ def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
     if done.exists() and _same_config(run_dir, cmd[3:]):
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _run(cmd)
     metrics = json.loads(done.read_text())
     metrics["_wall_seconds"] = time.perf_counter() - t0
     return metrics
@@ -136,11 +141,7 @@ def adapted_accuracy(run_dir: Path, root: Path, speaker: str, model: str, *, log
     fresh = (done.exists() and stamp.exists() and json.loads(stamp.read_text()) == cmd[1:]
              and done.stat().st_mtime > weights.stat().st_mtime)  # fmt: skip
     if not fresh:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            )
+        _run(cmd)
         atomic.write_text(stamp, json.dumps(cmd[1:]))
     with open(done, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -267,6 +267,11 @@ def file_group(path: Path, pattern: re.Pattern | None) -> str:
     return (match.group(1) or "") if match else ""  # an optional group may match nothing
 
 
+def _ungrouped(pattern: re.Pattern | None) -> str:
+    """Why files fall into the shared group "", for the warnings of the grouping passes."""
+    return f"match no group_regex ({pattern.pattern!r})" if pattern else "have no group_regex"
+
+
 def group_profiles(
     classify: Classifier,
     files: Iterator[tuple[Path, np.ndarray | str]],
@@ -290,11 +295,10 @@ def group_profiles(
         counts[g] = counts.get(g, 0) + len(windows)
         files_in[g] = files_in.get(g, 0) + 1
     if "" in files_in:
-        how = f"match no group_regex ({pattern.pattern!r})" if pattern else "have no group_regex"
         log.warning(
             "features.per_group: %d file(s) %s and form one group; its mean profile is removed "
             "from each of them, which is right only if they share a microphone or speaker and "
-            "hold a mix of classes", files_in[""], how,
+            "hold a mix of classes", files_in[""], _ungrouped(pattern),
         )  # fmt: skip
     return {g: (sums[g] / counts[g]).numpy()[..., None].astype(np.float32) for g in sorted(sums)}
 
@@ -368,10 +372,9 @@ def adapt_batchnorm(
     finally:
         classify.use_batchnorm(trained)
     if "" in files_in:
-        how = f"match no group_regex ({pattern.pattern!r})" if pattern else "have no group_regex"
         log.warning(
             "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
-            "are re-estimated together", files_in[""], how,
+            "are re-estimated together", files_in[""], _ungrouped(pattern),
         )  # fmt: skip
     sampled = {g: n for g, n in seen.items() if n > ADAPT_WINDOWS}
     if sampled:
