@@ -165,6 +165,7 @@ def test_a_run_without_validation_writes_strict_json_and_reports_it(tmp_path, to
         (["train.epochs=0"], "train.epochs=0 must be a positive integer"),
         (["models=[resnet,lstm]"], "'lstm' is not a configured model; choose from"),
         (["resnet.depth=21"], "depth=21 is not of the form 6n+2"),
+        (["plain_cnn.drop_path=0.2"], "drop_path=0.2 needs residual=True"),
         (["features.window=kaiser"], "features.window='kaiser' must be one of"),
         (["data=folder"], "data.root"),
         (["data.split=bogus"], "data.split='bogus' must be one of"),

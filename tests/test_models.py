@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.models import resnet as R
-from pipeline.models.resnet import BasicBlock, Bottleneck, build_resnet
+from pipeline.models.resnet import BasicBlock, Bottleneck, DropPath, build_resnet
 
 
 def n_params(model: nn.Module) -> int:
@@ -180,6 +180,52 @@ def test_zero_init_residual_zeroes_last_batch_norm_of_each_block_only():
             assert bool((m.weight == 0).all()) == (id(m) in last)
 
 
+# -- stochastic depth -------------------------------------------------------------------------
+
+
+def test_drop_path_rises_linearly_to_the_last_block():
+    model = R.resnet20(num_classes=3, drop_path=0.3)
+    probs = [b.drop_path.p for b in blocks(model)]
+    assert probs == pytest.approx([0.3 * (i + 1) / 9 for i in range(9)])
+    assert not any(isinstance(m, DropPath) for m in R.resnet20(num_classes=3).modules())
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(2000, 2, 3, 3) + 1.0
+    drop = DropPath(0.3).train()
+    out = drop(x)
+    ratio = (out / x).flatten(1)
+    dropped = (ratio == 0).all(1)
+    kept = torch.isclose(ratio, torch.tensor(1 / 0.7)).all(1)
+    assert bool((dropped | kept).all())  # every sample is all dropped or all kept
+    assert abs(dropped.float().mean().item() - 0.3) < 0.05  # 2000 draws: std 0.01
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_a_dropped_block_is_its_shortcut_and_evaluation_ignores_drop_path():
+    torch.manual_seed(0)
+    block = BasicBlock(4, 4, shortcut=nn.Identity(), drop_path=0.5).train()
+    x = torch.randn(64, 4, 5, 5)
+    out = block(x)
+    # The branch in training mode (batch statistics, so the same as inside the call).
+    branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+    through = [torch.allclose(o, torch.relu(b / 0.5 + i), atol=1e-5) for o, b, i in
+               zip(out, branch, x, strict=True)]  # fmt: skip
+    skipped = [torch.equal(o, torch.relu(i)) for o, i in zip(out, x, strict=True)]
+    assert all(t or s for t, s in zip(through, skipped, strict=True))
+    assert 10 < sum(skipped) < 54  # both happen: about half of 64 are dropped
+
+    torch.manual_seed(0)
+    dropping = R.resnet20(num_classes=3, drop_path=0.5).eval()
+    torch.manual_seed(0)
+    plain_depth = R.resnet20(num_classes=3).eval()
+    dropping.load_state_dict(plain_depth.state_dict())  # no parameters of its own
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dropping(x), plain_depth(x), rtol=0, atol=0)
+
+
 # -- every network can learn ------------------------------------------------------------------
 
 
@@ -229,6 +275,13 @@ def test_overfits_one_small_batch(kwargs):
             {"residual": False, "zero_init_residual": True},
             r"zero_init_residual=True needs residual=True.*set zero_init_residual=False",
         ),
+        (
+            {"residual": False, "drop_path": 0.2},
+            r"drop_path=0.2 needs residual=True: .*the plain twin has none; set drop_path=0",
+        ),
+        ({"drop_path": 1.0}, r"drop_path=1.0 must be in \[0, 1\)"),
+        ({"drop_path": -0.1}, r"drop_path=-0.1 must be in \[0, 1\)"),
+        ({"drop_path": "0.2"}, r"drop_path='0.2' must be a number in \[0, 1\)"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, match):
@@ -244,6 +297,7 @@ def test_invalid_arguments_raise_value_error(kwargs, match):
         partial(R.resnet20, residual=False, width=1.5),
         partial(R.resnet18, in_channels=2, stem="imagenet", width=0.25),
         partial(R.resnet50, shortcut="C", width=0.25),
+        partial(R.resnet32, drop_path=0.2),
     ],
 )
 def test_config_rebuilds_a_model_that_loads_the_state_dict_strictly(builder):

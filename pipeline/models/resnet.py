@@ -18,6 +18,13 @@ Two forms of the paper are available:
 widths and strides with no shortcut at all, so residual against plain is a
 controlled comparison (paper section 4.1).
 
+``drop_path=p`` adds stochastic depth (Huang et al., 2016, "Deep Networks with
+Stochastic Depth", https://arxiv.org/abs/1603.09382): in training, each block's
+residual branch is dropped for a whole sample with a probability rising
+linearly from ``p / L`` in the first of ``L`` blocks to ``p`` in the last, so
+that sample passes through the shortcut alone. It needs shortcuts; the plain
+twin has nothing to fall back to.
+
 Inputs are images of shape (N, in_channels, H, W) for any H, W >= 1 (for an
 STFT image, H is frequency and W is time); a global average pool makes the
 output logits (N, num_classes) independent of the image size.
@@ -37,6 +44,7 @@ from pipeline.errors import ConfigError
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "DropPath",
     "ResNet",
     "build_resnet",
     "resnet20",
@@ -111,6 +119,34 @@ class ProjectionShortcut(nn.Module):
         return self.bn(self.conv(x))  # (N, C_out, ceil(H / s), ceil(W / s))
 
 
+class DropPath(nn.Module):
+    """Drop a residual branch for whole samples in training (stochastic depth).
+
+    Each sample's branch is zeroed with probability ``p`` and the survivors are
+    scaled by ``1 / (1 - p)``, so the expected output is the branch itself and
+    evaluation needs no rescaling (torchvision's ``StochasticDepth``, "row"
+    mode). In evaluation mode, or with ``p = 0``, it is the identity.
+
+    Args:
+        p: Probability of dropping a sample's branch, in [0, 1).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        # (N, 1, 1, 1): one draw per sample, broadcast over channels and pixels.
+        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return x * mask.bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (paper figure 2, left of figure 5).
 
@@ -119,12 +155,19 @@ class BasicBlock(nn.Module):
         planes: Channels of both convolutions and of the output.
         stride: Stride of the first convolution.
         shortcut: The shortcut path, or ``None`` for the plain twin.
+        drop_path: Probability of dropping the residual branch of a sample in
+            training (stochastic depth); needs a shortcut.
     """
 
     expansion = 1
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int = 1, shortcut: nn.Module | None = None
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: nn.Module | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_planes, planes, stride)
@@ -133,6 +176,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = shortcut
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(x)  # (N, planes, ceil(H / s), ceil(W / s))
@@ -142,7 +186,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(out)
         if self.shortcut is not None:  # None: the plain twin adds nothing
             identity = self.shortcut(x)  # (N, planes, ceil(H / s), ceil(W / s))
-            out += identity
+            out = self.drop_path(out) + identity
         out = self.relu(out)  # ReLU after the addition, as in the paper
         return out
 
@@ -161,12 +205,19 @@ class Bottleneck(nn.Module):
             ``planes * 4``.
         stride: Stride of the 3x3 convolution.
         shortcut: The shortcut path, or ``None`` for the plain twin.
+        drop_path: Probability of dropping the residual branch of a sample in
+            training (stochastic depth); needs a shortcut.
     """
 
     expansion = 4
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int = 1, shortcut: nn.Module | None = None
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: nn.Module | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv1 = conv1x1(in_planes, planes)
@@ -177,6 +228,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = shortcut
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(x)  # (N, planes, H, W)
@@ -189,7 +241,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(out)
         if self.shortcut is not None:  # None: the plain twin adds nothing
             identity = self.shortcut(x)  # (N, 4 * planes, ceil(H / s), ceil(W / s))
-            out += identity
+            out = self.drop_path(out) + identity
         out = self.relu(out)  # ReLU after the addition, as in the paper
         return out
 
@@ -228,6 +280,10 @@ class ResNet(nn.Module):
         residual: ``False`` removes every shortcut (the plain twin).
         zero_init_residual: Start each residual branch at zero; needs
             ``residual=True``.
+        drop_path: Stochastic depth: the probability of dropping the last
+            block's residual branch for a sample in training; block ``l`` of
+            ``L`` drops with ``drop_path * l / L`` (Huang et al.'s linear
+            rule). Needs ``residual=True``; 0 turns it off.
 
     Attributes:
         config: The keyword arguments of :func:`build_resnet` that rebuild this
@@ -236,7 +292,8 @@ class ResNet(nn.Module):
 
     Raises:
         ConfigError: (a ``ValueError``) for an unknown ``stem`` or ``shortcut``,
-            or ``zero_init_residual=True`` with ``residual=False``.
+            ``zero_init_residual=True`` or ``drop_path > 0`` with
+        ``residual=False``, or ``drop_path`` outside [0, 1).
     """
 
     def __init__(
@@ -251,6 +308,7 @@ class ResNet(nn.Module):
         shortcut: str = "B",
         residual: bool = True,
         zero_init_residual: bool = False,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if stem not in STEMS:
@@ -263,10 +321,26 @@ class ResNet(nn.Module):
                 "so zeroing the last batch norm of every block would zero the whole network; "
                 "set zero_init_residual=False"
             )
+        if isinstance(drop_path, bool) or not isinstance(drop_path, int | float):
+            raise ConfigError(f"drop_path={drop_path!r} must be a number in [0, 1), e.g. 0.2")
+        if not 0.0 <= drop_path < 1.0:
+            raise ConfigError(
+                f"drop_path={drop_path!r} must be in [0, 1): it is the probability of dropping "
+                "the last block's residual branch; 0.1 to 0.5 are usual"
+            )
+        if drop_path > 0 and not residual:
+            raise ConfigError(
+                f"drop_path={drop_path!r} needs residual=True: stochastic depth drops a block's "
+                "residual branch and keeps its shortcut, and the plain twin has none; "
+                "set drop_path=0"
+            )
         self.config: dict | None = None
         self.shortcut_kind = shortcut
         self.residual = residual
         self.in_planes = widths[0]
+        self.drop_path = float(drop_path)
+        self.total_blocks = sum(layers)
+        self.block_index = 0  # blocks built so far, for the linear stochastic-depth rule
         # One draw from the global generator seeds a private one, drawn before any
         # module is built: after the same torch.manual_seed, the residual network
         # (any shortcut option) and its plain twin start from the same weights.
@@ -330,7 +404,9 @@ class ResNet(nn.Module):
         for i in range(blocks):
             s = stride if i == 0 else 1
             shortcut = self._shortcut(self.in_planes, out_planes, s)
-            stage.append(block(self.in_planes, planes, s, shortcut))
+            self.block_index += 1
+            p = self.drop_path * self.block_index / self.total_blocks
+            stage.append(block(self.in_planes, planes, s, shortcut, drop_path=p))
             self.in_planes = out_planes
         return nn.Sequential(*stage)
 
@@ -377,6 +453,7 @@ def build_resnet(
     residual: bool = True,
     zero_init_residual: bool = False,
     stem: str = "small",
+    drop_path: float = 0.0,
 ) -> ResNet:
     """Build a ResNet (or its plain twin) from keyword arguments.
 
@@ -394,6 +471,8 @@ def build_resnet(
         zero_init_residual: Start every residual branch at zero.
         stem: ``"small"`` (3x3 stride 1, the CIFAR stem) or ``"imagenet"``
             (7x7 stride 2 and max pool).
+        drop_path: Stochastic depth, the last block's drop probability in
+            training (see :class:`ResNet`); 0 turns it off.
 
     Returns:
         The network, with ``config`` holding these arguments so that
@@ -436,6 +515,7 @@ def build_resnet(
         shortcut=shortcut,
         residual=residual,
         zero_init_residual=zero_init_residual,
+        drop_path=drop_path,
     )
     model.config = {
         "num_classes": num_classes,
@@ -447,6 +527,7 @@ def build_resnet(
         "residual": bool(residual),
         "zero_init_residual": bool(zero_init_residual),
         "stem": stem,
+        "drop_path": float(drop_path),
     }
     return model
 
