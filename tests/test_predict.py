@@ -233,6 +233,51 @@ def write_speaker_dataset(root: Path, *, rate: int = 1000) -> Path:
 
 
 @pytest.mark.slow
+def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
+    """evaluate.adapt_bn=group in training's evaluation gives the probabilities of
+    predict.adapt_bn=group on the same files, and keeps the unadapted figures beside them."""
+    data = write_speaker_dataset(tmp_path / "speakers")
+    run = tmp_path / "run"
+    # Batches larger than a speaker's 12 windows: both adapt each group in one batch.
+    proc = cli("data=folder", f"data.root={data}", "data.label_regex='^([a-z]+)_'",
+               "data.group_regex='^[a-z]+_([a-z]+)_'", "data.split=group",
+               "data.test_groups=[bob,cy]", "data.val_fraction=0", "features.n_fft=64",
+               "features.hop_length=16", "features.win_length=64", "features.size=[16,16]",
+               "models=[resnet,svm]", "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2",
+               "train.epochs=2", "train.batch_size=64", "evaluate.adapt_bn=group",
+               f"hydra.run.dir={run}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    resnet, svm = metrics["models"]["resnet"], metrics["models"]["svm"]
+    assert resnet["adapt_bn"] == "group" and "adapt_bn" not in svm and "unadapted" not in svm
+    report = (run / "report.md").read_text()
+    assert "`evaluate.adapt_bn=group`, AdaBN); without that, accuracy " in report
+    assert f"without that, accuracy {resnet['unadapted']['accuracy']:.4f}" in report
+
+    model = run / "models" / "resnet"
+    for adapt, hydra_dir in (("group", "adapted"), ("false", "unadapted")):
+        out = tmp_path / hydra_dir
+        proc = cli("task=predict", f"predict.model={model}", f"predict.input={data}",
+                   f"predict.adapt_bn={adapt}", f"hydra.run.dir={out}")  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rows = {r["path"]: r for r in read_csv(out / "predictions.csv")}
+        tested = [r for p, r in rows.items() if Path(p).parent.name in ("bob", "cy")]
+        # the class is the file name's first word (the folders are speakers)
+        accuracy = np.mean([r["predicted"] == Path(r["path"]).name.split("_")[0] for r in tested])
+        if adapt == "false":  # one window per file: file and window accuracy agree
+            assert len(tested) == 24
+            assert accuracy == pytest.approx(resnet["unadapted"]["accuracy"])
+            continue
+        assert accuracy == pytest.approx(resnet["accuracy"])
+        evaluated = read_csv(run / "predictions" / "resnet.csv")
+        assert len(evaluated) == 24
+        for e in evaluated:
+            probs = softmax(np.array([float(e[f"score_{c}"]) for c in ("high", "low", "mid")]))
+            assert float(rows[e["path"]]["confidence"]) == pytest.approx(probs.max(), rel=1e-4)
+            assert rows[e["path"]]["predicted"] == e["predicted"]
+
+
+@pytest.mark.slow
 def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     data = write_speaker_dataset(tmp_path / "speakers")
     common = ["data=folder", f"data.root={data}", "data.label_regex='^([a-z]+)_'",
@@ -305,6 +350,7 @@ def _reader(bundle):
 def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, monkeypatch, caplog):
     import re
 
+    from pipeline.adapt import batchnorm_state
     from pipeline.bundle import load_bundle
     from pipeline.tasks.predict import Classifier, adapt_batchnorm
 
@@ -313,14 +359,14 @@ def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, monk
     read = _reader(bundle)
     files = sorted((trained / "tones").rglob("*.wav"))
     loaded = [(f, read(f)) for f in files]
-    before = classify.batchnorm_state()
+    before = batchnorm_state(classify.model)
     pattern = re.compile(r"^([a-z]+)_")  # the class as the group: three groups of six files
     # Batches of 4 windows: each group's statistics are folded in over several batches.
     states = adapt_batchnorm(
         classify, iter(loaded), pattern, profiles=None, batch_size=4, progress=False
     )
     assert sorted(states) == ["high", "low", "mid"]
-    after = classify.batchnorm_state()
+    after = batchnorm_state(classify.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the bundle's own are back
     # The first batch norm sees the stem convolution's output, which no statistic changes:
     # its running mean must be the mean over all the group's images, each weighted alike.

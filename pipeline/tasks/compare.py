@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import atomic, report
+from pipeline.adapt import ADAPT_BN, adapted_logits
 from pipeline.bundle import package_versions, save_bundle
 from pipeline.data.dataset import Segmenting, iter_windows, probe_length, segmenting
 from pipeline.data.records import Record, find_records
@@ -349,12 +350,19 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     stft_params(cfg)  # a bad feature setting fails now; auto sizes are chosen with the data
     per_group = cfg.features.get("per_group", False)
     check_per_group(per_group)
-    if per_group and not cfg.data.get("group_regex") and not cfg.data.get("manifest"):
+    adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", False)
+    if adapt_bn not in ADAPT_BN:
         raise ConfigError(
-            f"features.per_group={per_group} needs each file's group (speaker, microphone): "
-            "set data.group_regex, e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav, or give a "
-            "data.manifest with a group column"
+            f"evaluate.adapt_bn={adapt_bn!r} must be false or group (re-estimate the networks' "
+            "batch-norm statistics on each test group's own images before classifying it)"
         )
+    for key, value in (("features.per_group", per_group), ("evaluate.adapt_bn", adapt_bn)):
+        if value and not cfg.data.get("group_regex") and not cfg.data.get("manifest"):
+            raise ConfigError(
+                f"{key}={value} needs each file's group (speaker, microphone): set "
+                "data.group_regex, e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav, or give a "
+                "data.manifest with a group column"
+            )
     settings = train_settings(cfg)
     device = setup_distributed(resolve_device(cfg.device))
     rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
@@ -427,6 +435,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
     }
     test_paths = [str(records[i].path) for i in ex.record[masks["test"]]]
+    test_groups = np.array(
+        [records[i].group or "" for i in ex.record[masks["test"]]], dtype=object
+    )  # fmt: skip
+    if adapt_bn and (test_groups == "").any():
+        log.warning(
+            "evaluate.adapt_bn: %d test window(s) have no group and are adapted to together",
+            int((test_groups == "").sum()),
+        )
     test_starts = ex.start[masks["test"]] / data.sample_rate
     segmented = len(ex.record) > len(set(ex.record.tolist()))
 
@@ -462,6 +478,17 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             scores = predict_logits(model, x_te, device=device, amp=settings.amp).numpy()
             infer_seconds = time.perf_counter() - t0
             extra = {"best_epoch": result.best_epoch}
+            if adapt_bn:
+                # AdaBN: each test group classified with batch-norm statistics of its own
+                # images; the unadapted figures are kept beside them.
+                extra["unadapted"] = _accuracies(scores, y_te.numpy(), ex.record[masks["test"]])
+                t0 = time.perf_counter()
+                scores = adapted_logits(
+                    model, x_te, test_groups, batch_size=settings.batch_size, device=device,
+                    amp=settings.amp, seed=cfg.seed,
+                ).numpy()  # fmt: skip
+                extra["adapt_bn"] = adapt_bn
+                extra["adapt_seconds"] = time.perf_counter() - t0
         else:
             log.info(
                 "%s: fitting %s with a grid search on the training split",
@@ -551,6 +578,15 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         )
     print(f"report: {report_path} and {report_path.with_suffix('.html')}")
     return metrics
+
+
+def _accuracies(scores: np.ndarray, y: np.ndarray, record: np.ndarray) -> dict[str, float]:
+    """Window accuracy and (where a file has several windows) file accuracy of scores."""
+    out = {"accuracy": float(np.mean(scores.argmax(1) == y))}
+    if len(record) > len(set(record.tolist())):
+        y_files, pred_files = file_level_predictions(scores, y, record)
+        out["file_accuracy"] = float(np.mean(y_files == pred_files))
+    return out
 
 
 def _build(cfg: DictConfig, name: str, *, n_classes: int, in_channels: int, seed: int):

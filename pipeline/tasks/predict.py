@@ -27,11 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import atomic
+from pipeline.adapt import (
+    ADAPT_BN,
+    ADAPT_WINDOWS,
+    adapted_state,
+    batchnorm_state,
+    enough_windows,
+    use_batchnorm,
+)
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.data.records import compile_regex
 from pipeline.data.segments import segment
@@ -42,16 +49,7 @@ from pipeline.signals import SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
 AGGREGATES = ("mean", "vote", "max")
-ADAPT_BN = (False, "group")
-# predict.adapt_bn: windows per group that give its batch-norm statistics (a random sample
-# beyond this many), the fewest for which they are re-estimated at all, and the fewest
-# without a warning that they are noisy.
-ADAPT_WINDOWS = 4096
-MIN_ADAPT_WINDOWS = 2
-FEW_ADAPT_WINDOWS = 32
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -95,47 +93,6 @@ class Classifier:
         """Normalised images of windows (n, channels, samples), on the device."""
         images = self.front(torch.from_numpy(windows).to(self.device)).float()
         return self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
-
-    def batchnorm_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the network's batch-norm tensors (running mean, variance and count, and
-        the unchanged weight and bias)."""
-        names = {n for n, m in self.model.named_modules() if isinstance(m, BATCHNORMS)}
-        return {
-            k: v.detach().clone()
-            for k, v in self.model.state_dict().items()
-            if k.rpartition(".")[0] in names
-        }
-
-    def use_batchnorm(self, state: dict[str, torch.Tensor]) -> None:
-        """Load batch-norm buffers from :meth:`batchnorm_state` (a group's, or the bundle's)."""
-        result = self.model.load_state_dict(state, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
-
-    @torch.no_grad()
-    def adapt(self, images: torch.Tensor, seen: int) -> None:
-        """Fold a batch of one group's images into the loaded batch-norm statistics.
-
-        ``seen`` images are in them already (0 resets them): each layer's running mean and
-        variance become the means of the batch statistics so far, each batch weighted by its
-        number of images, each layer normalising with its batch statistics as in training
-        (AdaBN, Li et al. 2016, https://arxiv.org/abs/1603.04779). With shuffled batches of a
-        group, that is the group's mean and (up to the small spread between batch means) its
-        variance.
-        """
-        layers = [m for m in self.model.modules() if isinstance(m, BATCHNORMS)]
-        momenta = [m.momentum for m in layers]
-        for m in layers:
-            if seen == 0:
-                m.reset_running_stats()
-            m.momentum = len(images) / (seen + len(images))
-        self.model.train()
-        try:
-            with autocast(self.device, True):
-                self.model(images.contiguous(memory_format=torch.channels_last))
-        finally:
-            self.model.eval()
-            for m, momentum in zip(layers, momenta, strict=True):
-                m.momentum = momentum
 
     @torch.no_grad()
     def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
@@ -344,33 +301,22 @@ def adapt_batchnorm(
                 reservoir.append(image)
             elif (j := int(rng.integers(t + 1))) < ADAPT_WINDOWS:
                 reservoir[j] = image
-    trained = classify.batchnorm_state()
+    trained = batchnorm_state(classify.model)
     states: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for g in sorted(kept):
-            if len(kept[g]) < MIN_ADAPT_WINDOWS:
-                log.warning(
-                    "predict.adapt_bn: group %r has %d window: it keeps the trained batch-norm "
-                    "statistics", g, len(kept[g]),
-                )  # fmt: skip
+            if not enough_windows(
+                "predict.adapt_bn", g, len(kept[g]), regex_key="predict.group_regex"
+            ):
                 states[g] = trained
                 continue
-            if len(kept[g]) < FEW_ADAPT_WINDOWS:
-                log.warning(
-                    "predict.adapt_bn: group %r has only %d windows, so its batch-norm "
-                    "statistics are noisy; group more files together (predict.group_regex)",
-                    g, len(kept[g]),
-                )  # fmt: skip
-            sample = kept.pop(g)
-            images = torch.stack(sample)[torch.from_numpy(rng.permutation(len(sample)))]
-            classify.use_batchnorm(trained)
-            done = 0
-            for batch in torch.tensor_split(images, -(-len(images) // batch_size)):
-                classify.adapt(batch.to(classify.device), done)
-                done += len(batch)
-            states[g] = classify.batchnorm_state()
+            use_batchnorm(classify.model, trained)
+            states[g] = adapted_state(
+                classify.model, torch.stack(kept.pop(g)), batch_size=batch_size, rng=rng,
+                device=classify.device,
+            )  # fmt: skip
     finally:
-        classify.use_batchnorm(trained)
+        use_batchnorm(classify.model, trained)
     if "" in files_in:
         log.warning(
             "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
@@ -518,7 +464,7 @@ def predict_folder(
             "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
             len(adapted), ", ".join(repr(g) for g in adapted) or "none",
         )  # fmt: skip
-    trained_bn = classify.batchnorm_state() if adapted is not None else None
+    trained_bn = batchnorm_state(classify.model) if adapted is not None else None
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
         handles = [stack.enter_context(open(t, "w", newline="", encoding="utf-8")) for t in tmps]
@@ -553,12 +499,12 @@ def predict_folder(
                 try:
                     for g in dict.fromkeys(group_of):
                         rows = group_of == g
-                        classify.use_batchnorm(adapted[g])
+                        use_batchnorm(classify.model, adapted[g])
                         probs[rows] = classify(
                             windows[rows], None if shift is None else shift[rows]
                         )
                 finally:
-                    classify.use_batchnorm(trained_bn)
+                    use_batchnorm(classify.model, trained_bn)
             at = 0
             for f, _ in pending:
                 p = probs[at : at + f.n]
