@@ -323,6 +323,38 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     assert [r["confidence"] for r in regrouped] != [
         rows[r["path"]]["confidence"] for r in regrouped
     ]
+    # With the batch-norm adaptation too: one pass gives both, and the adapted statistics are
+    # those of the group's images with its profile removed (AdaBN by hand, one batch).
+    out = tmp_path / "adapted"
+    proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
+               f"predict.input={data / 'cy'}", "predict.adapt_bn=group",
+               f"hydra.run.dir={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log_text = (out / "run.log").read_text()
+    assert "profiles of 1 group(s) from the input: 'cy'" in log_text
+    assert "batch-norm statistics of 1 group(s) from the input: 'cy'" in log_text
+    adapted = {r["path"]: r for r in read_csv(out / "predictions.csv")}
+    from pipeline.bundle import load_bundle
+    from pipeline.tasks.predict import Classifier
+
+    classify = Classifier(load_bundle(run / "models" / "resnet"), device=torch.device("cpu"))
+    read = _reader(classify.bundle)
+    files = sorted((data / "cy").glob("*.wav"))
+    windows = [read(f) for f in files]
+    with torch.no_grad():
+        images = classify.images(np.concatenate(windows))
+        profile = images.mean(dim=3).mean(dim=0)[..., None]  # (channels, height, 1)
+        for m in classify.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = 1.0
+        classify.model.train()
+        classify.model(images - profile)
+        classify.model.eval()
+    for f, w in zip(files, windows, strict=True):
+        probs = classify(w, (profile[None].expand(len(w), -1, -1, -1)).numpy()).mean(axis=0)
+        assert float(adapted[str(f)]["confidence"]) == pytest.approx(probs.max(), rel=1e-4)
+    assert [r["confidence"] for r in adapted.values()] != [rows[p]["confidence"] for p in adapted]
 
 
 def test_files_a_group_regex_does_not_match_share_one_group():
@@ -347,12 +379,16 @@ def _reader(bundle):
     )  # fmt: skip
 
 
-def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, monkeypatch, caplog):
+def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, caplog):
     import re
 
-    from pipeline.adapt import batchnorm_state
+    from pipeline.adapt import ADAPT_WINDOWS, batchnorm_state
     from pipeline.bundle import load_bundle
-    from pipeline.tasks.predict import Classifier, adapt_batchnorm
+    from pipeline.tasks.predict import Classifier, adapt_batchnorm, group_pass
+
+    def adapt(loaded, keep=ADAPT_WINDOWS):
+        seen = group_pass(classify, iter(loaded), pattern, keep=keep, progress=False)
+        return adapt_batchnorm(classify, seen, pattern, profiles=None, batch_size=4)
 
     bundle = load_bundle(trained / "run" / "models" / "resnet")
     classify = Classifier(bundle, device=torch.device("cpu"))
@@ -362,9 +398,7 @@ def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, monk
     before = batchnorm_state(classify.model)
     pattern = re.compile(r"^([a-z]+)_")  # the class as the group: three groups of six files
     # Batches of 4 windows: each group's statistics are folded in over several batches.
-    states = adapt_batchnorm(
-        classify, iter(loaded), pattern, profiles=None, batch_size=4, progress=False
-    )
+    states = adapt(loaded)
     assert sorted(states) == ["high", "low", "mid"]
     after = batchnorm_state(classify.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the bundle's own are back
@@ -381,19 +415,17 @@ def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, monk
         torch.testing.assert_close(states[group][f"{bn}.running_mean"], expected, atol=1e-5, rtol=0)
         assert not torch.allclose(states[group][f"{bn}.running_mean"], before[f"{bn}.running_mean"])
     # The file order does not matter to that mean; beyond ADAPT_WINDOWS a random sample is used.
-    backwards = adapt_batchnorm(
-        classify, iter(loaded[::-1]), pattern, profiles=None, batch_size=4, progress=False
-    )
+    backwards = adapt(loaded[::-1])
     for group in states:
         torch.testing.assert_close(
             backwards[group][f"{bn}.running_mean"], states[group][f"{bn}.running_mean"]
         )
-    monkeypatch.setattr("pipeline.tasks.predict.ADAPT_WINDOWS", 4)
     with caplog.at_level("INFO", logger="pipeline.tasks.predict"):
-        sampled = adapt_batchnorm(
-            classify, iter(loaded), pattern, profiles=None, batch_size=4, progress=False
-        )
+        sampled = adapt(loaded, keep=4)
     assert sorted(sampled) == sorted(states)
+    # The reservoir holds 4 of each group's windows, each as likely as any other.
+    seen = group_pass(classify, iter(loaded), pattern, keep=4, progress=False)
+    assert all(len(seen.kept[g]) == 4 < seen.windows[g] for g in states)
     assert "3 group(s) have more than 4 windows; a random 4 of each" in caplog.text
 
 

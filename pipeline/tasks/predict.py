@@ -5,11 +5,11 @@ normalisation) comes from the bundle, never from the current config. Files are
 read one at a time and their windows classified in batches, so memory stays
 bounded whatever the number of files; the output CSVs are written to temporary
 files and renamed when complete. A bundle trained with ``features.per_group=freq``
-needs each group's mean frequency profile first: a first pass over the files
-computes them (groups by ``predict.group_regex``), the second classifies. With
-``predict.adapt_bn=group`` a pass before the last re-estimates a network's batch-norm
-statistics on each group's own images (AdaBN), which adapts it to a recording
-condition it never saw, without labels.
+needs each group's mean frequency profile first, and ``predict.adapt_bn=group``
+re-estimates a network's batch-norm statistics on each group's own images (AdaBN),
+which adapts it to a recording condition it never saw, without labels: for either or
+both, a first pass over the files gathers each group's images (groups by
+``predict.group_regex``), the second classifies.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -229,104 +229,114 @@ def _ungrouped(pattern: re.Pattern | None) -> str:
     return f"match no group_regex ({pattern.pattern!r})" if pattern else "have no group_regex"
 
 
-def group_profiles(
+@dataclass
+class GroupImages:
+    """What one pass over the input gathers per group (a speaker, a microphone)."""
+
+    keep: int  # the most images kept per group
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # (channels, height) float64
+    windows: dict[str, int] = field(default_factory=dict)  # windows seen
+    files: dict[str, int] = field(default_factory=dict)  # readable files
+    kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # sampled images, CPU
+
+
+def group_pass(
     classify: Classifier,
     files: Iterator[tuple[Path, np.ndarray | str]],
     pattern: re.Pattern | None,
     *,
+    keep: int,
     progress: bool,
-) -> dict[str, np.ndarray]:
-    """Each group's mean frequency profile (channels, height, 1) over its windows and time,
-    as :func:`pipeline.features.stft.group_profiles` computes it in training.
-    Unreadable files are left out here; the classifying pass reports them."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    files_in: dict[str, int] = {}
-    for path, windows in tqdm(files, desc="group profiles", unit="file", disable=not progress):
-        if isinstance(windows, str):
+) -> GroupImages:
+    """One read of the input for the steps that need each group before classifying it:
+    the sums behind each group's mean frequency profile (``features.per_group``) and, with
+    ``keep`` > 0, a seeded reservoir sample of at most ``keep`` images per group for
+    :func:`adapt_batchnorm`, so memory stays bounded. Unreadable files are left out here;
+    the classifying pass reports them."""
+    rng = np.random.default_rng(0)
+    out = GroupImages(keep=keep)
+    for path, windows in tqdm(files, desc="groups", unit="file", disable=not progress):
+        if isinstance(windows, str) or not len(windows):
             continue
-        # float64 on the CPU (MPS has no float64): (channels, height)
-        rows = classify.images(windows).mean(dim=3).sum(dim=0).cpu().double()
         g = file_group(path, pattern)
-        sums[g] = sums.get(g, 0) + rows
-        counts[g] = counts.get(g, 0) + len(windows)
-        files_in[g] = files_in.get(g, 0) + 1
-    if "" in files_in:
+        images = classify.images(windows)  # (n, channels, height, width)
+        # float64 on the CPU (MPS has no float64): (channels, height)
+        out.sums[g] = out.sums.get(g, 0) + images.mean(dim=3).sum(dim=0).cpu().double()
+        out.files[g] = out.files.get(g, 0) + 1
+        n = out.windows.get(g, 0)
+        out.windows[g] = n + len(windows)
+        if keep:
+            reservoir = out.kept.setdefault(g, [])
+            for t, image in enumerate(images.cpu(), start=n):  # t windows of g before it
+                if t < keep:
+                    reservoir.append(image)
+                elif (j := int(rng.integers(t + 1))) < keep:
+                    reservoir[j] = image
+    return out
+
+
+def group_profiles(seen: GroupImages, pattern: re.Pattern | None) -> dict[str, np.ndarray]:
+    """Each group's mean frequency profile (channels, height, 1) over its windows and time,
+    as :func:`pipeline.features.stft.group_profiles` computes it in training."""
+    if "" in seen.files:
         log.warning(
             "features.per_group: %d file(s) %s and form one group; its mean profile is removed "
             "from each of them, which is right only if they share a microphone or speaker and "
-            "hold a mix of classes", files_in[""], _ungrouped(pattern),
+            "hold a mix of classes", seen.files[""], _ungrouped(pattern),
         )  # fmt: skip
-    return {g: (sums[g] / counts[g]).numpy()[..., None].astype(np.float32) for g in sorted(sums)}
+    return {
+        g: (seen.sums[g] / seen.windows[g]).numpy()[..., None].astype(np.float32)
+        for g in sorted(seen.sums)
+    }
 
 
 def adapt_batchnorm(
     classify: Classifier,
-    files: Iterator[tuple[Path, np.ndarray | str]],
+    seen: GroupImages,
     pattern: re.Pattern | None,
     *,
     profiles: dict[str, np.ndarray] | None,
     batch_size: int,
-    progress: bool,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each group's batch-norm statistics, re-estimated on its own images (AdaBN).
 
-    Up to :data:`ADAPT_WINDOWS` windows per group are kept (a seeded reservoir sample
-    beyond that, so memory stays bounded), shuffled with a fixed seed so that each batch
-    mixes the group's classes whatever the file order, and passed through the network in
-    equal batches of at most ``batch_size``, as in training. A group of one window keeps
-    the trained statistics; under :data:`FEW_ADAPT_WINDOWS` a warning says they are noisy. The
-    model's own statistics are restored afterwards. Unreadable files are left out here;
-    the classifying pass reports them.
+    The images :func:`group_pass` kept (less the group's profile, for a bundle with
+    ``features.per_group``) are shuffled with a fixed seed, so that each batch mixes the
+    group's classes whatever the file order, and passed through the network in equal
+    batches of at most ``batch_size``, as in training. A group of one window keeps the
+    trained statistics; a group of few gets a warning that they are noisy. The model's own
+    statistics are restored afterwards.
     """
     rng = np.random.default_rng(0)
-    kept: dict[str, list[torch.Tensor]] = {}  # per group, single windows' images on the CPU
-    seen: dict[str, int] = {}
-    files_in: dict[str, int] = {}
-    for path, windows in tqdm(files, desc="adapt batch norm", unit="file", disable=not progress):
-        if isinstance(windows, str) or not len(windows):
-            continue
-        g = file_group(path, pattern)
-        if profiles is not None and g not in profiles:
-            continue  # readable only since the profile pass: the classifying pass reports it
-        files_in[g] = files_in.get(g, 0) + 1
-        images = classify.images(windows)
-        if profiles is not None:
-            images = images - torch.from_numpy(profiles[g]).to(classify.device)
-        reservoir = kept.setdefault(g, [])
-        for image in images.cpu():
-            t = seen.get(g, 0)
-            seen[g] = t + 1
-            if t < ADAPT_WINDOWS:
-                reservoir.append(image)
-            elif (j := int(rng.integers(t + 1))) < ADAPT_WINDOWS:
-                reservoir[j] = image
     trained = batchnorm_state(classify.model)
     states: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        for g in sorted(kept):
+        for g in sorted(seen.kept):
+            sample = seen.kept[g]
             if not enough_windows(
-                "predict.adapt_bn", g, len(kept[g]), regex_key="predict.group_regex"
+                "predict.adapt_bn", g, len(sample), regex_key="predict.group_regex"
             ):
                 states[g] = trained
                 continue
+            images = torch.stack(sample)
+            if profiles is not None:
+                images = images - torch.from_numpy(profiles[g])
             use_batchnorm(classify.model, trained)
             states[g] = adapted_state(
-                classify.model, torch.stack(kept.pop(g)), batch_size=batch_size, rng=rng,
-                device=classify.device,
-            )  # fmt: skip
+                classify.model, images, batch_size=batch_size, rng=rng, device=classify.device
+            )
     finally:
         use_batchnorm(classify.model, trained)
-    if "" in files_in:
+    if "" in seen.files:
         log.warning(
             "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
-            "are re-estimated together", files_in[""], _ungrouped(pattern),
+            "are re-estimated together", seen.files[""], _ungrouped(pattern),
         )  # fmt: skip
-    sampled = {g: n for g, n in seen.items() if n > ADAPT_WINDOWS}
+    sampled = [g for g in seen.kept if seen.windows[g] > seen.keep]
     if sampled:
         log.info(
             "predict.adapt_bn: %d group(s) have more than %d windows; a random %d of each "
-            "gave its statistics", len(sampled), ADAPT_WINDOWS, ADAPT_WINDOWS,
+            "gave its statistics", len(sampled), seen.keep, seen.keep,
         )  # fmt: skip
     return states
 
@@ -427,11 +437,12 @@ def predict_folder(
 
     Files are read and cut into windows by ``workers`` processes (0: in this one),
     a bounded number ahead of the classifier, and their rows written in the order
-    they were found. For a bundle with ``features.per_group``, a first pass computes
-    each group's profile (files grouped by ``group_pattern``; files it does not
-    match, or all of them without one, form one group). With ``adapt_bn`` another
-    pass re-estimates a network's batch-norm statistics per group
-    (:func:`adapt_batchnorm`), and each group's files are classified with its own.
+    they were found. For a bundle with ``features.per_group``, or with ``adapt_bn``, a
+    first pass (:func:`group_pass`) reads every file once, grouped by ``group_pattern``
+    (files it does not match, or all of them without one, form one group); it gives each
+    group's profile and the images that re-estimate a network's batch-norm statistics
+    per group (:func:`adapt_batchnorm`). Each group's files are then classified with its
+    own.
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
@@ -445,25 +456,26 @@ def predict_folder(
     counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
     start_time = time.perf_counter()
     reader = WindowReader(rate, read, length, hop, pad, classify.in_channels)
-    profiles = None
-    if bundle.normalizer.per_group:
+    profiles = adapted = None
+    if bundle.normalizer.per_group or adapt_bn:
+        # One read of the input before the classifying one gathers what each group needs.
         files = read_files(source, reader, workers=workers)
-        profiles = group_profiles(classify, files, group_pattern, progress=progress)
-        log.info(
-            "features.per_group: profiles of %d group(s) from the input: %s",
-            len(profiles), ", ".join(repr(g) for g in profiles) or "none",
-        )  # fmt: skip
-    adapted = None
-    if adapt_bn:
-        files = read_files(source, reader, workers=workers)
-        adapted = adapt_batchnorm(
-            classify, files, group_pattern, profiles=profiles, batch_size=batch_size,
-            progress=progress,
-        )  # fmt: skip
-        log.info(
-            "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
-            len(adapted), ", ".join(repr(g) for g in adapted) or "none",
-        )  # fmt: skip
+        seen = group_pass(classify, files, group_pattern, keep=ADAPT_WINDOWS if adapt_bn else 0,
+                          progress=progress)  # fmt: skip
+        if bundle.normalizer.per_group:
+            profiles = group_profiles(seen, group_pattern)
+            log.info(
+                "features.per_group: profiles of %d group(s) from the input: %s",
+                len(profiles), ", ".join(repr(g) for g in profiles) or "none",
+            )  # fmt: skip
+        if adapt_bn:
+            adapted = adapt_batchnorm(
+                classify, seen, group_pattern, profiles=profiles, batch_size=batch_size
+            )
+            log.info(
+                "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
+                len(adapted), ", ".join(repr(g) for g in adapted) or "none",
+            )  # fmt: skip
     trained_bn = batchnorm_state(classify.model) if adapted is not None else None
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
