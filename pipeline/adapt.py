@@ -49,14 +49,18 @@ def use_batchnorm(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def fold_batch(model: nn.Module, images: Tensor, seen: int, *, device: torch.device) -> None:
+def fold_batch(
+    model: nn.Module, images: Tensor, seen: int, *, device: torch.device, amp: bool = True
+) -> None:
     """Fold a batch of one group's images (on ``device``) into the batch-norm statistics.
 
     ``seen`` images are in them already (0 resets them): each layer's running mean and
     variance become the means of the batch statistics so far, each batch weighted by its
     number of images, each layer normalising with its batch statistics as in training. With
     shuffled batches of a group, that is the group's mean and (up to the small spread between
-    batch means) its variance. Each layer's momentum is restored afterwards.
+    batch means) its variance. Only the batch norms run in training mode: stochastic depth
+    (``resnet.drop_path``) and any dropout stay off, as when the statistics are used. Each
+    layer's momentum is restored afterwards.
     """
     layers = [m for m in model.modules() if isinstance(m, BATCHNORMS)]
     momenta = [m.momentum for m in layers]
@@ -64,36 +68,16 @@ def fold_batch(model: nn.Module, images: Tensor, seen: int, *, device: torch.dev
         if seen == 0:
             m.reset_running_stats()
         m.momentum = len(images) / (seen + len(images))
-    model.train()
+    model.eval()
+    for m in layers:
+        m.train()
     try:
-        with autocast(device, True):
+        with autocast(device, amp):
             model(images.contiguous(memory_format=torch.channels_last))
     finally:
         model.eval()
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
-
-
-def adapted_state(
-    model: nn.Module,
-    images: Tensor,
-    *,
-    batch_size: int,
-    rng: np.random.Generator,
-    device: torch.device,
-) -> dict[str, Tensor]:
-    """A group's batch-norm statistics from its images (n, channels, height, width).
-
-    The images are shuffled (so each batch mixes the group's classes whatever their order)
-    and folded in equal batches of at most ``batch_size``. The model keeps the adapted
-    statistics; the caller restores the trained ones with :func:`use_batchnorm`.
-    """
-    images = images[torch.from_numpy(rng.permutation(len(images)))]
-    done = 0
-    for batch in torch.tensor_split(images, -(-len(images) // batch_size)):
-        fold_batch(model, batch.to(device), done, device=device)
-        done += len(batch)
-    return batchnorm_state(model)
 
 
 def enough_windows(key: str, group: str, n: int, *, regex_key: str) -> bool:
@@ -112,6 +96,46 @@ def enough_windows(key: str, group: str, n: int, *, regex_key: str) -> bool:
     return True
 
 
+def group_states(
+    model: nn.Module,
+    samples: dict[str, Tensor],
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: bool = True,
+    seed: int = 0,
+    key: str,
+    regex_key: str,
+) -> dict[str, dict[str, Tensor]]:
+    """Each group's batch-norm statistics from a sample of its images (n, C, H, W).
+
+    A group's images are shuffled with a seeded generator (so each batch mixes its classes
+    whatever their order) and folded in equal batches of at most ``batch_size``, as in
+    training. A group of one image keeps the trained statistics, and a group of few gets a
+    warning (``key`` and ``regex_key`` name the settings). The model's trained statistics
+    are restored afterwards, also on an error.
+    """
+    rng = np.random.default_rng(seed)
+    trained = batchnorm_state(model)
+    states: dict[str, dict[str, Tensor]] = {}
+    try:
+        for g in sorted(samples):
+            images = samples[g]
+            if not enough_windows(key, g, len(images), regex_key=regex_key):
+                states[g] = trained
+                continue
+            use_batchnorm(model, trained)
+            images = images[torch.from_numpy(rng.permutation(len(images)))]
+            done = 0
+            for batch in torch.tensor_split(images, -(-len(images) // batch_size)):
+                fold_batch(model, batch.to(device), done, device=device, amp=amp)
+                done += len(batch)
+            states[g] = batchnorm_state(model)
+    finally:
+        use_batchnorm(model, trained)
+    return states
+
+
 def adapted_logits(
     model: nn.Module,
     x: Tensor,
@@ -121,38 +145,34 @@ def adapted_logits(
     device: torch.device,
     amp: bool,
     seed: int = 0,
+    key: str,
+    regex_key: str,
 ) -> Tensor:
     """Logits (N, n_classes) of images ``x`` (N, C, H, W), each group's with its own
     batch-norm statistics (``groups``: N labels); returned on the CPU.
 
     At most :data:`ADAPT_WINDOWS` images of a group (a seeded random sample) give its
-    statistics. The model's trained statistics are restored afterwards.
+    statistics (:func:`group_states`). The model's trained statistics are restored
+    afterwards.
     """
     rng = np.random.default_rng(seed)
+    index = {g: np.flatnonzero(groups == g) for g in sorted(set(groups.tolist()))}
+    samples = {
+        g: x[torch.from_numpy(i if len(i) <= ADAPT_WINDOWS else
+                              np.sort(rng.choice(i, ADAPT_WINDOWS, replace=False)))]
+        for g, i in index.items()
+    }  # fmt: skip
+    states = group_states(model, samples, batch_size=batch_size, device=device, amp=amp,
+                          seed=seed, key=key, regex_key=regex_key)  # fmt: skip
     trained = batchnorm_state(model)
-    logits: Tensor | None = None
+    logits = torch.empty(len(x), 0)
     try:
-        for g in sorted(set(groups.tolist())):
-            idx = np.flatnonzero(groups == g)
-            use_batchnorm(model, trained)
-            if enough_windows("evaluate.adapt_bn", g, len(idx), regex_key="data.group_regex"):
-                sample = (
-                    idx
-                    if len(idx) <= ADAPT_WINDOWS
-                    else rng.choice(idx, ADAPT_WINDOWS, replace=False)
-                )
-                adapted_state(
-                    model,
-                    x[torch.from_numpy(sample)],
-                    batch_size=batch_size,
-                    rng=rng,
-                    device=device,
-                )
-            part = predict_logits(model, x[torch.from_numpy(idx)], device=device, amp=amp)
-            if logits is None:
+        for g, i in index.items():
+            use_batchnorm(model, states[g])
+            part = predict_logits(model, x[torch.from_numpy(i)], device=device, amp=amp)
+            if logits.shape[1] == 0:
                 logits = torch.empty(len(x), part.shape[1])
-            logits[torch.from_numpy(idx)] = part
+            logits[torch.from_numpy(i)] = part
     finally:
         use_batchnorm(model, trained)
-    assert logits is not None, "no images to classify"
     return logits

@@ -203,16 +203,21 @@ def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
     assert torch.equal(drop.eval()(x), x)
 
 
-def test_a_dropped_block_is_its_shortcut_and_evaluation_ignores_drop_path():
+@pytest.mark.parametrize("projection", [False, True], ids=["identity", "projection"])
+def test_a_dropped_block_is_its_shortcut_and_evaluation_ignores_drop_path(projection):
     torch.manual_seed(0)
-    block = BasicBlock(4, 4, shortcut=nn.Identity(), drop_path=0.5).train()
+    out_planes, stride = (8, 2) if projection else (4, 1)
+    shortcut = R.ProjectionShortcut(4, 8, 2) if projection else nn.Identity()
+    block = BasicBlock(4, out_planes, stride, shortcut=shortcut, drop_path=0.5).train()
     x = torch.randn(64, 4, 5, 5)
     out = block(x)
-    # The branch in training mode (batch statistics, so the same as inside the call).
+    # The branch and shortcut in training mode (batch statistics: the same as inside the call).
     branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+    short = shortcut(x)
     through = [torch.allclose(o, torch.relu(b / 0.5 + i), atol=1e-5) for o, b, i in
-               zip(out, branch, x, strict=True)]  # fmt: skip
-    skipped = [torch.equal(o, torch.relu(i)) for o, i in zip(out, x, strict=True)]
+               zip(out, branch, short, strict=True)]  # fmt: skip
+    skipped = [torch.allclose(o, torch.relu(i), atol=1e-6) for o, i in
+               zip(out, short, strict=True)]  # fmt: skip
     assert all(t or s for t, s in zip(through, skipped, strict=True))
     assert 10 < sum(skipped) < 54  # both happen: about half of 64 are dropped
 
@@ -235,8 +240,9 @@ def test_a_dropped_block_is_its_shortcut_and_evaluation_ignores_drop_path():
         {"depth": 20},
         {"depth": 20, "residual": False},
         {"arch": "resnet18", "width": 0.25, "stem": "small"},
+        {"depth": 20, "drop_path": 0.2},
     ],
-    ids=["resnet20", "plain20", "resnet18-small"],
+    ids=["resnet20", "plain20", "resnet18-small", "resnet20-drop-path"],
 )
 def test_overfits_one_small_batch(kwargs):
     torch.manual_seed(0)

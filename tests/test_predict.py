@@ -250,6 +250,13 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     resnet, svm = metrics["models"]["resnet"], metrics["models"]["svm"]
     assert resnet["adapt_bn"] == "group" and "adapt_bn" not in svm and "unadapted" not in svm
+    # The bundle keeps the trained statistics: those of the last epoch's checkpoint.
+    from pipeline.bundle import load_bundle
+
+    saved = load_bundle(run / "models" / "resnet").model.state_dict()
+    last = torch.load(run / "checkpoints" / "resnet.pt", weights_only=False)["model"]
+    means = [k for k in saved if k.endswith("running_mean")]
+    assert means and all(torch.equal(saved[k], last[k]) for k in means)
     report = (run / "report.md").read_text()
     assert "`evaluate.adapt_bn=group`, AdaBN); without that, accuracy " in report
     assert f"without that, accuracy {resnet['unadapted']['accuracy']:.4f}" in report

@@ -33,6 +33,7 @@ output logits (N, num_classes) independent of the image size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -293,7 +294,7 @@ class ResNet(nn.Module):
     Raises:
         ConfigError: (a ``ValueError``) for an unknown ``stem`` or ``shortcut``,
             ``zero_init_residual=True`` or ``drop_path > 0`` with
-        ``residual=False``, or ``drop_path`` outside [0, 1).
+            ``residual=False``, or ``drop_path`` outside [0, 1).
     """
 
     def __init__(
@@ -338,18 +339,18 @@ class ResNet(nn.Module):
         self.shortcut_kind = shortcut
         self.residual = residual
         self.in_planes = widths[0]
-        self.drop_path = float(drop_path)
-        self.total_blocks = sum(layers)
-        self.block_index = 0  # blocks built so far, for the linear stochastic-depth rule
         # One draw from the global generator seeds a private one, drawn before any
         # module is built: after the same torch.manual_seed, the residual network
         # (any shortcut option) and its plain twin start from the same weights.
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
 
         self.stem = self._make_stem(stem, in_channels, widths[0])
+        # Stochastic depth's linear rule: block l of L (counted over all stages) drops its
+        # residual branch with probability drop_path * l / L.
+        drops = (drop_path * (i + 1) / sum(layers) for i in range(sum(layers)))
         self.layers = nn.Sequential(
             *[
-                self._make_layer(block, planes, blocks, stride=1 if i == 0 else 2)
+                self._make_layer(block, planes, blocks, stride=1 if i == 0 else 2, drops=drops)
                 for i, (planes, blocks) in enumerate(zip(widths, layers, strict=True))
             ]
         )
@@ -397,16 +398,20 @@ class ResNet(nn.Module):
         return nn.Identity()
 
     def _make_layer(
-        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int
+        self,
+        block: type[BasicBlock | Bottleneck],
+        planes: int,
+        blocks: int,
+        stride: int,
+        drops: Iterator[float],
     ) -> nn.Sequential:
+        """One stage; ``drops`` yields each block's stochastic-depth probability in turn."""
         out_planes = planes * block.expansion
         stage = []
         for i in range(blocks):
             s = stride if i == 0 else 1
             shortcut = self._shortcut(self.in_planes, out_planes, s)
-            self.block_index += 1
-            p = self.drop_path * self.block_index / self.total_blocks
-            stage.append(block(self.in_planes, planes, s, shortcut, drop_path=p))
+            stage.append(block(self.in_planes, planes, s, shortcut, drop_path=next(drops)))
             self.in_planes = out_planes
         return nn.Sequential(*stage)
 

@@ -438,11 +438,17 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     test_groups = np.array(
         [records[i].group or "" for i in ex.record[masks["test"]]], dtype=object
     )  # fmt: skip
+    if adapt_bn and (test_groups == "").all():
+        raise ConfigError(
+            f"evaluate.adapt_bn={adapt_bn} needs each test file's group, and none of the "
+            f"{len(test_groups)} test windows has one; set data.group_regex or add a group "
+            "column to data.manifest"
+        )
     if adapt_bn and (test_groups == "").any():
         log.warning(
-            "evaluate.adapt_bn: %d test window(s) have no group and are adapted to together",
-            int((test_groups == "").sum()),
-        )
+            "evaluate.adapt_bn: %d test window(s) have no group; they form one group whose "
+            "batch-norm statistics are re-estimated together", int((test_groups == "").sum()),
+        )  # fmt: skip
     test_starts = ex.start[masks["test"]] / data.sample_rate
     segmented = len(ex.record) > len(set(ex.record.tolist()))
 
@@ -481,11 +487,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             if adapt_bn:
                 # AdaBN: each test group classified with batch-norm statistics of its own
                 # images; the unadapted figures are kept beside them.
-                extra["unadapted"] = _accuracies(scores, y_te.numpy(), ex.record[masks["test"]])
+                extra["unadapted"] = _scores(
+                    scores, y_te.numpy(), ex.record[masks["test"]], classes, files=segmented
+                )
                 t0 = time.perf_counter()
                 scores = adapted_logits(
                     model, x_te, test_groups, batch_size=settings.batch_size, device=device,
-                    amp=settings.amp, seed=cfg.seed,
+                    amp=settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
+                    regex_key="data.group_regex",
                 ).numpy()  # fmt: skip
                 extra["adapt_bn"] = adapt_bn
                 extra["adapt_seconds"] = time.perf_counter() - t0
@@ -580,10 +589,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     return metrics
 
 
-def _accuracies(scores: np.ndarray, y: np.ndarray, record: np.ndarray) -> dict[str, float]:
-    """Window accuracy and (where a file has several windows) file accuracy of scores."""
-    out = {"accuracy": float(np.mean(scores.argmax(1) == y))}
-    if len(record) > len(set(record.tolist())):
+def _scores(
+    scores: np.ndarray, y: np.ndarray, record: np.ndarray, classes: list[str], *, files: bool
+) -> dict[str, float]:
+    """Window accuracy and macro-F1 of scores and, where files were cut into windows
+    (``files``), file accuracy."""
+    m = classification_metrics(y, scores.argmax(1), classes)
+    out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+    if files:
         y_files, pred_files = file_level_predictions(scores, y, record)
         out["file_accuracy"] = float(np.mean(y_files == pred_files))
     return out

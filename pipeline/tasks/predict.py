@@ -34,9 +34,8 @@ from pipeline import atomic
 from pipeline.adapt import (
     ADAPT_BN,
     ADAPT_WINDOWS,
-    adapted_state,
     batchnorm_state,
-    enough_windows,
+    group_states,
     use_batchnorm,
 )
 from pipeline.bundle import Bundle, load_bundle
@@ -298,35 +297,16 @@ def adapt_batchnorm(
     profiles: dict[str, np.ndarray] | None,
     batch_size: int,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Each group's batch-norm statistics, re-estimated on its own images (AdaBN).
-
-    The images :func:`group_pass` kept (less the group's profile, for a bundle with
-    ``features.per_group``) are shuffled with a fixed seed, so that each batch mixes the
-    group's classes whatever the file order, and passed through the network in equal
-    batches of at most ``batch_size``, as in training. A group of one window keeps the
-    trained statistics; a group of few gets a warning that they are noisy. The model's own
-    statistics are restored afterwards.
-    """
-    rng = np.random.default_rng(0)
-    trained = batchnorm_state(classify.model)
-    states: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for g in sorted(seen.kept):
-            sample = seen.kept[g]
-            if not enough_windows(
-                "predict.adapt_bn", g, len(sample), regex_key="predict.group_regex"
-            ):
-                states[g] = trained
-                continue
-            images = torch.stack(sample)
-            if profiles is not None:
-                images = images - torch.from_numpy(profiles[g])
-            use_batchnorm(classify.model, trained)
-            states[g] = adapted_state(
-                classify.model, images, batch_size=batch_size, rng=rng, device=classify.device
-            )
-    finally:
-        use_batchnorm(classify.model, trained)
+    """Each group's batch-norm statistics, re-estimated on its own images (AdaBN): those
+    :func:`group_pass` kept, less the group's profile for a bundle with
+    ``features.per_group``, through :func:`pipeline.adapt.group_states`."""
+    samples = {g: torch.stack(kept) for g, kept in seen.kept.items()}
+    if profiles is not None:
+        samples = {g: images - torch.from_numpy(profiles[g]) for g, images in samples.items()}
+    states = group_states(
+        classify.model, samples, batch_size=batch_size, device=classify.device,
+        key="predict.adapt_bn", regex_key="predict.group_regex",
+    )  # fmt: skip
     if "" in seen.files:
         log.warning(
             "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
