@@ -25,6 +25,16 @@ def test_predict_benchmark_prints_both_rates_and_the_ratio(capsys):
     assert abs(ratio - rates["pipeline"] / rates["bare"]) < 0.02 * ratio + 0.01
 
 
+def test_predict_benchmark_times_the_batch_norm_adaptation(capsys):
+    argv = ["predict", "--files", "24", "--repeats", "1", "--device", "cpu", "--adapt-bn"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rates = dict(re.findall(r"(pipeline|adapt_bn|bare)\s+([\d.]+) files/s", out))
+    assert set(rates) == {"pipeline", "adapt_bn", "bare"}
+    ratio = float(re.search(r"ratio adapt_bn/pipeline: ([\d.]+)", out).group(1))
+    assert abs(ratio - float(rates["adapt_bn"]) / float(rates["pipeline"])) < 0.02 * ratio + 0.01
+
+
 def test_train_benchmark_prints_both_rates_and_the_ratio(capsys):
     argv = ["train", "--images", "64", "--batch-size", "32", "--epochs", "1", "--repeats", "1",
             "--size", "16", "16", "--device", "cpu"]  # fmt: skip

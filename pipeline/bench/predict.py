@@ -12,11 +12,15 @@ folder, saves an untrained ResNet-20 bundle with the default image settings
   soundfile, stack batches, STFT, normalise, forward, argmax, no output.
 
 The ratio ``pipeline / bare`` shows what the pipeline's bookkeeping costs.
+``--adapt-bn`` also times ``predict.adapt_bn=group`` (a first pass that re-estimates the
+network's batch-norm statistics per group, here grouped by the first digit of the
+clip's number) against the plain ``pipeline`` run.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +102,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="segments per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     parser.add_argument("--workers", default="auto", help="predict.workers: auto or a count")
+    parser.add_argument("--adapt-bn", action="store_true", help="also time predict.adapt_bn=group")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
@@ -108,17 +113,21 @@ def main(argv: list[str]) -> int:
         bundle = load_bundle(bundle_path)
         # Warm up both paths (allocator, oneDNN kernels) on a few files.
         bare_loop(bundle_path, clips[:32], device=device, batch_size=args.batch_size)
-        times = {"pipeline": [], "bare": []}
+        runs = {"pipeline": {}}
+        if args.adapt_bn:  # 7_clip_123.wav -> group "1"
+            runs["adapt_bn"] = {"adapt_bn": True, "group_pattern": re.compile(r"_clip_(\d)")}
+        times = {name: [] for name in (*runs, "bare")}
         for r in range(args.repeats):
-            outputs = [root / f"out{r}.csv", root / f"out{r}_errors.csv"]
-            t0 = time.perf_counter()
-            summary = predict_folder(
-                bundle, root / "clips", outputs=outputs, device=device,
-                batch_size=args.batch_size, top_k=3, rule="mean", progress=False,
-                workers=workers,
-            )  # fmt: skip
-            times["pipeline"].append(time.perf_counter() - t0)
-            assert summary["classified"] == args.files, summary
+            for name, extra in runs.items():
+                outputs = [root / f"{name}{r}.csv", root / f"{name}{r}_errors.csv"]
+                t0 = time.perf_counter()
+                summary = predict_folder(
+                    bundle, root / "clips", outputs=outputs, device=device,
+                    batch_size=args.batch_size, top_k=3, rule="mean", progress=False,
+                    workers=workers, **extra,
+                )  # fmt: skip
+                times[name].append(time.perf_counter() - t0)
+                assert summary["classified"] == args.files, summary
             t0 = time.perf_counter()
             done = bare_loop(bundle_path, clips, device=device, batch_size=args.batch_size)
             times["bare"].append(time.perf_counter() - t0)
@@ -133,4 +142,6 @@ def main(argv: list[str]) -> int:
     for name, value in rate.items():
         print(f"  {name:9s} {value:8.0f} files/s")
     print(f"  ratio pipeline/bare: {rate['pipeline'] / rate['bare']:.2f}")
+    if args.adapt_bn:
+        print(f"  ratio adapt_bn/pipeline: {rate['adapt_bn'] / rate['pipeline']:.2f}")
     return 0
