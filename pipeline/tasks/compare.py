@@ -56,6 +56,9 @@ from pipeline.signals import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
+# The figures kept of a network's test evaluation before evaluate.adapt_bn adapted it.
+UNADAPTED = ("accuracy", "macro_f1", "file_accuracy")
+
 
 def stft_params(
     cfg: DictConfig, *, sample_rate: int | None = None, segment_samples: int | None = None
@@ -487,9 +490,9 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             if adapt_bn:
                 # AdaBN: each test group classified with batch-norm statistics of its own
                 # images; the unadapted figures are kept beside them.
-                extra["unadapted"] = _scores(
-                    scores, y_te.numpy(), ex.record[masks["test"]], classes, files=segmented
-                )
+                unadapted, _ = _evaluate(scores, y_te.numpy(), ex.record[masks["test"]],
+                                         classes, files=segmented)  # fmt: skip
+                extra["unadapted"] = {k: unadapted[k] for k in UNADAPTED if k in unadapted}
                 t0 = time.perf_counter()
                 scores = adapted_logits(
                     model, x_te, test_groups, batch_size=settings.batch_size, device=device,
@@ -513,12 +516,10 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             extra = {"best_params": {k: _jsonable(v) for k, v in model.best_params_.items()}}
             log.info("%s: best %s, fitted in %.1f s", name, extra["best_params"], train_seconds)
         y_pred = scores.argmax(1)
-        m = classification_metrics(y_te.numpy(), y_pred, classes)
-        if segmented:
-            y_files, predicted_files[name] = file_level_predictions(
-                scores, y_te.numpy(), ex.record[masks["test"]]
-            )
-            m["file_accuracy"] = float(np.mean(y_files == predicted_files[name]))
+        m, by_file = _evaluate(scores, y_te.numpy(), ex.record[masks["test"]], classes,
+                               files=segmented)  # fmt: skip
+        if by_file is not None:
+            y_files, predicted_files[name] = by_file
         m.update(
             n_params=_n_params(model),
             train_seconds=train_seconds,
@@ -589,17 +590,17 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     return metrics
 
 
-def _scores(
+def _evaluate(
     scores: np.ndarray, y: np.ndarray, record: np.ndarray, classes: list[str], *, files: bool
-) -> dict[str, float]:
-    """Window accuracy and macro-F1 of scores and, where files were cut into windows
-    (``files``), file accuracy."""
+) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+    """Test metrics of window scores and, where files were cut into windows (``files``),
+    the file accuracy in them and each file's true class and prediction."""
     m = classification_metrics(y, scores.argmax(1), classes)
-    out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-    if files:
-        y_files, pred_files = file_level_predictions(scores, y, record)
-        out["file_accuracy"] = float(np.mean(y_files == pred_files))
-    return out
+    if not files:
+        return m, None
+    y_files, pred_files = file_level_predictions(scores, y, record)
+    m["file_accuracy"] = float(np.mean(y_files == pred_files))
+    return m, (y_files, pred_files)
 
 
 def _build(cfg: DictConfig, name: str, *, n_classes: int, in_channels: int, seed: int):
