@@ -157,12 +157,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast pays.
+
+    Elsewhere PyTorch emulates bf16 on the CPU, which is slower than float32.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The dtype mixed precision computes in here, or None where it is off: on CUDA bf16
+    where supported, else fp16; on a CPU with native bf16 (:func:`cpu_bf16`) bf16."""
+    if enabled and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if enabled and device.type == "cpu" and cpu_bf16():
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, enabled: bool):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+    """Autocast to :func:`amp_dtype`; a no-op where that is None."""
+    dtype = amp_dtype(device, enabled)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:

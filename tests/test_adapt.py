@@ -40,14 +40,14 @@ def test_adaptation_keeps_stochastic_depth_off_and_is_repeatable():
     x = torch.randn(8, 1, 12, 12)
     states = []
     for _ in range(2):
-        fold_batch(model, x, 0, device=CPU)
+        fold_batch(model, x, 0, device=CPU, amp=False)
         states.append(batchnorm_state(model))
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0, msg=k)
     # ... and equals the adaptation of the same weights without stochastic depth.
     twin = trained_like()
     twin.load_state_dict(model.state_dict())
-    fold_batch(twin, x, 0, device=CPU)
+    fold_batch(twin, x, 0, device=CPU, amp=False)
     for k, v in batchnorm_state(twin).items():
         torch.testing.assert_close(states[0][k], v, msg=k)
     assert not model.training and not any(m.training for m in model.modules())
@@ -62,14 +62,14 @@ def test_each_group_is_classified_with_its_own_statistics():
     after = batchnorm_state(model)
     assert all(torch.equal(trained[k], after[k]) for k in trained)  # the trained ones are back
     # "b" has one window: it keeps the trained statistics, so its logits are the unadapted ones.
-    torch.testing.assert_close(logits[6:], predict_logits(model, x[6:], device=CPU))
+    torch.testing.assert_close(logits[6:], predict_logits(model, x[6:], device=CPU, amp=False))
     # "a": the group's own statistics, folded in two batches of 3 (equal batches of at most 4).
-    states = group_states(model, {"a": x[:6]}, batch_size=4, device=CPU, **KEYS)
+    states = group_states(model, {"a": x[:6]}, batch_size=4, device=CPU, amp=False, **KEYS)
     torch.testing.assert_close(states["a"]["stem.1.running_mean"], stem_mean(model, x[:6]))
     model.load_state_dict(states["a"], strict=False)
-    torch.testing.assert_close(logits[:6], predict_logits(model, x[:6], device=CPU))
+    torch.testing.assert_close(logits[:6], predict_logits(model, x[:6], device=CPU, amp=False))
     model.load_state_dict(trained, strict=False)
-    assert not torch.allclose(logits[:6], predict_logits(model, x[:6], device=CPU))
+    assert not torch.allclose(logits[:6], predict_logits(model, x[:6], device=CPU, amp=False))
 
 
 def test_trained_statistics_come_back_after_an_error(monkeypatch):

@@ -7,6 +7,7 @@ from pipeline.fit import (
     TrainSettings,
     WeightAverage,
     _lr_factor,
+    autocast,
     fit,
     predict_logits,
     resolve_device,
@@ -133,6 +134,39 @@ def test_resolve_device():
             resolve_device("cuda:1")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, native):
+    monkeypatch.setattr("pipeline.fit.cpu_bf16", lambda: native)
+    conv = nn.Conv2d(1, 4, 3)
+    x = torch.randn(2, 1, 8, 8)
+    with autocast(torch.device("cpu"), True):
+        on = conv(x)
+    with autocast(torch.device("cpu"), False):
+        off = conv(x)
+    assert on.dtype == (torch.bfloat16 if native else torch.float32)
+    assert off.dtype == torch.float32
+    assert torch.allclose(on.float(), off, atol=0.05, rtol=0.02)
+
+
+def test_amp_training_on_the_cpu_learns_as_float32_does_and_keeps_float32_weights(monkeypatch):
+    x, y = blobs(96, 0)
+    xv, yv = blobs(30, 1)
+    histories = []
+    for native in (False, True):  # bf16 is emulated on a CPU without it: slower, same numbers
+        monkeypatch.setattr("pipeline.fit.cpu_bf16", lambda native=native: native)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 64, 3))  # fmt: skip
+        settings = TrainSettings(epochs=4, batch_size=16, lr=0.05)
+        result = fit(model, x, y, xv, yv, settings=settings, device=torch.device("cpu"), seed=0,
+                     progress=False)  # fmt: skip
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        histories.append(result.history)
+    fp32, bf16 = histories
+    assert bf16[-1]["val_error"] == fp32[-1]["val_error"] == 0.0
+    assert bf16[0]["train_loss"] == pytest.approx(fp32[0]["train_loss"], rel=0.05)
+
+
 def test_onecycle_rises_to_the_peak_then_anneals():
     s = TrainSettings(epochs=10, schedule="onecycle")
     factors = [_lr_factor(step, steps_per_epoch=10, s=s) for step in range(100)]
@@ -149,7 +183,8 @@ def test_balanced_class_weights_weight_the_loss():
     model = TinyNet()
     initial = TinyNet()
     initial.load_state_dict(model.state_dict())
-    s = TrainSettings(epochs=1, batch_size=len(y), class_weights="balanced", channels_last=False)
+    s = TrainSettings(epochs=1, batch_size=len(y), class_weights="balanced", channels_last=False,
+                      amp=False)  # fmt: skip
     result = fit(model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0,
                  progress=False)  # fmt: skip
     counts = torch.bincount(y, minlength=3).float()

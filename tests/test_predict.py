@@ -245,7 +245,7 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
                "features.hop_length=16", "features.win_length=64", "features.size=[16,16]",
                "models=[resnet,svm]", "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2",
                "train.epochs=2", "train.batch_size=64", "evaluate.adapt_bn=group",
-               f"hydra.run.dir={run}")  # fmt: skip
+               "train.amp=false", f"hydra.run.dir={run}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     resnet, svm = metrics["models"]["resnet"], metrics["models"]["svm"]
@@ -265,7 +265,8 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     for adapt, hydra_dir in (("group", "adapted"), ("false", "unadapted")):
         out = tmp_path / hydra_dir
         proc = cli("task=predict", f"predict.model={model}", f"predict.input={data}",
-                   f"predict.adapt_bn={adapt}", f"hydra.run.dir={out}")  # fmt: skip
+                   f"predict.adapt_bn={adapt}", "predict.amp=false",
+                   f"hydra.run.dir={out}")  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         rows = {r["path"]: r for r in read_csv(out / "predictions.csv")}
         tested = [r for p, r in rows.items() if Path(p).parent.name in ("bob", "cy")]
@@ -297,14 +298,16 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
 
     run = tmp_path / "run"
     proc = cli(*common, "data.group_regex='^[a-z]+_([a-z]+)_'", "models=[resnet]",
-               "train.epochs=2", "train.batch_size=8", f"hydra.run.dir={run}")  # fmt: skip
+               "train.epochs=2", "train.batch_size=8", "train.amp=false",
+               f"hydra.run.dir={run}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "each of 3 groups' mean frequency profile removed" in (run / "run.log").read_text()
     out = tmp_path / "predicted"
     # The held-out speaker's folder: its profile comes from its own files, as in training,
     # with the group read by the training run's data.group_regex from the bundle.
     proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
-               f"predict.input={data / 'cy'}", f"hydra.run.dir={out}")  # fmt: skip
+               f"predict.input={data / 'cy'}", "predict.amp=false",
+               f"hydra.run.dir={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "profiles of 1 group(s) from the input: 'cy'" in (out / "run.log").read_text()
     rows = {r["path"]: r for r in read_csv(out / "predictions.csv")}
@@ -334,7 +337,7 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     # those of the group's images with its profile removed (AdaBN by hand, one batch).
     out = tmp_path / "adapted"
     proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
-               f"predict.input={data / 'cy'}", "predict.adapt_bn=group",
+               f"predict.input={data / 'cy'}", "predict.adapt_bn=group", "predict.amp=false",
                f"hydra.run.dir={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log_text = (out / "run.log").read_text()
@@ -344,7 +347,8 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     from pipeline.bundle import load_bundle
     from pipeline.tasks.predict import Classifier
 
-    classify = Classifier(load_bundle(run / "models" / "resnet"), device=torch.device("cpu"))
+    classify = Classifier(load_bundle(run / "models" / "resnet"), device=torch.device("cpu"),
+                          amp=False)  # fmt: skip
     read = _reader(classify.bundle)
     files = sorted((data / "cy").glob("*.wav"))
     windows = [read(f) for f in files]
@@ -398,7 +402,7 @@ def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, capl
         return adapt_batchnorm(classify, seen, pattern, profiles=None, batch_size=4)
 
     bundle = load_bundle(trained / "run" / "models" / "resnet")
-    classify = Classifier(bundle, device=torch.device("cpu"))
+    classify = Classifier(bundle, device=torch.device("cpu"), amp=False)
     read = _reader(bundle)
     files = sorted((trained / "tones").rglob("*.wav"))
     loaded = [(f, read(f)) for f in files]
@@ -442,7 +446,8 @@ def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained,
     from pipeline.tasks.predict import Classifier
 
     model = trained / "run" / "models" / "resnet"
-    common = ["task=predict", f"predict.model={model}", f"predict.input={trained / 'tones'}"]
+    common = ["task=predict", f"predict.model={model}", f"predict.input={trained / 'tones'}",
+              "predict.amp=false"]  # fmt: skip
     proc = cli(*common, r"predict.group_regex='_0(\d)\.wav$'", "predict.adapt_bn=group",
                f"hydra.run.dir={tmp_path / 'adapted'}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -452,7 +457,7 @@ def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained,
     assert len(rows) == 18
     # The reference: AdaBN by hand, each group's windows in one batch in training mode.
     bundle = load_bundle(model)
-    classify = Classifier(bundle, device=torch.device("cpu"))
+    classify = Classifier(bundle, device=torch.device("cpu"), amp=False)
     read = _reader(bundle)
     trained_state = {k: v.clone() for k, v in classify.model.state_dict().items()}
     for take in range(6):
@@ -484,3 +489,6 @@ def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained,
     bad = cli(*common, "predict.adapt_bn=speaker", f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode != 0
     assert "predict.adapt_bn='speaker' must be false or group" in bad.stdout + bad.stderr
+    bad = cli(*common[:-1], "predict.amp=bf16", f"hydra.run.dir={tmp_path / 'bad-amp'}")
+    assert bad.returncode != 0
+    assert "predict.amp='bf16' must be true (mixed precision" in bad.stdout + bad.stderr

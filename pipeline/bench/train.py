@@ -7,7 +7,7 @@ both loops, alternating them over ``--repeats`` rounds after a warm-up, and
 prints the best images per second of each and their ratio:
 
 - ``pipeline``: :func:`pipeline.fit.fit` with its defaults (SGD, momentum 0.9,
-  the learning-rate schedule, channels_last, AMP on CUDA, per-epoch
+  the learning-rate schedule, channels_last, AMP (CUDA, CPUs with bf16), per-epoch
   bookkeeping and an atomic checkpoint every epoch);
 - ``bare``: the loop anyone would write: shuffle, slice, forward, cross-entropy,
   backward, step; with the same memory format and autocast so that only the
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.fit import TrainSettings, autocast, fit, resolve_device
+from pipeline.fit import TrainSettings, amp_dtype, autocast, fit, resolve_device
 from pipeline.models.resnet import build_resnet
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; best is kept")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for both")
-    parser.add_argument("--no-amp", action="store_true", help="turn mixed precision off (CUDA)")
+    parser.add_argument("--no-amp", action="store_true", help="turn mixed precision off")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     amp = not args.no_amp
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
     print(
         f"train: ResNet-{args.depth}, {args.images} images {args.size[0]}x{args.size[1]}, "
         f"batch {args.batch_size}, {args.epochs} epochs per run, device {device} ({name}), "
-        f"{torch.get_num_threads()} torch threads, amp={amp and device.type == 'cuda'}, "
+        f"{torch.get_num_threads()} torch threads, amp={amp_dtype(device, amp) or 'off'}, "
         f"compile={args.compile}, best of {args.repeats}"
     )
     for key, value in best.items():

@@ -76,9 +76,10 @@ def iter_files(root: Path) -> Iterator[Path]:
 class Classifier:
     """A bundle's model and front end: windows (n, channels, samples) -> probabilities."""
 
-    def __init__(self, bundle: Bundle, *, device: torch.device) -> None:
+    def __init__(self, bundle: Bundle, *, device: torch.device, amp: bool = True) -> None:
         self.bundle = bundle
         self.device = device
+        self.amp = amp  # mixed precision where it pays (pipeline.fit.amp_dtype)
         self.front = STFTImage(bundle.features).to(device)
         if bundle.kind == "network":
             # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
@@ -104,7 +105,7 @@ class Classifier:
         if self.bundle.kind == "svm":
             return self.bundle.model.predict_proba(images.cpu().numpy())
         x = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, True):  # as the evaluation inside training
+        with autocast(self.device, self.amp):
             logits = self.model(x).float()
         return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
 
@@ -304,7 +305,7 @@ def adapt_batchnorm(
     if profiles is not None:
         samples = {g: images - torch.from_numpy(profiles[g]) for g, images in samples.items()}
     states = group_states(
-        classify.model, samples, batch_size=batch_size, device=classify.device,
+        classify.model, samples, batch_size=batch_size, device=classify.device, amp=classify.amp,
         key="predict.adapt_bn", regex_key="predict.group_regex",
     )  # fmt: skip
     if "" in seen.files:
@@ -359,6 +360,12 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             f"predict.adapt_bn={adapt_bn!r} must be false or group (re-estimate a network's "
             "batch-norm statistics on each group's own files)"
         )
+    amp = p.get("amp", True)
+    if not isinstance(amp, bool):
+        raise ConfigError(
+            f"predict.amp={amp!r} must be true (mixed precision on CUDA and on CPUs with "
+            "native bf16) or false (float32 throughout)"
+        )
     bundle = load_bundle(p.model)
     device = resolve_device(cfg.device)
     if adapt_bn and bundle.kind != "network":
@@ -375,7 +382,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     summary = predict_folder(
         bundle, source, outputs=outputs, device=device, batch_size=p.batch_size,
         top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
-        workers=workers, group_pattern=pattern, adapt_bn=bool(adapt_bn),
+        workers=workers, group_pattern=pattern, adapt_bn=bool(adapt_bn), amp=amp,
     )  # fmt: skip
     line = (
         f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
@@ -412,6 +419,7 @@ def predict_folder(
     workers: int = 4,
     group_pattern: re.Pattern | None = None,
     adapt_bn: bool = False,
+    amp: bool = True,
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
@@ -427,7 +435,7 @@ def predict_folder(
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
-    classify = Classifier(bundle, device=device)
+    classify = Classifier(bundle, device=device, amp=amp)
     classes = bundle.classes
     data = bundle.data
     read = {k: data.get(k) for k in ("channels", "mat_key", "npz_key", "csv_columns") if k in data}
