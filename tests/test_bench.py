@@ -74,3 +74,34 @@ def test_fsdd_tables_give_mean_and_std_over_seeds():
     assert "| lucas | 1.0000 ± 0.0000 | 0.9000 ± 0.0000 |" in text
     assert "| **mean** | **0.9000** | **0.8000** |" in text
     assert "only 2 of six speakers so far" in text  # the targets read the means
+
+
+def test_fsdd_pools_mcnemar_over_the_folds_files():
+    from scipy.stats import binomtest
+
+    from pipeline.bench.fsdd import merge_seeds, render
+
+    folds = {}
+    for speaker, (a_only, b_only) in (("theo", (3, 1)), ("lucas", (4, 0))):
+        m = _fold(0.9, 0.9)
+        m["significance"] = [{"a": "resnet", "b": "svm", "n": 50, "a_only": a_only,
+                              "b_only": b_only, "p_value": 0.5, "unit": "files"}]  # fmt: skip
+        # resnet right on files 0-39, svm on 5-44 (theo) or 10-49 (lucas): 5 or 10 each way
+        shift = 5 if speaker == "theo" else 10
+        m["adapted"] = {"resnet": 0.8, "svm": 0.8}
+        m["adapted_files"] = {
+            "resnet": {f"{i}_{speaker}.wav": i < 40 for i in range(50)},
+            "svm": {f"{i}_{speaker}.wav": shift <= i < 40 + shift for i in range(50)},
+        }
+        folds[f"loso-{speaker}"] = m
+    text = render(folds, {}, models=["resnet", "svm"], commands=[], extra=[])
+    assert "### Is the difference real? McNemar's test over all held-out files" in text
+    # the folds' discordant counts add up: 7 against 1
+    p = binomtest(7, 8, 0.5).pvalue
+    assert f"| resnet vs svm | 100 | 7 | 1 | {p:.3g} |" in text
+    p = binomtest(15, 30, 0.5).pvalue
+    assert f"| resnet vs svm adapted | 100 | 15 | 15 | {p:.3g} |" in text
+    # merged over seeds, each file counted once per seed: no pooled test
+    merged = {k: merge_seeds([m, m]) for k, m in folds.items()}
+    text = render(merged, {}, models=["resnet", "svm"], commands=[], extra=[], seeds="0,1")
+    assert "McNemar's test over all held-out files" not in text

@@ -54,6 +54,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import atomic
+from pipeline.metrics import mcnemar, mcnemar_p
 
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 MODELS = ("resnet", "plain_cnn", "svm")
@@ -111,10 +112,11 @@ def _same_config(run_dir: Path, overrides: list[str]) -> bool:
     return OmegaConf.to_container(OmegaConf.load(saved)) == OmegaConf.to_container(now)
 
 
-def adapted_accuracy(run_dir: Path, root: Path, speaker: str, model: str, *, log) -> float:
-    """File accuracy of ``run_dir``'s saved ``model`` on ``speaker``'s files, classified by
-    ``task=predict`` with ``predict.adapt_bn=group``: the network's batch-norm statistics
-    re-estimated on the held-out speaker's own (unlabelled) files first.
+def adapted_files(run_dir: Path, root: Path, speaker: str, model: str, *, log) -> dict[str, bool]:
+    """Whether ``run_dir``'s saved ``model`` classified each of ``speaker``'s files right
+    ({file name: correct}) through ``task=predict`` with ``predict.adapt_bn=group``: the
+    network's batch-norm statistics re-estimated on the held-out speaker's own (unlabelled)
+    files first.
 
     The speaker's files are linked (not copied) into class folders under the run folder,
     which is how predict knows the true classes. A finished prediction newer than the
@@ -150,7 +152,7 @@ def adapted_accuracy(run_dir: Path, root: Path, speaker: str, model: str, *, log
             f"{done}: {len(rows)} of {speaker}'s {len(files)} files were classified; see "
             f"{out / 'predictions_errors.csv'}"
         )
-    return float(np.mean([r["predicted"] == r["true"] for r in rows]))
+    return {Path(r["path"]).name: r["predicted"] == r["true"] for r in rows}
 
 
 def merge_seeds(runs: list[dict]) -> dict:
@@ -291,14 +293,17 @@ def main(argv: list[str]) -> int:
         results[name] = merge_seeds(per_seed)
         print(name, {m: round(results[name]["models"][m]["accuracy"], 4) for m in models})
         if args.adapt_bn and name.startswith("loso-"):
-            results[name]["adapted"] = {
-                model: float(np.mean([
-                    adapted_accuracy(runs / f"{name}{suffix(seed)}", root, name[5:], model,
-                                     log=commands.append)
-                    for seed in seeds
-                ]))
+            files = {
+                model: [adapted_files(runs / f"{name}{suffix(seed)}", root, name[5:], model,
+                                      log=commands.append) for seed in seeds]
                 for model in models if model != "svm"
             }  # fmt: skip
+            results[name]["adapted"] = {
+                model: float(np.mean([np.mean(list(f.values())) for f in per]))
+                for model, per in files.items()
+            }
+            if len(seeds) == 1:  # each file once: the pooled McNemar test can count it
+                results[name]["adapted_files"] = {model: per[0] for model, per in files.items()}
             print(" adapt_bn", {m: round(v, 4) for m, v in results[name]["adapted"].items()})
         for a in args.ablation:
             tag = a.replace("=", "-").replace("/", "_")
@@ -535,6 +540,7 @@ def render(results, ablations, *, models, commands, extra, seeds: str = "") -> s
         )
         lines.append("")
         lines += adapted_table(folds, models)
+        lines += pooled_significance(folds)
     for a, per in ablations.items():
         if not per:
             continue
@@ -579,6 +585,53 @@ def adapted_table(folds: dict[str, dict], models: list[str]) -> list[str]:
         lines.append(f"| {name[5:]} | " + " | ".join(row) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{np.mean(v):.4f}**" for v in table.values())
                  + " |")  # fmt: skip
+    return [*lines, ""]
+
+
+def pooled_significance(folds: dict[str, dict]) -> list[str]:
+    """McNemar's exact test of every pair of models over all the folds' held-out files.
+
+    Each file is tested once, by the fold that held its speaker out, so the discordant
+    counts of the folds' own tests (metrics.json ``significance``, file level) add up to
+    those of one test on every file. With test-time adaptation, the networks' files as
+    ``predict.adapt_bn=group`` classified them. Not given for runs merged over seeds,
+    where each file was tested once per seed.
+    """
+    if any("seeds" in r for m in folds.values() for r in m["models"].values()):
+        return []
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for m in folds.values():
+        for t in m.get("significance", []):
+            if t.get("unit") == "files":
+                counts = pairs.setdefault((t["a"], t["b"]), [0, 0, 0])
+                counts[0] += t["n"]
+                counts[1] += t["a_only"]
+                counts[2] += t["b_only"]
+    rows = [("", a, b, *c) for (a, b), c in pairs.items()]
+    if all("adapted_files" in m for m in folds.values()):
+        nets = list(next(iter(folds.values()))["adapted_files"])
+        for i, a in enumerate(nets):
+            for b in nets[i + 1 :]:
+                ca, cb = [], []
+                for m in folds.values():
+                    fa, fb = m["adapted_files"][a], m["adapted_files"][b]
+                    ca += [fa[f] for f in sorted(fa)]
+                    cb += [fb[f] for f in sorted(fa)]
+                t = mcnemar(np.array(ca), np.array(cb))
+                rows.append((" adapted", a, b, t["n"], t["a_only"], t["b_only"]))
+    if not rows:
+        return []
+    lines = ["### Is the difference real? McNemar's test over all held-out files", "",
+             f"Every file of the {len(folds)} held-out speakers, classified by the fold that "
+             "held its speaker out; a file one model got right and the other wrong is a "
+             "discordant pair, and under equal error rates each is a fair coin (exact "
+             "two-sided binomial test, not adjusted for the number of pairs).", "",
+             "| models | files | only the first right | only the second right | p |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for tag, a, b, n, a_only, b_only in rows:
+        lines.append(
+            f"| {a} vs {b}{tag} | {n} | {a_only} | {b_only} | {mcnemar_p(a_only, b_only):.3g} |"
+        )
     return [*lines, ""]
 
 
