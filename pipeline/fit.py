@@ -444,7 +444,8 @@ def fit(
         train_seconds=time.perf_counter() - start,
     )
     model.load_state_dict(state["best_state"])
-    how = "the last" if s.monitor == "last" else f"best {s.monitor}"
+    how = ("the last" if s.monitor == "last" else "the last: no validation images"
+           if not len(x_val) else f"best {s.monitor}")  # fmt: skip
     log.info("%s: kept epoch %d (%s)", name, result.best_epoch, how)
     return result
 

@@ -167,6 +167,16 @@ def test_amp_training_on_the_cpu_learns_as_float32_does_and_keeps_float32_weight
     assert bf16[0]["train_loss"] == pytest.approx(fp32[0]["train_loss"], rel=0.05)
 
 
+def test_without_validation_images_the_last_epoch_is_kept_and_the_log_says_why(caplog):
+    x, y = blobs(48, 0)
+    settings = TrainSettings(epochs=3, batch_size=16, lr=0.05)
+    with caplog.at_level("INFO", logger="pipeline.fit"):
+        result = fit(TinyNet(), x, y, x[:0], y[:0], settings=settings, device=torch.device("cpu"),
+                     seed=0, progress=False, name="net")  # fmt: skip
+    assert result.best_epoch == 3
+    assert "net: kept epoch 3 (the last: no validation images)" in caplog.text
+
+
 def test_onecycle_rises_to_the_peak_then_anneals():
     s = TrainSettings(epochs=10, schedule="onecycle")
     factors = [_lr_factor(step, steps_per_epoch=10, s=s) for step in range(100)]
