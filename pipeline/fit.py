@@ -166,6 +166,12 @@ def cpu_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def precision(device: torch.device, enabled: bool) -> str:
+    """What the networks compute in here, for logs and metrics.json: ``bfloat16``,
+    ``float16`` (mixed precision, :func:`amp_dtype`) or ``float32``."""
+    return str(amp_dtype(device, enabled) or torch.float32).removeprefix("torch.")
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """The dtype mixed precision computes in here, or None where it is off: on CUDA bf16
     where supported, else fp16; on a CPU with native bf16 (:func:`cpu_bf16`) bf16."""
@@ -324,7 +330,7 @@ def fit(
     y_source = y_train.to(x_source.device)
     optimizer = _make_optimizer(model, s)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    use_scaler = device.type == "cuda" and s.amp and not torch.cuda.is_bf16_supported()
+    use_scaler = amp_dtype(device, s.amp) == torch.float16  # bf16 needs no loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     sampler = DistributedSampler(
         range(len(x_train)), num_replicas=world, rank=rank, shuffle=True, seed=seed

@@ -130,9 +130,18 @@ def pairwise_mcnemar(
         for i, a in enumerate(names)
         for b in names[i + 1 :]
     ]
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i]["p_value"])
+    for pair, p in zip(pairs, holm([t["p_value"] for t in pairs]), strict=True):
+        pair["p_holm"] = p
+    return pairs
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (in their order), which keeps the
+    family-wise error rate over all of them."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
     running = 0.0
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pairs) - rank) * pairs[i]["p_value"]))
-        pairs[i]["p_holm"] = running
-    return pairs
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

@@ -80,28 +80,64 @@ def test_fsdd_pools_mcnemar_over_the_folds_files():
     from scipy.stats import binomtest
 
     from pipeline.bench.fsdd import merge_seeds, render
+    from pipeline.metrics import holm
 
     folds = {}
     for speaker, (a_only, b_only) in (("theo", (3, 1)), ("lucas", (4, 0))):
         m = _fold(0.9, 0.9)
         m["significance"] = [{"a": "resnet", "b": "svm", "n": 50, "a_only": a_only,
                               "b_only": b_only, "p_value": 0.5, "unit": "files"}]  # fmt: skip
-        # resnet right on files 0-39, svm on 5-44 (theo) or 10-49 (lucas): 5 or 10 each way
+        # resnet right on files 0-39, svm on 5-44 (theo) or 10-49 (lucas): 5 or 10 each way;
+        # svm's files in the reverse order: they are paired by name
         shift = 5 if speaker == "theo" else 10
         m["adapted"] = {"resnet": 0.8, "svm": 0.8}
         m["adapted_files"] = {
             "resnet": {f"{i}_{speaker}.wav": i < 40 for i in range(50)},
-            "svm": {f"{i}_{speaker}.wav": shift <= i < 40 + shift for i in range(50)},
+            "svm": {f"{i}_{speaker}.wav": shift <= i < 40 + shift for i in reversed(range(50))},
         }
         folds[f"loso-{speaker}"] = m
     text = render(folds, {}, models=["resnet", "svm"], commands=[], extra=[])
-    assert "### Is the difference real? McNemar's test over all held-out files" in text
-    # the folds' discordant counts add up: 7 against 1
-    p = binomtest(7, 8, 0.5).pvalue
-    assert f"| resnet vs svm | 100 | 7 | 1 | {p:.3g} |" in text
-    p = binomtest(15, 30, 0.5).pvalue
-    assert f"| resnet vs svm adapted | 100 | 15 | 15 | {p:.3g} |" in text
+    assert "### McNemar's test over all held-out files" in text
+    # the folds' discordant counts add up: 7 against 1; then 15 against 15 adapted
+    p = holm([binomtest(7, 8, 0.5).pvalue, binomtest(15, 30, 0.5).pvalue])
+    assert f"| resnet vs svm | 100 | 7 | 1 | {p[0]:.3g} |" in text
+    assert f"| resnet vs svm adapted | 100 | 15 | 15 | {p[1]:.3g} |" in text
+    # a pair that one fold did not test is left out, not summed over the others
+    folds["loso-lucas"]["significance"] = []
+    text = render(folds, {}, models=["resnet", "svm"], commands=[], extra=[])
+    assert "| resnet vs svm |" not in text and "| resnet vs svm adapted |" in text
     # merged over seeds, each file counted once per seed: no pooled test
     merged = {k: merge_seeds([m, m]) for k, m in folds.items()}
     text = render(merged, {}, models=["resnet", "svm"], commands=[], extra=[], seeds="0,1")
     assert "McNemar's test over all held-out files" not in text
+
+
+def test_holm_adjusts_in_the_given_order():
+    from pipeline.metrics import holm
+
+    # sorted: 0.01 * 3, 0.02 * 2, 0.04 * 1 -> 0.03, 0.04, 0.04 (monotone), back in order
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+
+
+def test_fsdd_reuses_a_run_folder_only_with_the_same_config_and_precision(tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline.bench.fsdd import REPO, _same_config
+    from pipeline.fit import precision, resolve_device
+
+    overrides = ["+experiment=fsdd", "data.split=group", "data.test_groups=[theo]"]
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    here = precision(resolve_device(cfg.device), cfg.train.amp)
+    for used, same in ((here, True), (None, True), ("float16", False)):
+        run = {} if used is None else {"precision": used}
+        (tmp_path / "metrics.json").write_text(json.dumps({"run": run}))
+        assert _same_config(tmp_path, overrides) is same
+    assert not _same_config(tmp_path, [*overrides, "train.epochs=3"])

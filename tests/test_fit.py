@@ -152,7 +152,7 @@ def test_amp_training_on_the_cpu_learns_as_float32_does_and_keeps_float32_weight
     x, y = blobs(96, 0)
     xv, yv = blobs(30, 1)
     histories = []
-    for native in (False, True):  # bf16 is emulated on a CPU without it: slower, same numbers
+    for native in (False, True):  # bf16 is emulated on a CPU without it: slower, but bf16
         monkeypatch.setattr("pipeline.fit.cpu_bf16", lambda native=native: native)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),

@@ -37,7 +37,7 @@ def trained(tmp_path_factory) -> Path:
         "data=folder", f"data.root={data}", "models=[resnet,svm]", "train.epochs=2",
         "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
         "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
-        "svm.cv=2", f"hydra.run.dir={tmp / 'run'}",
+        "svm.cv=2", "train.amp=false", f"hydra.run.dir={tmp / 'run'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp
@@ -491,4 +491,47 @@ def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained,
     assert "predict.adapt_bn='speaker' must be false or group" in bad.stdout + bad.stderr
     bad = cli(*common[:-1], "predict.amp=bf16", f"hydra.run.dir={tmp_path / 'bad-amp'}")
     assert bad.returncode != 0
-    assert "predict.amp='bf16' must be true (mixed precision" in bad.stdout + bad.stderr
+    assert "predict.amp='bf16' must be null (as the model was trained" in bad.stdout + bad.stderr
+
+
+def test_predict_amp_follows_the_bundle_unless_set_and_reaches_every_forward_pass(
+    trained, tmp_path, monkeypatch
+):
+    import re
+
+    from pipeline import adapt
+    from pipeline.bundle import load_bundle
+    from pipeline.errors import ConfigError
+    from pipeline.tasks import predict
+
+    bundle = load_bundle(trained / "run" / "models" / "resnet")
+    assert bundle.meta["amp"] is False  # trained with train.amp=false
+    assert predict.bundle_amp(None, bundle) is False
+    assert predict.bundle_amp(True, bundle) is True
+    del bundle.meta["amp"]  # saved before train.amp was recorded: its default
+    assert predict.bundle_amp(None, bundle) is True
+    with pytest.raises(ConfigError, match="predict.amp='bf16' must be null"):
+        predict.check_amp("bf16")
+
+    calls = []
+    real = predict.autocast
+
+    def spy(where):
+        def autocast(device, enabled):
+            calls.append((where, enabled))
+            return real(device, enabled)
+
+        return autocast
+
+    monkeypatch.setattr(predict, "autocast", spy("classify"))
+    monkeypatch.setattr(adapt, "autocast", spy("adapt"))
+    for amp in (True, False):
+        calls.clear()
+        outputs = [tmp_path / f"{amp}.csv", tmp_path / f"{amp}_errors.csv"]
+        predict.predict_folder(
+            bundle, trained / "tones", outputs=outputs, device=torch.device("cpu"),
+            batch_size=8, top_k=2, rule="mean", progress=False, workers=0,
+            group_pattern=re.compile(r"^([a-z]+)_"), adapt_bn=True, amp=amp,
+        )  # fmt: skip
+        assert {where for where, _ in calls} == {"classify", "adapt"}
+        assert all(enabled is amp for _, enabled in calls)

@@ -9,7 +9,8 @@ folder, saves an untrained ResNet-20 bundle with the default image settings
   ``task=predict`` (walk, read, segment, STFT, normalise, classify, aggregate,
   write the CSVs atomically);
 - ``bare``: the least a hand-written script would do: read each file with
-  soundfile, stack batches, STFT, normalise, forward, argmax, no output.
+  soundfile, stack batches, STFT, normalise, forward, argmax, no output;
+  in the same precision (mixed where it pays, as ``predict.amp``; ``--no-amp``: float32).
 
 The ratio ``pipeline / bare`` shows what the pipeline's bookkeeping costs.
 ``--adapt-bn`` also times ``predict.adapt_bn=group`` (a first pass that re-estimates the
@@ -31,7 +32,7 @@ import torch
 
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_images
-from pipeline.fit import resolve_device
+from pipeline.fit import autocast, precision, resolve_device
 from pipeline.models.resnet import build_resnet
 from pipeline.tasks.predict import predict_folder, reading_workers
 
@@ -75,7 +76,9 @@ def make_bundle(folder: Path, clips: list[Path]) -> Path:
 
 
 @torch.no_grad()
-def bare_loop(bundle_path: Path, clips: list[Path], *, device, batch_size: int) -> int:
+def bare_loop(
+    bundle_path: Path, clips: list[Path], *, device, batch_size: int, amp: bool = True
+) -> int:
     """Read, STFT, normalise and classify ``clips`` with no bookkeeping; returns files done."""
     bundle = load_bundle(bundle_path)
     front = STFTImage(bundle.features).to(device)
@@ -86,7 +89,8 @@ def bare_loop(bundle_path: Path, clips: list[Path], *, device, batch_size: int) 
     for i in range(0, len(clips), batch_size):
         x = np.stack([sf.read(p, dtype="float32")[0][None] for p in clips[i : i + batch_size]])
         images = (front(torch.from_numpy(x).to(device)) - mean) / std
-        logits = model(images.contiguous(memory_format=torch.channels_last))
+        with autocast(device, amp):
+            logits = model(images.contiguous(memory_format=torch.channels_last))
         done += int(logits.argmax(1).numel())
     return done
 
@@ -103,8 +107,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     parser.add_argument("--workers", default="auto", help="predict.workers: auto or a count")
     parser.add_argument("--adapt-bn", action="store_true", help="also time predict.adapt_bn=group")
+    parser.add_argument("--no-amp", action="store_true", help="float32: predict.amp=false")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    amp = not args.no_amp
     workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         root = Path(tmp)
@@ -112,7 +118,7 @@ def main(argv: list[str]) -> int:
         bundle_path = make_bundle(root / "bundle", clips)
         bundle = load_bundle(bundle_path)
         # Warm up both paths (allocator, oneDNN kernels) on a few files.
-        bare_loop(bundle_path, clips[:32], device=device, batch_size=args.batch_size)
+        bare_loop(bundle_path, clips[:32], device=device, batch_size=args.batch_size, amp=amp)
         runs = {"pipeline": {}}
         if args.adapt_bn:  # 7_clip_123.wav -> group "1"
             runs["adapt_bn"] = {"adapt_bn": True, "group_pattern": re.compile(r"_clip_(\d)")}
@@ -124,18 +130,19 @@ def main(argv: list[str]) -> int:
                 summary = predict_folder(
                     bundle, root / "clips", outputs=outputs, device=device,
                     batch_size=args.batch_size, top_k=3, rule="mean", progress=False,
-                    workers=workers, **extra,
+                    workers=workers, amp=amp, **extra,
                 )  # fmt: skip
                 times[name].append(time.perf_counter() - t0)
                 assert summary["classified"] == args.files, summary
             t0 = time.perf_counter()
-            done = bare_loop(bundle_path, clips, device=device, batch_size=args.batch_size)
+            done = bare_loop(bundle_path, clips, device=device, batch_size=args.batch_size,
+                             amp=amp)  # fmt: skip
             times["bare"].append(time.perf_counter() - t0)
             assert done == args.files
     rate = {k: args.files / min(v) for k, v in times.items()}
     print(
         f"predict: {args.files} clips (1 s, 8 kHz, 16-bit WAV), ResNet-20, images "
-        f"{PARAMS['size'][0]}x{PARAMS['size'][1]}, device {device}, "
+        f"{PARAMS['size'][0]}x{PARAMS['size'][1]}, device {device} ({precision(device, amp)}), "
         f"{torch.get_num_threads()} torch threads, {workers} reading processes, "
         f"best of {args.repeats}"
     )

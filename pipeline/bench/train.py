@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.fit import TrainSettings, amp_dtype, autocast, fit, resolve_device
+from pipeline.fit import TrainSettings, autocast, fit, precision, resolve_device
 from pipeline.models.resnet import build_resnet
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
     print(
         f"train: ResNet-{args.depth}, {args.images} images {args.size[0]}x{args.size[1]}, "
         f"batch {args.batch_size}, {args.epochs} epochs per run, device {device} ({name}), "
-        f"{torch.get_num_threads()} torch threads, amp={amp_dtype(device, amp) or 'off'}, "
+        f"{torch.get_num_threads()} torch threads, {precision(device, amp)}, "
         f"compile={args.compile}, best of {args.repeats}"
     )
     for key, value in best.items():

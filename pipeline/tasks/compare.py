@@ -46,6 +46,7 @@ from pipeline.features.stft import (
 from pipeline.fit import (
     TrainSettings,
     fit,
+    precision,
     predict_logits,
     rank_and_world,
     resolve_device,
@@ -371,7 +372,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
     for name in names:  # a bad model setting fails now, not after the data is read
         _build(cfg, name, n_classes=2, in_channels=1, seed=cfg.seed)
-    log.info("device %s, models %s, run folder %s", device, names, run_dir)
+    log.info("device %s (%s), models %s, run folder %s", device,
+             precision(device, settings.amp), names, run_dir)  # fmt: skip
 
     data = prepare_data(cfg, device=device, progress=progress)
     params = data.params
@@ -534,7 +536,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         save_bundle(
             run_dir / "models" / name, model,
             classes=classes, data=data_settings, features=params, normalizer=normalizer,
-            extra={"name": name, "seed": cfg.seed},
+            extra={"name": name, "seed": cfg.seed, "amp": settings.amp},
         )  # fmt: skip
         _write_predictions(
             run_dir / "predictions" / f"{name}.csv",
@@ -570,6 +572,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         "run": {
             "seed": cfg.seed,
             "device": str(device),
+            "precision": precision(device, settings.amp),
             "command": _command(),
             "versions": package_versions(),
             "git_commit": report.git_commit(),

@@ -43,7 +43,7 @@ from pipeline.data.records import compile_regex
 from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage
-from pipeline.fit import autocast, resolve_device
+from pipeline.fit import autocast, precision, resolve_device
 from pipeline.signals import SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,21 @@ class _File:
     n: int  # windows
     starts: np.ndarray
     group: str = ""
+
+
+def check_amp(amp) -> None:
+    """``predict.amp`` is null, true or false."""
+    if amp is not None and not isinstance(amp, bool):
+        raise ConfigError(
+            f"predict.amp={amp!r} must be null (as the model was trained and evaluated), true "
+            "(mixed precision on CUDA and on CPUs with native bf16) or false (float32)"
+        )
+
+
+def bundle_amp(amp: bool | None, bundle: Bundle) -> bool:
+    """``predict.amp``, or where it is null the bundle's ``train.amp`` (true, the default,
+    for bundles saved before it was recorded)."""
+    return bool(bundle.meta.get("amp", True)) if amp is None else amp
 
 
 def reading_workers(workers: int | str) -> int:
@@ -360,14 +375,12 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             f"predict.adapt_bn={adapt_bn!r} must be false or group (re-estimate a network's "
             "batch-norm statistics on each group's own files)"
         )
-    amp = p.get("amp", True)
-    if not isinstance(amp, bool):
-        raise ConfigError(
-            f"predict.amp={amp!r} must be true (mixed precision on CUDA and on CPUs with "
-            "native bf16) or false (float32 throughout)"
-        )
+    check_amp(p.get("amp"))
     bundle = load_bundle(p.model)
     device = resolve_device(cfg.device)
+    amp = bundle_amp(p.get("amp"), bundle)
+    if bundle.kind == "network":
+        log.info("device %s (%s)", device, precision(device, amp))
     if adapt_bn and bundle.kind != "network":
         log.warning("predict.adapt_bn=group is not used: %s is an SVM, without batch norm", p.model)
         adapt_bn = False
