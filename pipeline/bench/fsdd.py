@@ -55,7 +55,7 @@ from omegaconf import OmegaConf
 
 from pipeline import atomic
 from pipeline.fit import precision, resolve_device
-from pipeline.metrics import holm, mcnemar, mcnemar_p
+from pipeline.metrics import holm, mcnemar_p, pairwise_mcnemar
 
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 MODELS = ("resnet", "plain_cnn", "svm")
@@ -622,16 +622,13 @@ def pooled_significance(folds: dict[str, dict]) -> list[str]:
             rows.append((a, b, "", *(sum(fold[a, b][k] for fold in tested)
                                      for k in ("n", "a_only", "b_only"))))  # fmt: skip
     if all("adapted_files" in m for m in folds.values()):
-        nets = list(next(iter(folds.values()))["adapted_files"])
-        for i, a in enumerate(nets):
-            for b in nets[i + 1 :]:
-                ca, cb = [], []
-                for m in folds.values():
-                    fa, fb = m["adapted_files"][a], m["adapted_files"][b]
-                    ca += [fa[f] for f in sorted(fa)]
-                    cb += [fb[f] for f in sorted(fa)]
-                t = mcnemar(np.array(ca), np.array(cb))
-                rows.append((a, b, " adapted", t["n"], t["a_only"], t["b_only"]))
+        per_fold = [m["adapted_files"] for m in folds.values()]
+        files = [(f, sorted(next(iter(f.values())))) for f in per_fold]  # one order per fold
+        correct = {net: np.array([f[net][name] for f, names in files for name in names])
+                   for net in per_fold[0]}  # fmt: skip
+        # Each network's "prediction" is whether it was right, so every file's truth is True.
+        for t in pairwise_mcnemar(np.ones(len(next(iter(correct.values()))), bool), correct):
+            rows.append((t["a"], t["b"], " adapted", t["n"], t["a_only"], t["b_only"]))
     if not rows:
         return []
     adjusted = holm([mcnemar_p(a_only, b_only) for *_, a_only, b_only in rows])
