@@ -9,6 +9,17 @@ import pytest
 from pipeline.bench.__main__ import main
 
 
+def ratio_agrees(ratio: float, numerator: float, denominator: float) -> bool:
+    """Whether a printed ratio (two decimals) fits two printed rates (whole numbers).
+
+    On a busy machine 24 files give rates of a few files/s, where rounding each to a whole
+    number moves their quotient by far more than the ratio's own rounding.
+    """
+    low = (numerator - 0.5) / (denominator + 0.5)
+    high = (numerator + 0.5) / max(denominator - 0.5, 0.5)
+    return low - 0.005 <= ratio <= high + 0.005
+
+
 def test_dispatcher_lists_and_rejects(capsys):
     assert main(["--help"]) == 0
     assert "predict" in capsys.readouterr().out
@@ -22,7 +33,7 @@ def test_predict_benchmark_prints_both_rates_and_the_ratio(capsys):
     rates = {k: float(v) for k, v in re.findall(r"(pipeline|bare)\s+([\d.]+) files/s", out)}
     assert set(rates) == {"pipeline", "bare"} and all(v > 0 for v in rates.values())
     ratio = float(re.search(r"ratio pipeline/bare: ([\d.]+)", out).group(1))
-    assert abs(ratio - rates["pipeline"] / rates["bare"]) < 0.02 * ratio + 0.01
+    assert ratio_agrees(ratio, rates["pipeline"], rates["bare"])
 
 
 def test_predict_benchmark_times_the_batch_norm_adaptation(capsys):
@@ -32,7 +43,7 @@ def test_predict_benchmark_times_the_batch_norm_adaptation(capsys):
     rates = dict(re.findall(r"(pipeline|adapt_bn|bare)\s+([\d.]+) files/s", out))
     assert set(rates) == {"pipeline", "adapt_bn", "bare"}
     ratio = float(re.search(r"ratio adapt_bn/pipeline: ([\d.]+)", out).group(1))
-    assert abs(ratio - float(rates["adapt_bn"]) / float(rates["pipeline"])) < 0.02 * ratio + 0.01
+    assert ratio_agrees(ratio, float(rates["adapt_bn"]), float(rates["pipeline"]))
 
 
 def test_train_benchmark_prints_both_rates_and_the_ratio(capsys):
