@@ -277,7 +277,7 @@ def test_fsdd_preset_official_split_on_a_subset(tmp_path):
     ds = metrics["dataset"]
     assert ds["classes"] == ["0", "1", "4", "7"] and ds["files"]["test"] == 4 * 3 * 5
     f = metrics["features"]
-    assert f["n_mels"] == 64 and f["image_shape"] == [1, 64, 32] and f["sample_rate"] == 8000
+    assert f["n_mels"] == 64 and f["image_shape"] == [1, 64, 64] and f["sample_rate"] == 8000
     assert set(metrics["models"]) == {"resnet", "plain_cnn", "svm"}
     with open(tmp_path / "run" / "predictions" / "resnet.csv") as fh:
         tested = {Path(r["path"]).name for r in csv.DictReader(fh)}
