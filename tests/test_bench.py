@@ -89,6 +89,24 @@ def test_fsdd_tables_give_mean_and_std_over_seeds():
     assert "only 2 of six speakers so far" in text  # the targets read the means
 
 
+def test_fsdd_header_names_the_precision_and_the_kind_of_cpu():
+    """The same seed scores differently on another kind of CPU, so the tables name theirs."""
+    from pathlib import Path
+
+    from pipeline.bench.fsdd import render
+
+    fold = _fold(0.9, 0.9)
+    fold["run"]["precision"] = "bfloat16"
+    header = render({"loso-theo": fold}, {}, models=["resnet", "svm"], commands=[], extra=[])
+    line = next(ln for ln in header.splitlines() if "Machine:" in ln)
+    assert "Machine: cpu (bfloat16); " in line
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), flags=re.M)
+        if names:
+            assert " ".join(names[0].split()) in line
+
+
 def test_fsdd_pools_mcnemar_over_the_folds_files():
     from scipy.stats import binomtest
 

@@ -476,11 +476,32 @@ def kept(text: str, name: str) -> str:
 
 
 def _device_line(metrics: dict) -> str:
-    device = metrics.get("run", {}).get("device", "?")
+    """``cuda (NVIDIA H200, bfloat16); 16 CPU cores (...)``: the same run with the same seed
+    scores differently on another kind of CPU or GPU, so the tables name theirs."""
+    run = metrics.get("run", {})
+    device = run.get("device", "?")
+    detail = [run["precision"]] if run.get("precision") else []
     if "cuda" in str(device) and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name()})"
+        detail.insert(0, torch.cuda.get_device_name())
+    if detail:
+        device = f"{device} ({', '.join(detail)})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{device}; {cores} CPU cores ({platform.processor() or platform.machine()})"
+    return f"{device}; {cores} CPU cores ({_cpu_name()})"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and its native bf16 units, from /proc/cpuinfo where there is one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    block = info.split("\n\n", 1)[0]  # the first processor's
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in block.splitlines())}
+    name = " ".join(fields.get("model name", "").split()) or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    units = [unit for flag, unit in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+             if flag in flags]  # fmt: skip
+    return ", ".join([name, *units])
 
 
 def render(results, ablations, *, models, commands, extra, seeds: str = "") -> str:
