@@ -157,13 +157,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_bf16_units() -> list[str]:
+    """This CPU's units that compute bf16 natively, as PyTorch finds them: ``AVX512-BF16``,
+    ``AMX``, both or neither."""
+    probes = (("_is_avx512_bf16_supported", "AVX512-BF16"), ("_is_amx_tile_supported", "AMX"))
+    return [unit for name, unit in probes if getattr(torch.cpu, name, lambda: False)()]
+
+
 def cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast pays.
 
     Elsewhere PyTorch emulates bf16 on the CPU, which is slower than float32.
     """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return bool(cpu_bf16_units())
 
 
 def precision(device: torch.device, enabled: bool) -> str:

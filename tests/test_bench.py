@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -91,8 +92,6 @@ def test_fsdd_tables_give_mean_and_std_over_seeds():
 
 def test_fsdd_header_names_the_precision_and_the_kind_of_cpu():
     """The same seed scores differently on another kind of CPU, so the tables name theirs."""
-    from pathlib import Path
-
     from pipeline.bench.fsdd import render
 
     fold = _fold(0.9, 0.9)

@@ -54,7 +54,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.fit import precision, resolve_device
+from pipeline.fit import cpu_bf16_units, precision, resolve_device
 from pipeline.metrics import holm, mcnemar_p, pairwise_mcnemar
 
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
@@ -490,18 +490,13 @@ def _device_line(metrics: dict) -> str:
 
 
 def _cpu_name() -> str:
-    """The CPU's model name and its native bf16 units, from /proc/cpuinfo where there is one."""
+    """The CPU's model name (from /proc/cpuinfo where there is one) and its native bf16 units."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:(.*)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
     except OSError:
-        return platform.processor() or platform.machine()
-    block = info.split("\n\n", 1)[0]  # the first processor's
-    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in block.splitlines())}
-    name = " ".join(fields.get("model name", "").split()) or platform.machine()
-    flags = set(fields.get("flags", "").split())
-    units = [unit for flag, unit in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
-             if flag in flags]  # fmt: skip
-    return ", ".join([name, *units])
+        found = None
+    name = " ".join(found[1].split()) if found else ""
+    return ", ".join([name or platform.processor() or platform.machine(), *cpu_bf16_units()])
 
 
 def render(results, ablations, *, models, commands, extra, seeds: str = "") -> str:
