@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +27,21 @@ from tqdm import tqdm
 from pipeline import atomic
 from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError
+from pipeline.precise_bn import precise_batchnorm
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
-MONITORS = ("val_accuracy", "val_loss", "last")
+MONITORS = ("auto", "val_accuracy", "val_loss", "last")
+AUTO = "auto"
+# train.batch_size=auto: about a tenth of the training windows (Wang et al. 2017 and Fawaz
+# et al. 2019 take min(n / 10, 16)), within these bounds.
+AUTO_BATCH = (8, 128)
+# train.monitor=auto picks the best validation epoch only when the validation split has at
+# least this many windows per class; with fewer, one window moves the score by more than the
+# epochs differ, and the last epoch of the decayed schedule is kept.
+MIN_VAL_PER_CLASS = 20
 CLASS_WEIGHTS = (None, "balanced")
 
 
@@ -41,7 +50,9 @@ class TrainSettings:
     """Settings of one training run (the ``train`` config group)."""
 
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int | str = 128
+    min_steps: int = 0
+    max_steps: int | None = None
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -56,6 +67,7 @@ class TrainSettings:
     monitor: str = "val_accuracy"
     class_weights: str | None = None
     ema_epochs: float = 0.0
+    precise_bn: bool = True
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     channels_last: bool = True
     amp: bool = True
@@ -65,8 +77,25 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
+            if key == "batch_size" and value == AUTO:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"train.{key}={value!r} must be a positive integer")
+                extra = " or auto" if key == "batch_size" else ""
+                raise ConfigError(f"train.{key}={value!r} must be a positive integer{extra}")
+        for key in ("min_steps", "max_steps"):
+            value = getattr(self, key)
+            if value is None and key == "max_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(
+                    f"train.{key}={value!r} must be a whole number of optimizer steps"
+                    + (", or null for no ceiling" if key == "max_steps" else " (0: no floor)")
+                )
+        if self.max_steps is not None and self.max_steps < max(1, self.min_steps):
+            raise ConfigError(
+                f"train.max_steps={self.max_steps} must be at least train.min_steps="
+                f"{self.min_steps} (and at least 1); raise it or set it to null"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"train.optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}"
@@ -129,11 +158,75 @@ class FitResult:
             val_loss, val_error, images_per_second.
         best_epoch: the epoch (1-based) whose weights were kept.
         train_seconds: wall time of the loop.
+        plan: the batch size, steps, epochs and monitor this run resolved.
+        precise_bn: what the recomputation of the batch-norm statistics did (layers,
+            windows, seconds, validation accuracy before and after), or None.
     """
 
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     train_seconds: float = 0.0
+    plan: Plan | None = None
+    precise_bn: dict | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long one run trains and what it keeps, resolved from the data's size.
+
+    Attributes:
+        batch_size: the global batch.
+        steps_per_epoch: optimizer steps per pass over the training windows (per rank).
+        steps: optimizer steps in all; the last epoch may stop part way.
+        epochs: passes over the data, the last one possibly partial.
+        monitor: the rule that picks the kept weights (``auto`` resolved).
+        why: one sentence on what decided the length, for the log and the report.
+    """
+
+    batch_size: int
+    steps_per_epoch: int
+    steps: int
+    epochs: int
+    monitor: str
+    why: str
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def auto_batch_size(n_train: int) -> int:
+    """``train.batch_size=auto``: a tenth of ``n_train``, within :data:`AUTO_BATCH`."""
+    low, high = AUTO_BATCH
+    return int(min(high, max(low, n_train // 10)))
+
+
+def plan_training(
+    s: TrainSettings, *, n_train: int, n_val: int = 0, n_classes: int = 1, world: int = 1
+) -> Plan:
+    """Resolve the batch size, the training length in optimizer steps and the monitor.
+
+    The length is ``epochs`` passes, raised to ``min_steps`` optimizer steps for a small
+    training set (42 windows at batch 8 are 6 steps an epoch: 30 epochs would be 180 steps)
+    and cut to ``max_steps`` for a large one, so the schedule's milestones and warm-up,
+    defined over the steps, always span a run long enough to converge and short enough to
+    finish.
+    """
+    batch = auto_batch_size(n_train) if s.batch_size == AUTO else int(s.batch_size)
+    local = max(1, batch // world)
+    steps_per_epoch = max(1, math.ceil(math.ceil(n_train / world) / local))
+    steps = s.epochs * steps_per_epoch
+    why = f"{s.epochs} epochs of {steps_per_epoch} steps at batch {batch}"
+    if steps < s.min_steps:
+        steps = s.min_steps
+        why = f"train.min_steps={s.min_steps}: {steps_per_epoch} steps an epoch at batch {batch}"
+    if s.max_steps is not None and steps > s.max_steps:
+        steps = s.max_steps
+        why = f"train.max_steps={s.max_steps}: {steps_per_epoch} steps an epoch at batch {batch}"
+    monitor = s.monitor
+    if monitor == AUTO:
+        enough = n_val >= MIN_VAL_PER_CLASS * max(1, n_classes)
+        monitor = "val_accuracy" if enough else "last"
+    return Plan(batch, steps_per_epoch, steps, math.ceil(steps / steps_per_epoch), monitor, why)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,10 +342,13 @@ def _tensors(model: nn.Module) -> list[Tensor]:
     return list(model.state_dict(keep_vars=True).values())
 
 
-def _lr_factor(step: int, *, steps_per_epoch: int, s: TrainSettings) -> float:
-    """Learning-rate multiplier at optimisation step ``step`` (0-based)."""
-    total = s.epochs * steps_per_epoch
-    warmup = s.warmup_epochs * steps_per_epoch
+def _lr_factor(
+    step: int, *, steps_per_epoch: int, s: TrainSettings, total: int | None = None
+) -> float:
+    """Learning-rate multiplier at optimisation step ``step`` (0-based) of ``total`` steps
+    (default ``s.epochs * steps_per_epoch``)."""
+    total = s.epochs * steps_per_epoch if total is None else total
+    warmup = min(total, s.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     if s.schedule == "multistep":
@@ -328,8 +424,18 @@ def fit(
         net = torch.compile(net)
     augment = SpecAugment(s.augment) if s.augment.any_image else None
     weight = None
+    n_classes = int(getattr(model, "config", {}).get("num_classes", int(y_train.max()) + 1))
+    plan = plan_training(
+        s, n_train=len(x_train), n_val=len(x_val), n_classes=n_classes, world=world
+    )
+    if s.monitor == AUTO and s.patience is not None and plan.monitor == "last":
+        plan = replace(plan, monitor="val_accuracy")  # patience stops on validation
+    if rank == 0:
+        log.info(
+            "%s: %d optimizer steps (%s), %d epochs; keeps %s", name, plan.steps, plan.why,
+            plan.epochs, _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val)),
+        )  # fmt: skip
     if s.class_weights == "balanced":
-        n_classes = int(getattr(model, "config", {}).get("num_classes", int(y_train.max()) + 1))
         counts = torch.bincount(y_train, minlength=n_classes).double()
         weight = (len(y_train) / (n_classes * counts.clamp(min=1))).float().to(device)
     x_source = _stage(x_train, device)
@@ -341,8 +447,8 @@ def fit(
     sampler = DistributedSampler(
         range(len(x_train)), num_replicas=world, rank=rank, shuffle=True, seed=seed
     )  # the same draw on every rank; with one process, a seeded shuffle
-    local_batch = max(1, s.batch_size // world)
-    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    local_batch = max(1, plan.batch_size // world)
+    steps_per_epoch = plan.steps_per_epoch
     ema = (
         WeightAverage(model, epochs=s.ema_epochs, steps_per_epoch=steps_per_epoch)
         if s.ema_epochs
@@ -358,7 +464,8 @@ def fit(
         state = _load_checkpoint(checkpoint, model, optimizer, scaler, ema, rank=rank, world=world)
         log.info("%s: resumed from %s after epoch %d", name, checkpoint, state["epoch"])
     start = time.perf_counter() - state["seconds"]
-    for epoch in range(state["epoch"] + 1, s.epochs + 1):
+    every = max(1, plan.epochs // 30)  # at most about 30 epoch lines in the log
+    for epoch in range(state["epoch"] + 1, plan.epochs + 1):
         if state["finished"]:
             break
         net.train()
@@ -369,14 +476,17 @@ def fit(
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, seen
         seen_here = 0
         epoch_start = time.perf_counter()
-        batches = range(0, len(order), local_batch)
-        bar = tqdm(batches, desc=f"{name} {epoch}/{s.epochs}", unit="batch", leave=False,
+        left = plan.steps - state["step"]  # the last epoch may stop part way
+        batches = range(0, min(len(order), left * local_batch), local_batch)
+        bar = tqdm(batches, desc=f"{name} {epoch}/{plan.epochs}", unit="batch", leave=False,
                    disable=not progress or rank != 0)  # fmt: skip
         for i in bar:
             idx = order[i : i + local_batch]
             xb = _gather(x_source, idx, device).contiguous(memory_format=memory_format)
             yb = _gather(y_source, idx, device)
-            factor = _lr_factor(state["step"], steps_per_epoch=steps_per_epoch, s=s)
+            factor = _lr_factor(
+                state["step"], steps_per_epoch=steps_per_epoch, s=s, total=plan.steps
+            )
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             if augment is not None:
@@ -412,7 +522,9 @@ def fit(
             torch.distributed.all_reduce(totals)
         loss_sum, errors, seen = totals.tolist()
         ips = seen / (time.perf_counter() - epoch_start)
-        val_loss, val_error = evaluate_loss(kept, x_val, y_val, device=device, s=s)
+        val_loss, val_error = evaluate_loss(
+            kept, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size
+        )
         row = {
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
@@ -423,16 +535,16 @@ def fit(
             "images_per_second": ips,
         }
         state["history"].append(row)
-        if rank == 0:
+        if rank == 0 and (epoch % every == 0 or epoch == plan.epochs):
             log.info(
                 "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
                 "  %.0f img/s",
-                name, epoch, s.epochs, row["train_loss"], 1 - row["train_error"],
+                name, epoch, plan.epochs, row["train_loss"], 1 - row["train_error"],
                 val_loss, 1 - val_error, row["lr"], ips,
             )  # fmt: skip
-        if not len(x_val) or s.monitor == "last":
+        if not len(x_val) or plan.monitor == "last":
             score = [epoch, 0.0]  # keep the last epoch; validation is for the record
-        elif s.monitor == "val_loss":
+        elif plan.monitor == "val_loss":
             score = [-val_loss, 1 - val_error]
         else:
             score = [1 - val_error, -val_loss]
@@ -450,16 +562,58 @@ def fit(
             rng = _rng_states(world)  # every rank's: a collective under torch.distributed
             if rank == 0:
                 _save_checkpoint(checkpoint, state, model, optimizer, scaler, rng, ema)
-    result = FitResult(
+    model.load_state_dict(state["best_state"])
+    log.info("%s: kept epoch %d (%s)", name, state["best_epoch"],
+             _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val)))  # fmt: skip
+    precise = None
+    if s.precise_bn:
+        precise = _precise_bn(model, x_source, x_val, y_val, plan=plan, device=device, s=s,
+                              memory_format=memory_format, seed=seed, name=name)  # fmt: skip
+    return FitResult(
         history=state["history"],
         best_epoch=state["best_epoch"],
         train_seconds=time.perf_counter() - start,
+        plan=plan,
+        precise_bn=precise,
     )
-    model.load_state_dict(state["best_state"])
-    how = ("the last" if s.monitor == "last" else "the last: no validation images"
-           if not len(x_val) else f"best {s.monitor}")  # fmt: skip
-    log.info("%s: kept epoch %d (%s)", name, result.best_epoch, how)
-    return result
+
+
+def _kept_phrase(monitor: str, configured: str, *, n_val: int) -> str:
+    """Which weights are kept, and why, for the log."""
+    if not n_val:
+        return "the last epoch: no validation images"
+    if monitor == "last" and configured == AUTO:
+        return (
+            f"the last epoch: train.monitor=auto, fewer than {MIN_VAL_PER_CLASS} validation "
+            "windows per class"
+        )
+    if monitor == "last":
+        return "the last epoch: train.monitor=last"
+    return f"the best {monitor} epoch"
+
+
+def _precise_bn(
+    model: nn.Module, x_train: Tensor, x_val: Tensor, y_val: Tensor, *, plan: Plan,
+    device: torch.device, s: TrainSettings, memory_format, seed: int, name: str,
+) -> dict | None:  # fmt: skip
+    """Recompute the kept weights' batch-norm statistics over the training windows
+    (:func:`pipeline.precise_bn.precise_batchnorm`) and log what it did to validation."""
+    before = evaluate_loss(model, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size)
+    done = precise_batchnorm(
+        model, x_train, batch_size=2 * plan.batch_size, device=device,
+        autocast=lambda: autocast(device, s.amp), memory_format=memory_format, seed=seed,
+    )  # fmt: skip
+    if not done["layers"]:
+        return None
+    after = evaluate_loss(model, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size)
+    done.update(val_accuracy_before=1 - before[1], val_accuracy_after=1 - after[1])
+    if rank_and_world()[0] == 0:
+        log.info(
+            "%s: batch-norm statistics of %d layers recomputed over %d training windows in "
+            "%.1f s (validation accuracy %.3f -> %.3f)", name, done["layers"], done["windows"],
+            done["seconds"], done["val_accuracy_before"], done["val_accuracy_after"],
+        )  # fmt: skip
+    return done
 
 
 def setup_distributed(device: torch.device) -> torch.device:
@@ -583,12 +737,18 @@ def _load_checkpoint(
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, x: Tensor, y: Tensor, *, device: torch.device, s: TrainSettings
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    device: torch.device,
+    s: TrainSettings,
+    batch_size: int = 256,
 ) -> tuple[float, float]:
     """Mean cross-entropy and error rate of ``model`` on (x, y); NaN for an empty set."""
     if len(x) == 0:
         return float("nan"), float("nan")
-    logits = predict_logits(model, x, device=device, batch_size=s.batch_size * 2, amp=s.amp)
+    logits = predict_logits(model, x, device=device, batch_size=batch_size, amp=s.amp)
     loss = F.cross_entropy(logits, y).item()
     error = (logits.argmax(1) != y).float().mean().item()
     return loss, error

@@ -207,10 +207,10 @@ LEGACY_KEYS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mod
 @pytest.mark.parametrize(
     "samples,rate,sizes,shape",
     [
-        (150, 100, (16, 4, 16), (9, 38)),  # a short sensor trace
-        (8000, 8000, (512, 128, 512), (257, 63)),  # one second of 8 kHz audio
-        (4000, 4000, (256, 64, 256), (129, 63)),  # the embedded default
-        (441000, 44100, (2048, 512, 2048), (1025, 862)),  # ten seconds of CD audio
+        (150, 100, (16, 4, 16), (9, 38)),  # a short sensor trace: a smaller hop keeps 32 frames
+        (8000, 8000, (512, 256, 512), (257, 32)),  # one second of 8 kHz audio
+        (4000, 4000, (256, 128, 256), (129, 32)),  # the embedded default
+        (441000, 44100, (2048, 1024, 2048), (1025, 431)),  # ten seconds of CD audio
     ],
 )
 def test_auto_sizes_give_a_usable_image(samples, rate, sizes, shape):
@@ -225,7 +225,7 @@ def test_auto_sizes_give_a_usable_image(samples, rate, sizes, shape):
 
 def test_auto_fills_only_what_is_auto():
     kw = {"segment_samples": 8000, "sample_rate": 8000}
-    assert auto_sizes(**kw, n_fft=256, hop_length="auto", win_length="auto") == (256, 64, 256)
+    assert auto_sizes(**kw, n_fft=256, hop_length="auto", win_length="auto") == (256, 128, 256)
     assert auto_sizes(**kw, n_fft="auto", hop_length=100, win_length=1000) == (1024, 100, 1000)
     assert auto_sizes(**kw, n_fft=64, hop_length=16, win_length=48) == (64, 16, 48)
 
@@ -244,12 +244,12 @@ def test_auto_is_resolved_where_the_window_length_is_known(caplog):
     cfg = compose("features.n_fft=auto", "features.hop_length=auto", "features.win_length=auto")
     with caplog.at_level("INFO", logger="pipeline.tasks.compare"):
         p = stft_params(cfg, sample_rate=8000, segment_samples=8000)
-    assert (p.n_fft, p.hop_length, p.win_length, p.sample_rate) == (512, 128, 512, 8000)
-    assert "n_fft=auto -> 512, hop_length=auto -> 128, win_length=auto -> 512" in caplog.text
+    assert (p.n_fft, p.hop_length, p.win_length, p.sample_rate) == (512, 256, 512, 8000)
+    assert "n_fft=auto -> 512, hop_length=auto -> 256, win_length=auto -> 512" in caplog.text
     with pytest.raises(ConfigError, match="n_fft='big' must be a positive integer or auto"):
         stft_params(compose("features.n_fft=big"))
     mel = stft_params(compose("features=mel"), sample_rate=4000, segment_samples=4000)
-    assert (mel.n_mels, mel.n_fft, mel.image_shape(4000)) == (40, 256, (40, 63))
+    assert (mel.n_mels, mel.n_fft, mel.image_shape(4000)) == (40, 256, (40, 32))
 
 
 # --- the disk cache ----------------------------------------------------------------------------

@@ -108,6 +108,9 @@ def test_multistep_schedule_divides_by_ten_at_milestones():
     warm = TrainSettings(epochs=4, warmup_epochs=1, schedule="cosine")
     assert _lr_factor(0, steps_per_epoch=10, s=warm) == pytest.approx(0.1)
     assert _lr_factor(39, steps_per_epoch=10, s=warm) < 0.01
+    # Over a length in steps (train.min_steps): the milestones move with it.
+    longer = [_lr_factor(step, steps_per_epoch=10, s=s, total=100) for step in (49, 50, 75)]
+    assert longer == pytest.approx([1, 0.1, 0.01])
 
 
 @pytest.mark.parametrize(
@@ -174,7 +177,7 @@ def test_without_validation_images_the_last_epoch_is_kept_and_the_log_says_why(c
         result = fit(TinyNet(), x, y, x[:0], y[:0], settings=settings, device=torch.device("cpu"),
                      seed=0, progress=False, name="net")  # fmt: skip
     assert result.best_epoch == 3
-    assert "net: kept epoch 3 (the last: no validation images)" in caplog.text
+    assert "net: kept epoch 3 (the last epoch: no validation images)" in caplog.text
 
 
 def test_onecycle_rises_to_the_peak_then_anneals():

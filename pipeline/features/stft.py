@@ -35,6 +35,11 @@ PAD_MODES = ("reflect", "constant", "replicate", "circular")
 MEL_SCALES = ("htk", "slaney")
 MEL_NORMS = (None, "slaney")
 AUTO = "auto"
+# hop_length=auto gives at least this many frames: a short trace keeps a usable time axis.
+MIN_FRAMES = 32
+# size=auto keeps the native image, shrunk by area averaging to at most this [height, width]
+# and never stretched: a 9-row spectrogram stays 9 rows.
+AUTO_SIZE_CAP = (64, 64)
 
 
 @dataclass(frozen=True)
@@ -276,10 +281,11 @@ def auto_sizes(
       machine-sound frame is 20-64 ms) but never capped below 256, then clamped to
       [16, 2048], and at least ``win_length`` when that is fixed;
     - ``win_length``: ``n_fft``;
-    - ``hop_length``: ``win_length // 4`` (librosa's default ratio).
+    - ``hop_length``: ``win_length // 2``, or less where that gives fewer than
+      :data:`MIN_FRAMES` frames: the largest hop that gives that many.
 
-    Examples: 150 samples -> 16/4/16 (9 x 38 image); 1 s at 8 kHz -> 512/128/512
-    (257 x 63); 1 s at 4 kHz -> 256/64/256.
+    Examples: 150 samples -> 16/4/16 (9 x 38 image); 1 s at 8 kHz -> 512/256/512
+    (257 x 32); 1 s at 4 kHz -> 256/128/256 (129 x 32).
 
     Returns:
         ``(n_fft, hop_length, win_length)`` as integers.
@@ -293,8 +299,17 @@ def auto_sizes(
     if win_length == AUTO:
         win_length = n_fft
     if hop_length == AUTO:
-        hop_length = max(1, win_length // 4)
+        hop_length = max(1, win_length // 2)
+        if 1 + segment_samples // hop_length < MIN_FRAMES:
+            hop_length = max(1, segment_samples // (MIN_FRAMES - 1))
     return n_fft, hop_length, win_length
+
+
+def auto_size(params: STFTParams, segment_samples: int) -> tuple[int, int]:
+    """``size=auto``: the native (height, width) of a window's image, each at most
+    :data:`AUTO_SIZE_CAP`, so a large image is shrunk and a small one never stretched."""
+    height, width = params.n_freq(), params.n_frames(segment_samples)
+    return min(height, AUTO_SIZE_CAP[0]), min(width, AUTO_SIZE_CAP[1])
 
 
 def _pow2_floor(x: float) -> int:

@@ -13,7 +13,7 @@ import io
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from pipeline.features.stft import (
     AUTO,
     Normalizer,
     STFTParams,
+    auto_size,
     auto_sizes,
     centre_groups,
     check_per_group,
@@ -61,8 +62,45 @@ log = logging.getLogger(__name__)
 UNADAPTED = ("accuracy", "macro_f1", "file_accuracy")
 
 
+SIZES = ("n_fft", "hop_length", "win_length")
+
+
+def command_line_keys() -> set[str]:
+    """The keys this run's command line sets (Hydra's task overrides), e.g.
+    ``{"features.hop_length"}``; empty outside a Hydra run."""
+    if not HydraConfig.initialized():
+        return set()
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    return set(keys)
+
+
+def configured_sizes(
+    cfg: DictConfig, *, explicit: set[str] | None = None, verbose: bool = False
+) -> dict:
+    """``n_fft``, ``hop_length`` and ``win_length`` as configured, with the inherited ones
+    turned to ``auto`` when ``n_fft`` is (see :func:`stft_params`)."""
+    explicit = command_line_keys() if explicit is None else explicit
+    sizes = {k: cfg.features[k] for k in SIZES}
+    for key, value in sizes.items():
+        if isinstance(value, str) and value != AUTO:
+            raise ConfigError(f"features.{key}={value!r} must be a positive integer or auto")
+    if sizes["n_fft"] == AUTO:
+        inherited = [k for k in SIZES[1:] if sizes[k] != AUTO and f"features.{k}" not in explicit]
+        if inherited and verbose:
+            log.info(
+                "features.n_fft=auto: %s from the preset follow the window too (set them on "
+                "the command line to keep them)", ", ".join(f"{k}={sizes[k]}" for k in inherited)
+            )  # fmt: skip
+        sizes.update(dict.fromkeys(inherited, AUTO))
+    return sizes
+
+
 def stft_params(
-    cfg: DictConfig, *, sample_rate: int | None = None, segment_samples: int | None = None
+    cfg: DictConfig,
+    *,
+    sample_rate: int | None = None,
+    segment_samples: int | None = None,
+    explicit: set[str] | None = None,
 ) -> STFTParams:
     """The ``features`` config group as :class:`STFTParams` (validated).
 
@@ -70,12 +108,14 @@ def stft_params(
     windows of ``segment_samples`` at ``sample_rate`` and logged. Before the data is
     read both are None: auto sizes then take a stand-in (2,048 samples at 4 kHz) and
     the checks that need the rate wait, so a bad setting fails before any file is read.
+
+    With ``n_fft=auto``, a ``hop_length`` or ``win_length`` that a preset fixed (a
+    number chosen for the preset's own n_fft) follows the window too, unless it is in
+    ``explicit`` (the keys the command line sets, :func:`command_line_keys`): a
+    ``win_length`` of 256 must not pin the FFT of a 150-sample trace.
     """
     f = cfg.features
-    sizes = {k: f[k] for k in ("n_fft", "hop_length", "win_length")}
-    for key, value in sizes.items():
-        if isinstance(value, str) and value != AUTO:
-            raise ConfigError(f"features.{key}={value!r} must be a positive integer or auto")
+    sizes = configured_sizes(cfg, explicit=explicit, verbose=segment_samples is not None)
     chosen = auto_sizes(
         segment_samples=segment_samples or 2048, sample_rate=sample_rate or 4000, **sizes
     )
@@ -86,8 +126,16 @@ def stft_params(
             ", ".join(f"{k}=auto -> {v}" for (k, a), v in picked if a == AUTO),
             segment_samples, sample_rate,
         )  # fmt: skip
-    size = OmegaConf.to_object(f.size) if f.size is not None else None
-    return STFTParams(
+    if f.size == AUTO:
+        size = None
+    elif isinstance(f.size, str):
+        raise ConfigError(
+            f"features.size={f.size!r} must be [height, width], auto (the native size, at most "
+            "[64, 64]) or null (the native size)"
+        )
+    else:
+        size = OmegaConf.to_object(f.size) if f.size is not None else None
+    params = STFTParams(
         n_fft=chosen[0],
         hop_length=chosen[1],
         win_length=chosen[2],
@@ -106,6 +154,19 @@ def stft_params(
         norm=f.norm,
         lifter=f.lifter,
     )
+    if f.size == AUTO:
+        native = (params.n_freq(), params.n_frames(segment_samples or 2048))
+        shape = auto_size(params, segment_samples or 2048)
+        if segment_samples is not None:
+            log.info("features: size=auto -> %s (native %s)", list(shape), list(native))
+        params = replace(params, size=shape)
+    return params
+
+
+def auto_keys(cfg: DictConfig) -> list[str]:
+    """The feature settings chosen from the data (``auto``), for metrics.json."""
+    sizes = configured_sizes(cfg)
+    return [k for k in SIZES if sizes[k] == AUTO] + (["size"] if cfg.features.size == AUTO else [])
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
@@ -237,7 +298,10 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         "read": read,
         "segment": OmegaConf.to_container(d.segment, resolve=True),
         "time_split": time_split if timed.any() else None,
-        "features": {k: features[k] for k in STFTParams.__dataclass_fields__ if k in features},
+        "features": {
+            **{k: features[k] for k in STFTParams.__dataclass_fields__ if k in features},
+            **configured_sizes(cfg),  # what auto covers decides the images
+        },
     }
     cache_root = Path(cfg.features.cache_dir) if cfg.features.cache else None
     max_gb = cfg.features.get("cache_max_gb")
@@ -255,8 +319,7 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
     )
     seg = Segmenting(**lookup.info["segment"])
     params = STFTParams.from_dict(lookup.info["features"])
-    sizes = (cfg.features.n_fft, cfg.features.hop_length, cfg.features.win_length)
-    if lookup.hit and AUTO in sizes:
+    if lookup.hit and auto_keys(cfg):
         log.info(
             "features: auto sizes from the cache entry: n_fft=%d, hop_length=%d, win_length=%d",
             params.n_fft, params.hop_length, params.win_length,
@@ -488,7 +551,11 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             t0 = time.perf_counter()
             scores = predict_logits(model, x_te, device=device, amp=settings.amp).numpy()
             infer_seconds = time.perf_counter() - t0
-            extra = {"best_epoch": result.best_epoch}
+            extra = {
+                "best_epoch": result.best_epoch,
+                "training": result.plan.to_dict(),
+                "precise_bn": result.precise_bn,
+            }
             if adapt_bn:
                 # AdaBN: each test group classified with batch-norm statistics of its own
                 # images; the unadapted figures are kept beside them.
@@ -497,7 +564,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 extra["unadapted"] = {k: unadapted[k] for k in UNADAPTED if k in unadapted}
                 t0 = time.perf_counter()
                 scores = adapted_logits(
-                    model, x_te, test_groups, batch_size=settings.batch_size, device=device,
+                    model, x_te, test_groups, batch_size=result.plan.batch_size, device=device,
                     amp=settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
                     regex_key="data.group_regex",
                 ).numpy()  # fmt: skip
@@ -554,7 +621,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         "dataset": summary,
         "features": {
             **params.to_dict(),
-            "auto": [k for k in ("n_fft", "hop_length", "win_length") if cfg.features[k] == AUTO],
+            "auto": auto_keys(cfg),
             "normalize": cfg.features.normalize,
             "image_shape": list(images.shape[1:]),
             "seconds": feature_seconds,

@@ -1,0 +1,249 @@
+"""The development suite: the default recipe, untuned, on every kind of data the tool is for.
+
+``python -m pipeline.bench suite`` runs ``python -m pipeline.run`` as a new user would, with
+no setting beyond each dataset's own facts (rate, layout, split, label and group regexes,
+channels), on
+
+1. ``default``: the embedded default job (rotating-machine vibration, 7 classes);
+2. ``gunpoint``: UCR GunPoint's predefined split (50 training series of 150 samples), from
+   ``--gunpoint`` (``../shared/datasets/gunpoint``);
+3. ``traces``: generated short traces (128 samples, 3 channels) whose class is a tone's
+   frequency (:mod:`pipeline.bench.traces`);
+4. ``fsdd-tiny``: FSDD with 5 training files per class (the official test files): small data;
+5. ``fsdd-official``: FSDD's official split (takes 0-4 are the test set);
+6. ``fsdd-theo``, ``fsdd-nicolas``: one FSDD speaker held out each;
+7. ``fsdd-preset``: the official split with the tuned preset (``+experiment=fsdd``), to show
+   what the preset still adds over the default recipe.
+
+Each quick dataset runs once per ``--seeds`` (default 0,1,2); the FSDD ones, which take
+minutes a run on a CPU, once per ``--slow-seeds`` (default 0). The table (test accuracy
+mean ± std over seeds, the ResNet's lead over its plain twin and how many runs McNemar's test
+found it significant, seconds per run) is printed and written into ``--output`` between
+``<!-- suite -->`` markers, leaving the rest of the file as it is. A finished run folder of
+the same configuration is read back, so an interrupted suite resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.bench.fsdd import REPO, _device_line, run_cli, splice
+from pipeline.bench.traces import write_traces
+
+MODELS = ("resnet", "plain_cnn", "svm")
+FSDD_OFFICIAL = ["data.split=regex", "data.test_regex='_[0-4]\\.wav$'"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One row of the suite: the overrides that describe the data, and what to compare with."""
+
+    name: str
+    what: str
+    overrides: list[str]
+    slow: bool = False
+    published: str = ""
+    needs: Path | None = None  # a shared folder the row reads; skipped where it is missing
+
+
+def datasets(args, runs: Path) -> list[Dataset]:
+    fsdd = Path(args.fsdd).resolve()
+    gunpoint = Path(args.gunpoint).resolve()
+    fsdd_data = ["data=folder", f"data.root={fsdd}", "data.label_regex='^(\\d+)_'"]
+    speakers = [*fsdd_data, "data.group_regex='^\\d+_([a-z]+)_'", "data.split=group"]
+    return [
+        Dataset("default", "embedded default job (vibration, 7 classes, 1 s at 4 kHz)", []),
+        Dataset(
+            "gunpoint", "UCR GunPoint, predefined split (150-sample traces)",
+            ["data=folder", f"data.root={gunpoint}", "data.sample_rate=1"],
+            published="1-D ResNet 0.991, 1-NN 0.913 (Fawaz et al. 2019)", needs=gunpoint,
+        ),
+        Dataset(
+            "traces", "generated 3-channel traces, class = a tone's frequency (128 samples)",
+            ["data=folder", f"data.root={runs / 'traces'}", "data.sample_rate=100",
+             "data.channels=all"],
+        ),
+        Dataset(
+            "fsdd-tiny", "FSDD, 5 training files per class, official test files",
+            ["data=folder", f"data.manifest={runs / 'fsdd-tiny.csv'}"], needs=fsdd,
+        ),
+        Dataset(
+            "fsdd-official", "FSDD official split (whole clips, 8 kHz)",
+            [*fsdd_data, *FSDD_OFFICIAL], slow=True, needs=fsdd,
+            published="preset: 0.993 (BENCHMARKS.md below)",
+        ),
+        Dataset("fsdd-theo", "FSDD, speaker theo held out",
+                [*speakers, "data.test_groups=[theo]"], slow=True, needs=fsdd),
+        Dataset("fsdd-nicolas", "FSDD, speaker nicolas held out",
+                [*speakers, "data.test_groups=[nicolas]"], slow=True, needs=fsdd),
+        Dataset(
+            "fsdd-preset", "FSDD official split with the tuned preset (+experiment=fsdd)",
+            ["+experiment=fsdd", f"data.root={fsdd}"], slow=True, needs=fsdd,
+        ),
+    ]  # fmt: skip
+
+
+def write_tiny_manifest(fsdd: Path, path: Path, *, per_class: int = 5, seed: int = 0) -> Path:
+    """A manifest of FSDD with ``per_class`` training files per digit (drawn over all
+    speakers with a fixed seed from the official training takes) and every official test
+    file (takes 0-4)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    files = sorted(fsdd.glob("*.wav"))
+    for digit in range(10):
+        mine = [f for f in files if f.name.startswith(f"{digit}_")]
+        train = [f for f in mine if not re.search(r"_[0-4]\.wav$", f.name)]
+        test = [f for f in mine if re.search(r"_[0-4]\.wav$", f.name)]
+        picked = rng.choice(len(train), per_class, replace=False)
+        rows += [(str(train[i]), digit, "train") for i in sorted(picked)]
+        rows += [(str(f), digit, "test") for f in test]
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows)
+    return path
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and std of each model's test accuracy over runs, the ResNet's lead over its
+    twin, the significant runs, the window counts and the seconds per run."""
+    out = {"n": len(runs), "models": {}}
+    for model in MODELS:
+        acc = [r["models"][model]["accuracy"] for r in runs if model in r["models"]]
+        if acc:
+            out["models"][model] = (float(np.mean(acc)), float(np.std(acc)))
+    lead = [r["models"]["resnet"]["accuracy"] - r["models"]["plain_cnn"]["accuracy"] for r in runs]
+    out["lead"] = (float(np.mean(lead)), float(np.std(lead)))
+    out["significant"] = sum(
+        any({p["a"], p["b"]} == {"resnet", "plain_cnn"} and p["p_holm"] < 0.05
+            for p in r["significance"])
+        for r in runs
+    )  # fmt: skip
+    d = runs[0]["dataset"]
+    out["windows"] = (d["n_train"], d["n_val"], d["n_test"])
+    out["seconds"] = float(np.mean([r.get("_wall_seconds", np.nan) for r in runs]))
+    out["image"] = runs[0]["features"]["image_shape"]
+    out["steps"] = runs[0]["models"]["resnet"].get("training", {})
+    return out
+
+
+def _pm(mean_std: tuple[float, float], n: int) -> str:
+    mean, std = mean_std
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
+def render(rows: dict[str, dict], sets: dict[str, Dataset], *, machine: str, commands) -> str:
+    lines = [
+        "# Development suite: the default recipe on data nobody tuned for",
+        "",
+        f"Generated by `python -m pipeline.bench suite` on {time.strftime('%Y-%m-%d')}. "
+        f"Machine: {machine}. Every run is `python -m pipeline.run` with only the data's own "
+        "facts (rate, layout, split, label and group regexes, channels); the commands are at "
+        "the end of this section. Test accuracy per window (FSDD's whole clips: per file), "
+        "mean ± standard deviation over the seeds; *lead* is ResNet minus plain twin, with the "
+        "number of runs where McNemar's test (Holm) found the two different.",
+        "",
+        "| dataset | windows train/val/test | image | steps (batch) | ResNet | plain twin | SVM "
+        "| ResNet − twin (significant runs) | published | seeds | s per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        m, n = r["models"], r["n"]
+        steps = r["steps"]
+        lines.append(
+            f"| {name}: {sets[name].what} | {'/'.join(map(str, r['windows']))} "
+            f"| {'×'.join(map(str, r['image']))} "
+            f"| {steps.get('steps', '?')} ({steps.get('batch_size', '?')}) | "
+            + " | ".join(_pm(m[k], n) if k in m else "—" for k in MODELS)
+            + f" | {r['lead'][0]:+.3f} ({r['significant']} of {n}) "
+            f"| {sets[name].published or '—'} | {n} | {r['seconds']:.0f} |"
+        )
+    lines += ["", *targets(rows), "", "Commands (each once per seed, `seed=N`):", "", "```bash"]
+    lines += [*dict.fromkeys(commands), "```"]
+    return "\n".join(lines)
+
+
+def targets(rows: dict[str, dict]) -> list[str]:
+    """Issue 23's targets, each stated met or not with its figure."""
+    out = []
+    if "gunpoint" in rows:
+        gp = rows["gunpoint"]["models"]
+        ok = gp["resnet"][0] >= 0.95 and gp["resnet"][0] >= gp["svm"][0]
+        out.append(
+            f"- GunPoint, ResNet at least 0.95 and at least the SVM: ResNet "
+            f"{gp['resnet'][0]:.3f}, SVM {gp['svm'][0]:.3f}: **{'met' if ok else 'not met'}**."
+        )
+    below = [
+        f"{name} ({r['models']['resnet'][0]:.3f} against {r['models']['svm'][0]:.3f})"
+        for name, r in rows.items()
+        if "svm" in r["models"] and r["models"]["resnet"][0] < r["models"]["svm"][0]
+    ]
+    out.append(
+        "- ResNet at least the SVM on every dataset: "
+        + ("**met**." if not below else f"**not met** on {', '.join(below)}.")
+    )
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--runs", default="runs/suite", help="folder for the run folders")
+    parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the quick datasets")
+    parser.add_argument("--slow-seeds", default="0", help="seeds of the FSDD datasets")
+    parser.add_argument("--only", default="", help="comma-separated dataset names")
+    parser.add_argument("--fsdd", default=str(REPO.parent / "shared/datasets/fsdd/recordings"))
+    parser.add_argument("--gunpoint", default=str(REPO.parent / "shared/datasets/gunpoint"))
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    sets = {d.name: d for d in datasets(args, runs)}
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - set(sets))
+    if unknown:
+        parser.error(f"--only {unknown[0]!r} is not a dataset; choose from {sorted(sets)}")
+    if not (runs / "traces").is_dir():
+        write_traces(runs / "traces")
+    fsdd = Path(args.fsdd)
+    if fsdd.is_dir() and not (runs / "fsdd-tiny.csv").exists():
+        write_tiny_manifest(fsdd, runs / "fsdd-tiny.csv")
+    rows: dict[str, dict] = {}
+    commands: list[str] = []
+    machine = ""
+    for name, d in sets.items():
+        if only and name not in only:
+            continue
+        if d.needs is not None and not d.needs.exists():
+            print(f"{name}: skipped, {d.needs} does not exist")
+            continue
+        seeds = [int(s) for s in (args.slow_seeds if d.slow else args.seeds).split(",")]
+        per_seed = []
+        for seed in seeds:
+            over = [*d.overrides, *args.overrides, f"seed={seed}"]
+            per_seed.append(run_cli(over, runs / f"{name}-s{seed}", log=lambda c: None))
+        commands.append("python -m pipeline.run " + " ".join([*d.overrides, *args.overrides]))
+        rows[name] = summarise(per_seed)
+        machine = machine or _device_line(per_seed[0])
+        print(name, {k: round(v[0], 4) for k, v in rows[name]["models"].items()},
+              f"{rows[name]['seconds']:.0f} s", flush=True)  # fmt: skip
+        output = Path(args.output)
+        old = output.read_text() if output.exists() else ""
+        text = render(rows, sets, machine=machine, commands=commands)
+        if "<!-- suite -->" not in old:  # first time: the suite goes first, above the FSDD tables
+            old = "<!-- suite -->\n<!-- /suite -->\n\n" + old
+        atomic.write_text(output, splice(old, "suite", text))
+    print(f"wrote {args.output}")
+    return 0
