@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.fit import autocast, predict_logits
+from pipeline.precise_bn import BATCHNORMS
 
 log = logging.getLogger(__name__)
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Values of predict.adapt_bn and evaluate.adapt_bn.
 ADAPT_BN = (False, "group")
 # Windows per group that give its batch-norm statistics (a random sample beyond this many),

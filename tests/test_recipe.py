@@ -1,6 +1,8 @@
 """The default recipe adapts to the data: training length in steps, the batch size, precise
 batch-norm statistics, the kept epoch, and STFT sizes that follow the window."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -13,22 +15,27 @@ from pipeline.precise_bn import BATCHNORMS, precise_batchnorm
 CPU = torch.device("cpu")
 
 
-def test_batch_size_auto_is_a_tenth_of_the_training_windows_within_8_and_128():
-    assert [auto_batch_size(n) for n in (5, 42, 80, 742, 1280, 100_000)] == [8, 8, 8, 74, 128, 128]
+def test_batch_size_auto_is_a_quarter_of_the_training_windows_within_8_and_128():
+    assert [auto_batch_size(n) for n in (5, 42, 80, 742, 100_000)] == [8, 10, 20, 128, 128]
 
 
 def test_a_small_set_trains_the_floor_of_steps_and_a_large_one_is_capped():
-    s = TrainSettings(epochs=30, batch_size="auto", min_steps=320, max_steps=20_000)
-    small = plan_training(s, n_train=42)
-    assert (small.batch_size, small.steps_per_epoch, small.steps) == (8, 6, 320)
-    assert small.epochs == 54 and "min_steps=320" in small.why  # 53 whole epochs and 2 steps
+    s = TrainSettings(epochs=30, batch_size="auto", min_steps=300, max_steps=20_000)
+    small = plan_training(s, n_train=42)  # GunPoint's training windows
+    assert (small.batch_size, small.steps_per_epoch, small.steps) == (10, 5, 300)
+    assert small.epochs == 60 and "min_steps=300" in small.why
     large = plan_training(s, n_train=100_000)
     assert (large.batch_size, large.steps) == (128, 20_000) and large.epochs == 26
-    middle = plan_training(s, n_train=742)  # the default job: 30 epochs are more than the floor
-    assert (middle.batch_size, middle.steps_per_epoch, middle.steps) == (74, 11, 330)
-    assert middle.epochs == 30
+    middle = plan_training(replace(s, min_steps=150), n_train=742)  # 30 epochs are enough
+    assert (middle.batch_size, middle.steps_per_epoch, middle.steps, middle.epochs) == (
+        128,
+        6,
+        180,
+        30,
+    )
+    assert "30 epochs of 6 steps at batch 128" in middle.why
     # Under torchrun the global batch is shared out, so every rank steps as often.
-    assert plan_training(s, n_train=42, world=2).steps == 320
+    assert plan_training(s, n_train=42, world=2).steps == 300
 
 
 def test_fit_takes_exactly_the_planned_optimizer_steps():
@@ -37,10 +44,13 @@ def test_fit_takes_exactly_the_planned_optimizer_steps():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     steps = []
     model.register_forward_hook(lambda m, i, o: steps.append(1) if m.training else None)
+    sizes = []
+    model.register_forward_pre_hook(lambda m, i: sizes.append(len(i[0])) if m.training else None)
     s = TrainSettings(epochs=2, batch_size="auto", min_steps=50, lr=0.01)
     result = fit(model, x, y, x[:0], y[:0], settings=s, device=CPU, seed=0, progress=False)
     assert len(steps) == 50 and result.plan.steps == 50
-    assert len(result.history) == result.plan.epochs == 9  # 6 steps an epoch, the last 2 only
+    assert len(result.history) == result.plan.epochs == 10  # 5 steps an epoch at batch 10
+    assert set(sizes) == {8, 9}  # equal batches: 42 windows as 9, 9, 8, 8, 8, not 10 x 4 + 2
 
 
 def test_step_settings_are_checked():
