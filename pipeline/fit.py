@@ -613,8 +613,9 @@ def _precise_bn(
     if rank_and_world()[0] == 0:
         log.info(
             "%s: batch-norm statistics of %d layers recomputed over %d training windows in "
-            "%.1f s (validation accuracy %.3f -> %.3f)", name, done["layers"], done["windows"],
-            done["seconds"], done["val_accuracy_before"], done["val_accuracy_after"],
+            "%.1f s%s", name, done["layers"], done["windows"], done["seconds"],
+            f" (validation accuracy {1 - before[1]:.3f} -> {1 - after[1]:.3f})" if len(x_val)
+            else "",
         )  # fmt: skip
     return done
 

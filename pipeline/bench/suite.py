@@ -73,7 +73,8 @@ def datasets(args, runs: Path) -> list[Dataset]:
         ),
         Dataset(
             "fsdd-tiny", "FSDD, 5 training files per class, official test files",
-            ["data=folder", f"data.manifest={runs / 'fsdd-tiny.csv'}"], needs=fsdd,
+            ["data=folder", f"data.root={fsdd}", f"data.manifest={runs / 'fsdd-tiny.csv'}"],
+            needs=fsdd,
         ),
         Dataset(
             "fsdd-official", "FSDD official split (whole clips, 8 kHz)",

@@ -45,6 +45,7 @@ from pipeline.features.stft import (
     check_per_group,
 )
 from pipeline.fit import (
+    MIN_VAL_PER_CLASS,
     TrainSettings,
     fit,
     precision,
@@ -444,6 +445,23 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     label_index = {c: i for i, c in enumerate(classes)}
     y = np.array([label_index[records[i].label] for i in ex.record], dtype=np.int64)
     masks = {name: ex.split == name for name in SPLITS}
+    n_val = int(masks["val"].sum())
+    merged = 0
+    if (
+        settings.monitor == "auto"
+        and settings.patience is None
+        and (0 < n_val < MIN_VAL_PER_CLASS * len(classes))
+    ):
+        # A handful of validation windows cannot pick an epoch (one window moves the score by
+        # more than the epochs differ), and the last epoch is kept anyway: they train instead.
+        ex.split = np.where(ex.split == "val", "train", ex.split)
+        masks = {name: ex.split == name for name in SPLITS}
+        merged = n_val
+        log.info(
+            "train.monitor=auto: the %d validation windows (fewer than %d per class) are too "
+            "few to pick an epoch, so they train the models too; set train.monitor=val_accuracy "
+            "to keep them apart", n_val, MIN_VAL_PER_CLASS,
+        )  # fmt: skip
     if not masks["train"].any() or not masks["test"].any():
         raise ConfigError(
             f"data.split={data.strategy} left {int(masks['train'].sum())} training and "
@@ -456,6 +474,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 "went to other splits); see skipped.csv, add files or remove the class"
             )
     summary = dataset_summary(cfg, data, masks)
+    summary["val_merged_into_train"] = merged
     if rank == 0:
         _write_skipped(run_dir / "skipped.csv", ex.skipped)
     log.info(
