@@ -66,3 +66,15 @@ def test_suite_runs_the_cli_and_writes_its_table_above_what_the_file_held(tmp_pa
     # A second run reads the finished run folder back instead of training again.
     assert main(argv) == 0
     assert output.read_text().count("<!-- suite -->") == 1
+
+
+def test_the_fsdd_benchmark_keeps_the_suite_and_its_notes_when_it_rewrites_the_file():
+    from pipeline.bench.fsdd import keep_sections, kept
+
+    old = ("<!-- suite -->\nthe table\n<!-- /suite -->\n\n<!-- suite-notes -->\nwhy\n"
+           "<!-- /suite-notes -->\n\n# FSDD\n<!-- notes -->\nhand\n<!-- /notes -->\n")  # fmt: skip
+    new = "<!-- suite -->\n<!-- /suite -->\n\n# FSDD, again\n<!-- notes -->\n<!-- /notes -->\n"
+    text = keep_sections(old, new)
+    assert kept(text, "suite") == "the table" and kept(text, "suite-notes") == "why"
+    assert kept(text, "notes") == "hand" and "again" in text
+    assert text.index("suite-notes") < text.index("# FSDD")
