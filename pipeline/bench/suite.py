@@ -235,7 +235,7 @@ def main(argv: list[str]) -> int:
         for seed in seeds:
             over = [*d.overrides, *args.overrides, f"seed={seed}"]
             per_seed.append(run_cli(over, runs / f"{name}-s{seed}", log=lambda c: None))
-        commands.append("python -m pipeline.run " + " ".join([*d.overrides, *args.overrides]))
+        commands.append(" ".join(["python -m pipeline.run", *d.overrides, *args.overrides]))
         rows[name] = summarise(per_seed)
         machine = machine or _device_line(per_seed[0])
         print(name, {k: round(v[0], 4) for k, v in rows[name]["models"].items()},
