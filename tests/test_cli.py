@@ -30,6 +30,7 @@ def tiny(tmp: Path, run: str, *extra: str) -> list[str]:
         f"data.root={tmp / 'synthetic'}",
         "data.generate.n_per_class=8",
         "train.epochs=2",
+        "train.min_steps=0",
         "train.batch_size=16",
         "svm.C=[1.0,10.0]",
         "svm.gamma=[scale]",
@@ -119,7 +120,8 @@ def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
     (tone_dataset / "mid" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
     proc = run_cli(
         "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000",
-        "models=[resnet,svm]", "train.epochs=1", "features.n_fft=64", "features.hop_length=16",
+        "models=[resnet,svm]", "train.epochs=1", "train.min_steps=0",
+        "features.n_fft=64", "features.hop_length=16",
         "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
         "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
@@ -137,7 +139,8 @@ def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
 def test_a_run_without_validation_writes_strict_json_and_reports_it(tmp_path, tone_dataset):
     proc = run_cli(
         "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000", "data.val_fraction=0",
-        "models=[resnet]", "train.epochs=2", "features.n_fft=64", "features.hop_length=16",
+        "models=[resnet]", "train.epochs=2", "train.min_steps=0",
+        "features.n_fft=64", "features.hop_length=16",
         "features.win_length=64", "features.size=[16,16]", "progress=false",
         f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
@@ -198,7 +201,8 @@ def test_real_recordings_official_split_through_a_manifest(tmp_path):
     proc = run_cli(
         "data=folder", f"data.root={FSDD}", f"data.manifest={tmp_path / 'subset.csv'}",
         "data.split=regex", "data.test_regex='_[0-4]\\.wav$'", "data.segment.length_seconds=1.0",
-        "models=[resnet,svm]", "train.epochs=3", "train.batch_size=16", "svm.C=[1.0]",
+        "models=[resnet,svm]", "train.epochs=3", "train.min_steps=0",
+        "train.batch_size=16", "svm.C=[1.0]",
         "svm.gamma=[scale]", "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -226,7 +230,8 @@ def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
         "data.mat_key=DE_time", "data.channels=all", "data.split=time",
         "data.segment.length_seconds=0.25", "data.segment.hop_seconds=0.125",
         "features.n_fft=64", "features.hop_length=16", "features.win_length=64",
-        "features.size=[16,16]", "models=[plain_cnn,svm]", "train.epochs=1",
+        "features.size=[16,16]", "models=[plain_cnn,svm]", "train.epochs=1", "train.min_steps=0",
+        "train.monitor=val_accuracy",  # keeps the small validation region apart
         "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2", "progress=false",
         f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
@@ -268,7 +273,8 @@ def test_fsdd_preset_official_split_on_a_subset(tmp_path):
     """+experiment=fsdd as a user runs it, on 4 digits x 3 speakers x 10 takes."""
     subset = fsdd_subset(tmp_path / "recordings", digits="0147", takes=10)
     proc = run_cli(
-        "+experiment=fsdd", f"data.root={subset}", "train.epochs=2", "train.batch_size=16",
+        "+experiment=fsdd", f"data.root={subset}", "train.epochs=2", "train.min_steps=0",
+        "train.batch_size=16",
         "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
         timeout=900,  # about a minute alone; far longer beside a benchmark on 2 cores
     )  # fmt: skip
@@ -290,7 +296,7 @@ def test_fsdd_benchmark_tunes_on_validation_speakers_and_keeps_its_sections(tmp_
     """python -m pipeline.bench fsdd on 3 digits x 3 speakers x 6 takes: tuning, then one fold."""
     subset = fsdd_subset(tmp_path / "recordings", digits="017", takes=6)
     out, runs = tmp_path / "BENCH.md", tmp_path / "runs"
-    small = ["train.epochs=1", "train.batch_size=16", "svm.cv=2"]
+    small = ["train.epochs=1", "train.min_steps=0", "train.batch_size=16", "svm.cv=2"]
 
     def bench(*args, runs=runs):
         common = ["--root", str(subset), "--runs", str(runs), "--output", str(out)]

@@ -401,7 +401,7 @@ def test_prepare_data_reuses_the_images_and_applies_the_current_split(
         f"features.cache_dir={tmp_path / 'cache'}",
     )  # fmt: skip
     first = compare.prepare_data(compose(*overrides), device="cpu", progress=False)
-    assert not first.cache_hit and (first.params.n_fft, first.params.hop_length) == (32, 8)
+    assert not first.cache_hit and (first.params.n_fft, first.params.hop_length) == (32, 16)
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("the second run must load the images from the cache")

@@ -35,7 +35,7 @@ def trained(tmp_path_factory) -> Path:
     data = write_tone_dataset(tmp / "tones")
     proc = cli(
         "data=folder", f"data.root={data}", "models=[resnet,svm]", "train.epochs=2",
-        "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
+        "train.min_steps=0", "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
         "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
         "svm.cv=2", "train.amp=false", f"hydra.run.dir={tmp / 'run'}",
     )  # fmt: skip
@@ -244,13 +244,15 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
                "data.test_groups=[bob,cy]", "data.val_fraction=0", "features.n_fft=64",
                "features.hop_length=16", "features.win_length=64", "features.size=[16,16]",
                "models=[resnet,svm]", "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2",
-               "train.epochs=2", "train.batch_size=64", "evaluate.adapt_bn=group",
+               "train.epochs=2", "train.min_steps=0",
+               "train.batch_size=64", "evaluate.adapt_bn=group", "train.precise_bn=false",
                "train.amp=false", f"hydra.run.dir={run}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     resnet, svm = metrics["models"]["resnet"], metrics["models"]["svm"]
     assert resnet["adapt_bn"] == "group" and "adapt_bn" not in svm and "unadapted" not in svm
-    # The bundle keeps the trained statistics: those of the last epoch's checkpoint.
+    # The bundle keeps the trained statistics, not the adapted ones: without precise BN those
+    # of the last epoch's checkpoint.
     from pipeline.bundle import load_bundle
 
     saved = load_bundle(run / "models" / "resnet").model.state_dict()
@@ -298,7 +300,7 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
 
     run = tmp_path / "run"
     proc = cli(*common, "data.group_regex='^[a-z]+_([a-z]+)_'", "models=[resnet]",
-               "train.epochs=2", "train.batch_size=8", "train.amp=false",
+               "train.epochs=2", "train.min_steps=0", "train.batch_size=8", "train.amp=false",
                f"hydra.run.dir={run}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "each of 3 groups' mean frequency profile removed" in (run / "run.log").read_text()

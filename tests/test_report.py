@@ -75,7 +75,7 @@ MODELS = ["resnet", "plain_cnn", "svm"]
 TINY = [
     "data=folder", "data.sample_rate=1000", "data.segment.length_seconds=0.25",
     "data.segment.hop_seconds=0.125", f"models=[{','.join(MODELS)}]", "train.epochs=2",
-    "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
+    "train.min_steps=0", "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
     "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
     "svm.cv=2", "progress=false",
 ]  # fmt: skip
@@ -102,7 +102,7 @@ def tiny_sweep(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
     data = write_tone_dataset(tmp / "tones")
     proc = cli(
-        "-m", "seed=0,1", *TINY, "models=[resnet,svm]", "train.epochs=1",
+        "-m", "seed=0,1", *TINY, "models=[resnet,svm]", "train.epochs=1", "train.min_steps=0",
         f"data.root={data}", f"hydra.sweep.dir={tmp / 'sweep'}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

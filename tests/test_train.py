@@ -23,6 +23,7 @@ def overrides(tmp: Path, run: str, *extra: str) -> list[str]:
         "data.generate.n_per_class=20",
         "models=[resnet]",
         "train.epochs=8",
+        "train.min_steps=0",
         "train.batch_size=16",
         "features.size=[32,16]",
         "progress=false",
@@ -79,7 +80,8 @@ def test_torchrun_trains_with_ddp_on_two_cpu_processes(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     proc = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run",
-         *overrides(tmp_path, "ddp", "models=[resnet,svm]", "train.epochs=2", "device=cpu",
+         *overrides(tmp_path, "ddp", "models=[resnet,svm]", "train.epochs=2", "train.min_steps=0",
+         "device=cpu",
                     "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -119,7 +121,8 @@ def test_a_killed_torchrun_resumes_every_ranks_augmentation(tmp_path):
 
     def launch(run: str, *extra: str) -> list[str]:
         # Each rank masks its own images: its random draws must resume where they stopped.
-        settings = ["train.epochs=4", "device=cpu", "train.augment.freq_mask=4",
+        settings = ["train.epochs=4", "train.min_steps=0",
+        "device=cpu", "train.augment.freq_mask=4",
                     "train.augment.time_mask=4", *extra]  # fmt: skip
         return [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run",
                 *overrides(tmp_path, run, *settings)]  # fmt: skip
