@@ -156,11 +156,10 @@ def stft_params(
         lifter=f.lifter,
     )
     if f.size == AUTO:
-        native = (params.n_freq(), params.n_frames(segment_samples or 2048))
-        shape = auto_size(params, segment_samples or 2048)
+        params = replace(params, size=auto_size(params, segment_samples or 2048))
         if segment_samples is not None:
-            log.info("features: size=auto -> %s (native %s)", list(shape), list(native))
-        params = replace(params, size=shape)
+            native = (params.n_freq(), params.n_frames(segment_samples))
+            log.info("features: size=auto -> %s (native %s)", list(params.size), list(native))
     return params
 
 
