@@ -20,11 +20,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline import atomic
-from pipeline.errors import BundleError
+from pipeline.errors import BundleError, ConfigError
 from pipeline.features.stft import Normalizer, STFTParams
 
 FORMAT_VERSION = 2
@@ -117,50 +118,382 @@ def save_bundle(
     return path
 
 
+# Keys every bundle.json holds; ``model_config`` too for a network.
+_META_KEYS = ("kind", "classes", "data", "features", "normalizer")
+_DATA_KEYS = ("sample_rate", "segment_samples", "hop_samples", "pad")
+_NORMALIZER_KEYS = ("mode", "mean", "std")
+# What a damaged or edited bundle can do about it.
+_FIX = "restore the bundle's files from the run that saved it, or retrain the model"
+
+
 def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle folder saved by :func:`save_bundle`.
+    """Load a bundle folder saved by :func:`save_bundle`, checked whole.
+
+    Every key is checked, and the parts against each other: the class names
+    against the model's outputs, the window against the image, the image against
+    the model's input and the normalisation statistics, so a damaged or edited
+    bundle never predicts with wrong labels or ``nan`` confidences.
+
+    Args:
+        path: the bundle folder.
+
+    Returns:
+        The bundle, its network in eval mode.
 
     Raises:
-        BundleError: the folder or its files are missing, or its format version
-            is not this one.
+        BundleError: a file is missing, unreadable or tampered with, a key is
+            missing or holds a value outside its rule, the parts disagree, or
+            the format version is not one this release reads; the message names
+            the file and the key.
     """
-    from pipeline.models.resnet import build_resnet
-    from pipeline.models.svm import load_svm
+    folder = Path(path)
+    meta_file = folder / "bundle.json"
+    meta = _read_meta(folder)
+    _check_version(meta, folder=folder)
+    _require(meta, _META_KEYS, file=meta_file)
+    kind = meta["kind"]
+    if kind not in ("network", "svm"):
+        raise BundleError(f"{meta_file}: kind={kind!r} is not 'network' or 'svm'; {_FIX}")
+    classes = _check_classes(meta["classes"], file=meta_file)
+    data = _check_data(meta["data"], file=meta_file)
+    features = _read_features(meta["features"], data=data, file=meta_file)
+    height, width = _image_shape(features, data=data, file=meta_file)
+    normalizer = _read_normalizer(meta["normalizer"], file=meta_file)
+    if kind == "network":
+        model, source = _load_network(folder, meta), folder / "weights.pt"
+        channels, outputs = int(meta["model_config"]["in_channels"]), model.fc.out_features
+    else:
+        model, source = _load_svm_file(folder / "model.skops"), folder / "model.skops"
+        channels, outputs = model.image_shape_[0], len(model.classes_)
+        _check_svm_image(model, (height, width), source=source, file=meta_file)
+    _check_class_count(classes, outputs=outputs, source=source, file=meta_file)
+    _check_channels(data.get("channels", "mix"), channels_in=channels, file=meta_file)
+    _check_normalizer_shape(normalizer, image=(channels, height, width), file=meta_file)
+    return Bundle(kind=kind, model=model, classes=classes, data=data, features=features,
+                  normalizer=normalizer, meta=meta)  # fmt: skip
 
-    path = Path(path)
-    meta_path = path / "bundle.json"
-    if not meta_path.is_file():
+
+def _is_positive_int(value: object) -> bool:
+    """True for an int >= 1 (JSON's true and false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _read_meta(folder: Path) -> dict:
+    """``bundle.json`` of ``folder`` as a dict.
+
+    Raises:
+        BundleError: it is missing, unreadable, not JSON, or not a JSON object.
+    """
+    file = folder / "bundle.json"
+    if not file.is_file():
         raise BundleError(
-            f"{path}: no bundle.json; point predict.model at a folder under <run>/models/ "
+            f"{folder}: no bundle.json; point predict.model at a folder under <run>/models/ "
             "written by a completed run"
         )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{file}: is not readable JSON ({err}); {_FIX}") from None
+    if not isinstance(meta, dict):
+        raise BundleError(
+            f"{file}: holds a JSON {type(meta).__name__}, but a bundle.json is an object "
+            f"(kind, classes, data, features, normalizer, ...); {_FIX}"
+        )
+    return meta
+
+
+def _check_version(meta: dict, *, folder: Path) -> None:
+    """``format_version`` is one this release reads."""
     version = meta.get("format_version")
     if version not in READS:
+        versions = meta.get("versions")
+        written = versions.get("stft-resnet-pipeline", "?") if isinstance(versions, dict) else "?"
         raise BundleError(
-            f"{path}: bundle format_version={version!r}, but this release reads versions "
+            f"{folder}: bundle format_version={version!r}, but this release reads versions "
             f"{list(READS)}; retrain the model, or install the release that wrote it "
-            f"(it was written with {meta.get('versions', {}).get('stft-resnet-pipeline', '?')})"
+            f"(it was written with {written})"
         )
-    kind = meta["kind"]
-    if kind == "network":
-        weights = path / "weights.pt"
-        if not weights.is_file():
-            raise BundleError(f"{path}: weights.pt is missing; the bundle is incomplete")
-        model = build_resnet(**meta["model_config"])
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        model.eval()
-    elif kind == "svm":
-        model = load_svm(path / "model.skops")
-    else:
-        raise BundleError(f"{path}: kind={kind!r} is not 'network' or 'svm'")
-    features = STFTParams.from_dict(meta["features"], sample_rate=meta["data"]["sample_rate"])
-    return Bundle(
-        kind=kind,
-        model=model,
-        classes=meta["classes"],
-        data=meta["data"],
-        features=features,
-        normalizer=Normalizer.from_dict(meta["normalizer"]),
-        meta=meta,
+
+
+def _require(d: object, keys: tuple[str, ...], *, file: Path, prefix: str = "") -> None:
+    """``d`` is a JSON object holding every one of ``keys`` (``prefix`` names it)."""
+    where = prefix or "the top level"
+    if not isinstance(d, dict):
+        raise BundleError(f"{file}: {where}={d!r} must be a JSON object; {_FIX}")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        names = ", ".join(f"{prefix}.{k}" if prefix else k for k in missing)
+        raise BundleError(f"{file}: key {names} is missing (from {where}); {_FIX}")
+
+
+def _check_classes(classes: object, *, file: Path) -> list[str]:
+    """``classes`` is a list of at least two distinct names."""
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise BundleError(
+            f"{file}: classes={classes!r} must be a list of at least two distinct class "
+            f"names, in score order; {_FIX}"
+        )
+    return classes
+
+
+def _check_data(data: object, *, file: Path) -> dict:
+    """The data settings: positive integer rate and window sizes, a boolean pad, the
+    channel selection and the reading keys of :func:`pipeline.signals.read_signal`."""
+    _require(data, _DATA_KEYS, file=file, prefix="data")
+    for key in ("sample_rate", "segment_samples", "hop_samples"):
+        if not _is_positive_int(data[key]):
+            raise BundleError(
+                f"{file}: data.{key}={data[key]!r} must be a positive integer; {_FIX}"
+            )
+    if not isinstance(data["pad"], bool):
+        raise BundleError(f"{file}: data.pad={data['pad']!r} must be true or false; {_FIX}")
+    channels = data.get("channels", "mix")
+    if channels not in ("mix", "all") and not (
+        isinstance(channels, list)
+        and channels
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in channels)
+    ):
+        raise BundleError(
+            f"{file}: data.channels={channels!r} must be 'mix', 'all' or a list of channel "
+            f"indices; {_FIX}"
+        )
+    for key in ("mat_key", "npz_key", "group_regex"):
+        if not isinstance(data.get(key), str | None):
+            raise BundleError(f"{file}: data.{key}={data[key]!r} must be a string or null; {_FIX}")
+    columns = data.get("csv_columns")
+    if columns is not None and not (
+        isinstance(columns, list) and all(isinstance(c, int | str) for c in columns)
+    ):
+        raise BundleError(
+            f"{file}: data.csv_columns={columns!r} must be null or a list of column indices "
+            f"or names; {_FIX}"
+        )
+    return data
+
+
+def _read_features(features: object, *, data: dict, file: Path) -> STFTParams:
+    """The image settings, checked by :class:`STFTParams`, at the data's sample rate."""
+    if not isinstance(features, dict):
+        raise BundleError(f"{file}: features={features!r} must be a JSON object; {_FIX}")
+    try:
+        params = STFTParams.from_dict(features, sample_rate=data["sample_rate"])
+    except (ConfigError, TypeError, ValueError) as err:
+        raise BundleError(f"{file}: features do not describe an image: {err}; {_FIX}") from None
+    if params.sample_rate is not None and params.sample_rate != data["sample_rate"]:
+        raise BundleError(
+            f"{file}: features.sample_rate={params.sample_rate!r} differs from "
+            f"data.sample_rate={data['sample_rate']!r}; they are one rate; {_FIX}"
+        )
+    return params
+
+
+def _image_shape(features: STFTParams, *, data: dict, file: Path) -> tuple[int, int]:
+    """(height, width) of the image of one window; the window gives at least one frame."""
+    samples = data["segment_samples"]
+    if features.n_frames(samples) < 1:
+        raise BundleError(
+            f"{file}: data.segment_samples={samples} is shorter than features.n_fft="
+            f"{features.n_fft} with center=false, so a window gives no STFT frame; {_FIX}"
+        )
+    height, width = features.image_shape(samples)
+    return int(height), int(width)
+
+
+def _read_normalizer(d: object, *, file: Path) -> Normalizer:
+    """The normalisation statistics: finite means, positive finite standard deviations."""
+    _require(d, _NORMALIZER_KEYS, file=file, prefix="normalizer")
+    if d["mode"] not in ("global", "per_freq"):
+        raise BundleError(
+            f"{file}: normalizer.mode={d['mode']!r} must be 'global' or 'per_freq'; {_FIX}"
+        )
+    if d.get("per_image", False) not in (True, False, "freq"):
+        raise BundleError(
+            f"{file}: normalizer.per_image={d['per_image']!r} must be false, true or 'freq'; {_FIX}"
+        )
+    if d.get("per_group", False) not in (False, None, "freq"):
+        raise BundleError(
+            f"{file}: normalizer.per_group={d['per_group']!r} must be false or 'freq'; {_FIX}"
+        )
+    for key in ("mean", "std"):
+        _check_statistic(d[key], key=key, file=file)
+    return Normalizer.from_dict(d)
+
+
+def _check_statistic(value: object, *, key: str, file: Path) -> None:
+    """``normalizer.<key>`` is a finite numeric array (positive for ``std``), as float32."""
+    try:
+        # float32, as Normalizer.from_dict holds it: 1e-50 becomes 0 and 1e300 inf there.
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise BundleError(
+            f"{file}: normalizer.{key} is not a numeric array (a number or nested lists of "
+            f"equal lengths); {_FIX}"
+        ) from None
+    if array.ndim > 3 or not np.isfinite(array).all():
+        raise BundleError(
+            f"{file}: normalizer.{key} (shape {array.shape}) must hold finite numbers and "
+            f"broadcast to (channels, height, width); {_FIX}"
+        )
+    if key == "std" and not (array > 0).all():
+        raise BundleError(
+            f"{file}: normalizer.std holds {int((array <= 0).sum())} value(s) <= 0 (smallest "
+            f"{array.min():g} as float32); every standard deviation must be positive, since "
+            f"images are divided by it; {_FIX}"
+        )
+
+
+def _load_network(folder: Path, meta: dict) -> nn.Module:
+    """The network of ``model_config`` with the tensors of ``weights.pt``, in eval mode."""
+    from pipeline.models.resnet import build_resnet
+
+    file, weights = folder / "bundle.json", folder / "weights.pt"
+    _require(meta, ("model_config",), file=file)
+    config = meta["model_config"]
+    if not isinstance(config, dict):
+        raise BundleError(f"{file}: model_config={config!r} must be a JSON object; {_FIX}")
+    if not _is_positive_int(config.get("in_channels")):
+        raise BundleError(
+            f"{file}: model_config.in_channels={config.get('in_channels')!r} must be a positive "
+            f"integer; {_FIX}"
+        )
+    if not weights.is_file():
+        raise BundleError(f"{folder}: weights.pt is missing; the bundle is incomplete")
+    state = _read_state(weights)
+    try:
+        model = build_resnet(**config)
+    except (ConfigError, TypeError) as err:
+        raise BundleError(f"{file}: model_config does not build a network: {err}; {_FIX}") from None
+    _check_state_fits(model, state, weights=weights, file=file)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # names and shapes fit; a tensor that cannot be copied in
+        reason = str(err).splitlines()[-1].strip()
+        raise BundleError(f"{weights}: does not load into the network: {reason}; {_FIX}") from None
+    return model.eval()
+
+
+def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights.pt``, read with ``weights_only=True``: never any code.
+
+    Raises:
+        BundleError: the file is not a state_dict of finite tensors, e.g. a truncated
+            file or a pickle that would run code (torch's own message is not repeated:
+            it suggests turning that protection off).
+    """
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to read is a damaged file; the type says which
+        raise BundleError(
+            f"{weights}: is not a state_dict of tensors ({type(err).__name__}): the file is "
+            "damaged or holds other objects, such as code in a pickle, which is never run; "
+            f"{_FIX}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise BundleError(
+            f"{weights}: holds a {type(state).__name__}, not a state_dict (names to tensors); "
+            f"{_FIX}"
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BundleError(
+            f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values (first {bad[0]!r}), "
+            f"which would give nan confidences; {_FIX}"
+        )
+    return state
+
+
+def _check_state_fits(model: nn.Module, state: dict, *, weights: Path, file: Path) -> None:
+    """``state`` has exactly the names and shapes of ``model``'s state_dict."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    if not (missing or unexpected or wrong):
+        return
+    parts = [
+        f"{len(names)} {what} (first {names[0]!r})"
+        for names, what in ((missing, "missing"), (unexpected, "unexpected"))
+        if names
+    ]
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} of another shape (first {k!r}: {tuple(state[k].shape)}, where "
+            f"model_config builds {tuple(expected[k].shape)})"
+        )
+    raise BundleError(
+        f"{weights}: does not fit model_config of {file} ({', '.join(parts)}): the weights "
+        f"and bundle.json come from different models; {_FIX}"
     )
+
+
+def _load_svm_file(file: Path) -> Any:
+    """The fitted SVM of ``model.skops``, loaded trusting only the types save_svm writes."""
+    from pipeline.models.svm import load_svm
+
+    if not file.is_file():
+        raise BundleError(f"{file.parent}: model.skops is missing; the bundle is incomplete")
+    try:
+        model = load_svm(file)
+    except Exception as err:  # skops raises many types for a damaged file; all mean damaged
+        reason = " ".join(str(err).split())  # one line
+        raise BundleError(
+            f"{file}: is not an SVM saved by save_svm ({type(err).__name__}: {reason}); {_FIX}"
+        ) from None
+    if getattr(model, "classes_", None) is None or getattr(model, "image_shape_", None) is None:
+        raise BundleError(f"{file}: holds an SVM that was never fitted; {_FIX}")
+    return model
+
+
+def _check_svm_image(model: Any, image: tuple[int, int], *, source: Path, file: Path) -> None:
+    """The SVM was fitted on images of the (height, width) the bundle's features give."""
+    fitted = tuple(model.image_shape_[1:])
+    if fitted != image:
+        raise BundleError(
+            f"{file}: features and data.segment_samples give images of (height, width)="
+            f"{image}, but the SVM in {source.name} was fitted on {fitted}; {_FIX}"
+        )
+
+
+def _check_class_count(classes: list[str], *, outputs: int, source: Path, file: Path) -> None:
+    """One class name per model output, or the labels would be wrong."""
+    if len(classes) != outputs:
+        raise BundleError(
+            f"{file}: classes holds {len(classes)} names ({classes}), but the model in "
+            f"{source.name} scores {outputs} classes; its labels would be wrong; {_FIX}"
+        )
+
+
+def _check_channels(channels: str | list[int], *, channels_in: int, file: Path) -> None:
+    """``data.channels`` gives the model's input channels: one for ``mix``, one per index."""
+    expected = 1 if channels == "mix" else None if channels == "all" else len(channels)
+    if expected is not None and expected != channels_in:
+        raise BundleError(
+            f"{file}: data.channels={channels!r} gives {expected} channel(s), but the model "
+            f"takes {channels_in} (model_config.in_channels, or the SVM's images); {_FIX}"
+        )
+
+
+def _check_normalizer_shape(
+    normalizer: Normalizer, *, image: tuple[int, int, int], file: Path
+) -> None:
+    """``normalizer.mean`` and ``.std`` broadcast to the (channels, height, width) image."""
+    for key in ("mean", "std"):
+        shape = getattr(normalizer, key).shape
+        try:
+            fits = np.broadcast_shapes(shape, image) == image
+        except ValueError:
+            fits = False
+        if not fits:
+            raise BundleError(
+                f"{file}: normalizer.{key} has shape {shape}, which does not broadcast to the "
+                f"(channels, height, width)={image} images of features and "
+                f"data.segment_samples; {_FIX}"
+            )

@@ -8,6 +8,7 @@ runtime can rebuild the images exactly.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from pathlib import Path
@@ -22,10 +23,34 @@ from pipeline.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
+# What torch.onnx.export(dynamo=True) imports; onnxruntime, for the check only, is optional.
+EXPORT_MODULES = ("onnx", "onnxscript")
+
+
+def require_onnx() -> None:
+    """Import what the exporter needs, before any work is done.
+
+    Raises:
+        ConfigError: one of :data:`EXPORT_MODULES` cannot be imported (the ``onnx``
+            extra is not installed); the message says how to install it.
+    """
+    missing = []
+    for name in EXPORT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(
+            f"task=export needs {' and '.join(missing)}, which cannot be imported here; "
+            'install the onnx extra: pip install -e ".[onnx]"'
+        )
+
 
 def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     """Write ``export.output`` (ONNX) and its JSON sidecar; check them with onnxruntime."""
     e = cfg.export
+    require_onnx()
     bundle = load_bundle(e.model)
     if bundle.kind != "network":
         raise BundleError(
