@@ -18,6 +18,7 @@ import numpy as np
 import scipy.io
 import scipy.signal
 import soundfile as sf
+from scipy.io.matlab import mat_struct
 
 from pipeline.errors import ConfigError, SignalError
 
@@ -28,6 +29,12 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 TEXT_SUFFIXES = (".csv", ".txt")
 MAT_SUFFIXES = (".mat",)
 SUFFIXES = AUDIO_SUFFIXES + ARRAY_SUFFIXES + TEXT_SUFFIXES + MAT_SUFFIXES
+CHANNEL_AXES = ("auto", "first", "last")
+
+# ``data.mat_key`` as a field path: a regex over variable names (any characters but
+# an unescaped dot, which a MATLAB name never holds), then one or more ``.field``
+# parts, each a MATLAB field name (a letter, then letters, digits or underscores).
+_FIELD_PATH = re.compile(r"(?P<variable>(?:[^.\\]|\\.)+)(?P<fields>(?:\.[A-Za-z]\w*)+)")
 
 
 @dataclass(frozen=True)
@@ -61,12 +68,15 @@ def read_signal(
     mat_key: str | None = None,
     npz_key: str | None = None,
     csv_columns: list[int | str] | None = None,
+    channel_axis: str = "auto",
 ) -> Signal:
-    """Read ``path`` and return it at ``sample_rate`` with the chosen channels.
+    r"""Read ``path`` and return it at ``sample_rate`` with the chosen channels.
 
-    Two-dimensional arrays (``.npy``, ``.npz``, ``.mat``) are taken as
-    (channels, samples) when they have fewer rows than columns, else as
-    (samples, channels): a recording has more samples than channels.
+    Two-dimensional arrays (``.npy``, ``.npz``, ``.mat``) are oriented by
+    ``channel_axis``; with ``auto`` they are taken as (channels, samples) when
+    they have fewer rows than columns, else as (samples, channels), since a
+    recording usually has more samples than channels. Channels are mixed in
+    float64, and the final float32 samples are checked to be finite.
 
     Args:
         path: a file with one of :data:`SUFFIXES`.
@@ -77,52 +87,95 @@ def read_signal(
             them, a list of indices keeps those channels in that order.
         mat_key: regular expression that must match exactly one variable name
             of a ``.mat`` file (``re.search``, e.g. ``DE_time``); None takes the
-            only numeric variable.
+            only numeric variable. A key of the form ``<regex>.<field>[.<field>...]``
+            (``bearing.gs``, ``a.b.c``) is a field path: the part before the first
+            dot is the regex, matching exactly one struct variable, and each later
+            part an exact field name (a letter, then letters, digits or ``_``).
+            MATLAB names hold no dots, so in the regex part write ``\w`` where
+            "any character" is meant; a key whose dots are not followed by a field
+            name (``X.*``) stays a plain regex. v7.3 (HDF5) files are read the
+            same way, a struct being a group of datasets.
         npz_key: the array of a ``.npz`` file; None takes the only array.
         csv_columns: columns of a ``.csv``/``.txt`` file, by index or header
             name; None takes every column.
+        channel_axis: which axis of a 2-D ``.npy``/``.npz``/``.mat`` array
+            holds the channels: ``auto`` (the shorter one), ``first`` (rows are
+            channels: (channels, samples)) or ``last`` (columns are channels:
+            (samples, channels)). It does not apply to text files, whose columns
+            are always channels, nor to audio files, whose format says.
 
     Returns:
         The signal, float32 of shape (channels, samples).
 
     Raises:
         SignalError: the file cannot be read, is empty, all zero, holds NaN or
-            infinite values, has the wrong shape, or lacks a requested channel,
-            key or column.
+            infinite values (also once mixed or resampled), has the wrong shape,
+            or lacks a requested channel, key, field or column.
+        ConfigError: ``channel_axis``, ``channels`` or ``mat_key`` is not a
+            value this function accepts.
     """
+    if channel_axis not in CHANNEL_AXES:
+        raise ConfigError(
+            f"data.channel_axis={channel_axis!r} must be one of {', '.join(CHANNEL_AXES)}: "
+            "first when the rows of a 2-D array are channels, last when its columns are, "
+            "auto to take the shorter axis as channels"
+        )
     path = Path(path)
     suffix = path.suffix.lower()
     source_rate = sample_rate
     if suffix in AUDIO_SUFFIXES:
         samples, source_rate = _read_audio(path)
     elif suffix == ".npy":
-        samples = _orient(_load_npy(path), path)
+        samples = _orient(_load_npy(path), path, channel_axis)
     elif suffix == ".npz":
-        samples = _orient(_read_npz(path, npz_key), path)
+        samples = _orient(_read_npz(path, npz_key), path, channel_axis)
     elif suffix in TEXT_SUFFIXES:
         samples = _read_text(path, csv_columns)
     elif suffix in MAT_SUFFIXES:
-        samples = _orient(_read_mat(path, mat_key), path)
+        samples = _orient(_read_mat(path, mat_key), path, channel_axis)
     else:
         raise SignalError(
             f"{path}: suffix {suffix!r} is not supported; use one of {', '.join(SUFFIXES)}"
         )
     if samples.shape[-1] == 0:
         raise SignalError(f"{path}: the file holds no samples; remove it or replace it")
-    if not np.isfinite(samples).all():
-        raise SignalError(f"{path}: the signal holds NaN or infinite values; clean or remove it")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        raise SignalError(
+            f"{path}: the signal holds {finite.size - np.count_nonzero(finite)} NaN or infinite "
+            f"value(s) among {finite.size} (or values beyond float32's ±3.4e38); clean or "
+            "remove it (a file of another type read as floats looks like this)"
+        )
     if not samples.any():
         raise SignalError(f"{path}: every sample is zero; a silent file carries no class")
+    raw = samples
     samples = select_channels(samples, channels, path=path)
     if source_rate != sample_rate:
         samples = resample(samples, source_rate, sample_rate)
-    return Signal(np.ascontiguousarray(samples, dtype=np.float32), sample_rate, source_rate)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+    if not np.isfinite(samples).all():
+        step = (
+            f"resampling from {source_rate} Hz to {sample_rate} Hz"
+            if source_rate != sample_rate
+            else "conversion to float32"
+        )
+        raise SignalError(
+            f"{path}: peak magnitude {float(np.abs(raw).max()):.3g} leaves float32's range "
+            f"(±{float(np.finfo(np.float32).max):.3g}) after {step}; such values are rarely "
+            "a signal (bytes of another type read as floats?): check the file, or rescale it"
+        )
+    return Signal(samples, sample_rate, source_rate)
 
 
 def select_channels(samples: np.ndarray, channels: str | list[int], *, path: Path) -> np.ndarray:
-    """Pick or mix channels of a (channels, samples) array."""
+    """Pick or mix channels of a (channels, samples) array.
+
+    ``mix`` averages in float64 and returns float64 (1, samples): a float32 mean of
+    huge finite values (up to 3.4e38) would overflow to inf.
+    """
     if channels == "mix":
-        return samples.mean(axis=0, keepdims=True)
+        return samples.mean(axis=0, keepdims=True, dtype=np.float64)
     if channels == "all":
         return samples
     if isinstance(channels, str):
@@ -137,10 +190,16 @@ def select_channels(samples: np.ndarray, channels: str | list[int], *, path: Pat
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """Resample (..., samples) from ``source_rate`` to ``target_rate`` (polyphase filter)."""
+    """Resample (..., samples) from ``source_rate`` to ``target_rate`` (polyphase filter).
+
+    The filter runs in float64; values the float32 result cannot hold (a filter's
+    overshoot past 3.4e38) become inf, for the caller to check.
+    """
     ratio = Fraction(target_rate, source_rate).limit_denominator(10_000)
-    out = scipy.signal.resample_poly(samples, ratio.numerator, ratio.denominator, axis=-1)
-    return out.astype(np.float32, copy=False)
+    x = np.asarray(samples, dtype=np.float64)
+    out = scipy.signal.resample_poly(x, ratio.numerator, ratio.denominator, axis=-1)
+    with np.errstate(over="ignore"):
+        return out.astype(np.float32)
 
 
 def _read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -212,41 +271,132 @@ def _read_text(path: Path, columns: list[int | str] | None) -> np.ndarray:
             else:
                 index.append(c)
         data = data[:, index]
-    return data.T.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, which the caller reports
+        return data.T.astype(np.float32)
 
 
 def _read_mat(path: Path, key: str | None) -> np.ndarray:
-    """The variable of a MATLAB file whose name matches ``key`` (v7.3 files via h5py)."""
+    """The variable of a MATLAB file whose name matches ``key``, or the field a field path
+    ``<regex>.<field>...`` names (v7.3 files via h5py)."""
+    field_path = _FIELD_PATH.fullmatch(key) if key else None
+    if field_path:
+        fields = field_path["fields"].split(".")[1:]
+        pattern = _mat_pattern(key, field_path["variable"])
+        return _read_mat_field(path, key, pattern, fields)
     try:
-        variables = {
-            k: v
-            for k, v in scipy.io.loadmat(path).items()
-            if not k.startswith("__") and isinstance(v, np.ndarray) and v.dtype.kind in "fiu"
-        }
+        loaded = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
     except NotImplementedError:  # scipy: "Please use HDF reader for matlab v7.3 files"
-        variables = _read_mat73(path)
+        variables, structs = _read_mat73(path)
     except (OSError, ValueError, TypeError) as err:
         raise SignalError(f"{path}: not a readable MATLAB file ({err})") from err
-    names = sorted(variables)
-    if key is None:
-        matches = names
     else:
-        try:
-            pattern = re.compile(key)
-        except re.error as err:
-            raise ConfigError(f"data.mat_key={key!r} is not a regular expression ({err})") from err
-        matches = [n for n in names if pattern.search(n)]
+        arrays = {k: v for k, v in loaded.items() if isinstance(v, np.ndarray)}
+        variables = {k: v for k, v in arrays.items() if v.dtype.kind in "fiu"}
+        structs = {k: list(v.dtype.names) for k, v in arrays.items() if v.dtype.names}
+    names = sorted(variables)
+    matches = names if key is None else [n for n in names if _mat_pattern(key, key).search(n)]
     if len(matches) != 1:
         found = "no variable" if not matches else f"{len(matches)} variables {matches}"
         rule = f"data.mat_key={key!r} matches" if key else "without data.mat_key there is"
+        hint = ""
+        if structs:
+            name, fields = next(iter(sorted(structs.items())))
+            example = f"{name}.{fields[0]}" if fields else f"{name}.<field>"
+            hint = (
+                f"; its struct variables {sorted(structs)} hold fields: name one with a "
+                f"field path such as data.mat_key={example}"
+            )
         raise SignalError(
             f"{path}: {rule} {found} among its numeric variables {names}; "
-            "set data.mat_key to a regular expression that picks exactly one"
+            f"set data.mat_key to a regular expression that picks exactly one{hint}"
         )
     return np.asarray(variables[matches[0]])
 
 
-def _read_mat73(path: Path) -> dict[str, np.ndarray]:
+def _mat_pattern(key: str, regex: str) -> re.Pattern:
+    try:
+        return re.compile(regex)
+    except re.error as err:
+        raise ConfigError(f"data.mat_key={key!r} is not a regular expression ({err})") from err
+
+
+def _pick_struct(path: Path, key: str, pattern: re.Pattern, structs: list[str]) -> str:
+    """The one struct variable (or v7.3 group) whose name ``pattern`` matches."""
+    matches = [n for n in structs if pattern.search(n)]
+    if len(matches) != 1:
+        found = "no struct variable" if not matches else f"{len(matches)} struct variables"
+        raise SignalError(
+            f"{path}: data.mat_key={key!r} is a field path; its first part "
+            f"{pattern.pattern!r} matches {found} {matches or ''}among the file's struct "
+            f"variables {structs}; make it a regular expression that picks exactly one "
+            "(or drop the fields to name a plain variable)"
+        )
+    return matches[0]
+
+
+def _read_mat_field(path: Path, key: str, pattern: re.Pattern, fields: list[str]) -> np.ndarray:
+    """The numeric field ``fields`` (outermost first) of the struct ``pattern`` matches."""
+    try:
+        loaded = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    except NotImplementedError:  # v7.3: structs are HDF5 groups
+        return _read_mat73_field(path, key, pattern, fields)
+    except (OSError, ValueError, TypeError) as err:
+        raise SignalError(f"{path}: not a readable MATLAB file ({err})") from err
+    structs = sorted(
+        k
+        for k, v in loaded.items()
+        if not k.startswith("__")
+        and (
+            isinstance(v, mat_struct)
+            or (isinstance(v, np.ndarray) and any(isinstance(e, mat_struct) for e in v.flat))
+        )
+    )
+    at = _pick_struct(path, key, pattern, structs)
+    value = loaded[at]
+    for field in fields:
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            raise SignalError(
+                f"{path}: data.mat_key={key!r}: {at} is an array of {value.size} element(s) "
+                "(a struct array or cell array), which a field path cannot enter; save one "
+                "struct per file"
+            )
+        if not isinstance(value, mat_struct):
+            raise SignalError(
+                f"{path}: data.mat_key={key!r}: {at} is {_describe(value)}, not a struct, "
+                f"so it has no field {field!r}; end data.mat_key at {at}"
+            )
+        names = list(value._fieldnames)
+        if field not in names:
+            raise SignalError(
+                f"{path}: data.mat_key={key!r}: struct {at} has no field {field!r}; its "
+                f"fields are {names}"
+            )
+        value, at = getattr(value, field), f"{at}.{field}"
+    if isinstance(value, mat_struct):
+        raise SignalError(
+            f"{path}: data.mat_key={key!r} ends at a struct, {at}, with fields "
+            f"{list(value._fieldnames)}; add the one that holds the signal"
+        )
+    if not (isinstance(value, np.ndarray) and value.dtype.kind in "fiu"):
+        raise SignalError(
+            f"{path}: data.mat_key={key!r}: {at} is {_describe(value)}, not a numeric array "
+            "of samples; name the field that holds the signal"
+        )
+    return value
+
+
+def _describe(value: object) -> str:
+    """A short phrase for a loaded MATLAB value (squeezed: a scalar comes as a number)."""
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    if isinstance(value, (int, float, complex, np.number)):
+        return f"the scalar {value!r}"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    return f"a {type(value).__name__}"
+
+
+def _import_h5py(path: Path):
     try:
         import h5py
     except ImportError as err:
@@ -254,33 +404,87 @@ def _read_mat73(path: Path) -> dict[str, np.ndarray]:
             f"{path}: a MATLAB v7.3 (HDF5) file needs h5py; pip install h5py, or re-save "
             "it in MATLAB with save(..., '-v7')"
         ) from err
+    return h5py
+
+
+def _read_mat73(path: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """The numeric variables of a v7.3 file, and its structs (groups) with their fields."""
+    h5py = _import_h5py(path)
     try:
         with h5py.File(path, "r") as f:
             # MATLAB writes column-major: h5py sees the dimensions reversed.
-            return {
+            variables = {
                 k: np.asarray(v).T
                 for k, v in f.items()
                 if isinstance(v, h5py.Dataset) and v.dtype.kind in "fiu"
             }
+            structs = {
+                k: sorted(v) for k, v in f.items() if isinstance(v, h5py.Group) and k[0] != "#"
+            }
+    except OSError as err:
+        raise SignalError(f"{path}: not a readable MATLAB v7.3 file ({err})") from err
+    return variables, structs
+
+
+def _read_mat73_field(path: Path, key: str, pattern: re.Pattern, fields: list[str]) -> np.ndarray:
+    """A v7.3 struct's field: a struct is an HDF5 group, each field a dataset or group."""
+    h5py = _import_h5py(path)
+    try:
+        with h5py.File(path, "r") as f:
+            # "#refs#" holds the targets of cell and struct-array references.
+            structs = sorted(k for k, v in f.items() if isinstance(v, h5py.Group) and k[0] != "#")
+            at = _pick_struct(path, key, pattern, structs)
+            node = f[at]
+            for field in fields:
+                if not isinstance(node, h5py.Group):
+                    raise SignalError(
+                        f"{path}: data.mat_key={key!r}: {at} is not a struct, so it has no "
+                        f"field {field!r}; end data.mat_key at {at}"
+                    )
+                if field not in node:
+                    raise SignalError(
+                        f"{path}: data.mat_key={key!r}: struct {at} has no field {field!r}; "
+                        f"its fields are {sorted(node)}"
+                    )
+                node, at = node[field], f"{at}.{field}"
+            if isinstance(node, h5py.Group):
+                raise SignalError(
+                    f"{path}: data.mat_key={key!r} ends at a struct, {at}, with fields "
+                    f"{sorted(node)}; add the one that holds the signal"
+                )
+            if node.dtype.kind not in "fiu":
+                raise SignalError(
+                    f"{path}: data.mat_key={key!r}: {at} holds {node.dtype} data, not numbers "
+                    "(in a v7.3 file a struct array or cell array is stored as references, "
+                    "which this reader does not follow); save the signal as a numeric field "
+                    "of a single struct, or re-save the file with save(..., '-v7')"
+                )
+            return np.asarray(node).T  # column-major on disk: dimensions reversed
     except OSError as err:
         raise SignalError(f"{path}: not a readable MATLAB v7.3 file ({err})") from err
 
 
-def _orient(data: np.ndarray, path: Path) -> np.ndarray:
-    """A 1-D or 2-D numeric array as float32 (channels, samples)."""
+def _orient(data: np.ndarray, path: Path, channel_axis: str = "auto") -> np.ndarray:
+    """A 1-D or 2-D numeric array as float32 (channels, samples).
+
+    ``channel_axis`` says which axis of a 2-D array holds the channels: ``first``,
+    ``last``, or ``auto``: the shorter axis (rows when the array is square).
+    """
     if not np.issubdtype(data.dtype, np.number):
         raise SignalError(f"{path}: array dtype {data.dtype} is not numeric")
     data = np.squeeze(data) if data.ndim > 2 else data
     if data.ndim == 1:
         data = data[None, :]
     elif data.ndim == 2:
-        if data.shape[0] > data.shape[1]:  # (samples, channels)
+        tall = data.shape[0] > data.shape[1]
+        if channel_axis == "last" or (channel_axis == "auto" and tall):  # (samples, channels)
             data = data.T
     else:
         raise SignalError(
             f"{path}: array of shape {data.shape} is not 1-D or 2-D; save one signal per file"
         )
-    return data.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, which the caller reports
+        return data.astype(np.float32)
 
 
 def _is_number(token: str) -> bool:

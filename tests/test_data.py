@@ -1,4 +1,5 @@
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -62,6 +63,25 @@ def test_class_folders_ignore_unknown_suffixes_and_loose_files(tone_dataset):
     assert found.layout == "class_folders" and found.classes == ["high", "low", "mid"]
     assert len(found.records) == 18
     assert found.ignored == {"suffix '.pdf' not supported": 1, "not inside a class folder": 1}
+
+
+def test_looping_broken_and_folder_symlinks_are_counted_in_ignored(tone_dataset):
+    low = tone_dataset / "low"
+    os.symlink(sorted(low.glob("*.wav"))[0], tone_dataset / "mid" / "linked.wav")  # read as is
+    os.symlink(low / "b.wav", low / "a.wav")  # a -> b -> a
+    os.symlink(low / "a.wav", low / "b.wav")
+    os.symlink(low / "gone.wav", low / "dangling.wav")
+    os.symlink(low, low / "self")  # a link to its own folder: walking it would never end
+    os.mkfifo(low / "pipe.wav")  # reading it would block
+    found = find_records(tone_dataset)
+    assert len(found.records) == 19  # 18 files and the link to one of them
+    assert found.ignored == {
+        "symbolic link loop (the link leads back to itself); remove the link": 2,
+        "broken symbolic link (its target does not exist); remove or fix the link": 1,
+        "symbolic link to a folder (not followed); move or copy the folder under data.root, "
+        "or link its files": 1,
+        "not a regular file (a pipe, socket or device)": 1,
+    }
 
 
 def test_split_folders_are_a_predefined_split(tmp_path):

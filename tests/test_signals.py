@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import scipy.io
 import soundfile as sf
 
-from pipeline.errors import SignalError
+from pipeline.errors import ConfigError, SignalError
 from pipeline.signals import read_signal
 
 
@@ -137,3 +138,92 @@ def test_silent_and_truncated_files(tmp_path):
     (tmp_path / "cut.wav").write_bytes(data[:30])  # the header alone, cut short
     with pytest.raises(SignalError):
         read_signal(tmp_path / "cut.wav", sample_rate=1000)
+
+
+def test_channel_axis_overrides_the_shorter_axis_rule(tmp_path):
+    x = np.arange(12 * 9, dtype=np.float64).reshape(12, 9) + 1  # 12 channels of 9 samples
+    np.save(tmp_path / "wide.npy", x)
+    np.savez(tmp_path / "wide.npz", x=x)
+    scipy.io.savemat(tmp_path / "wide.mat", {"x": x})
+    for name in ("wide.npy", "wide.npz", "wide.mat"):
+        auto = read_signal(tmp_path / name, sample_rate=100, channels="all")
+        assert auto.samples.shape == (9, 12)  # the old rule: more rows than columns
+        first = read_signal(tmp_path / name, sample_rate=100, channels="all", channel_axis="first")
+        assert first.samples.shape == (12, 9)
+        np.testing.assert_array_equal(first.samples, x)
+        last = read_signal(tmp_path / name, sample_rate=100, channels="all", channel_axis="last")
+        np.testing.assert_array_equal(last.samples, x.T)
+    (tmp_path / "t.csv").write_text("\n".join(",".join(f"{v:g}" for v in row) for row in x))
+    csv = read_signal(tmp_path / "t.csv", sample_rate=100, channels="all", channel_axis="first")
+    assert csv.samples.shape == (9, 12)  # a table's columns are its channels, always
+    with pytest.raises(ConfigError, match=r"data.channel_axis='rows' must be one of auto, first"):
+        read_signal(tmp_path / "wide.npy", sample_rate=100, channel_axis="rows")
+
+
+def test_mat_key_field_path_reads_a_struct_field(tmp_path):
+    gs = np.sin(np.arange(2000.0) / 7)[:, None]  # MFPT keeps the signal in bearing.gs
+    path = tmp_path / "baseline_1.mat"
+    scipy.io.savemat(path, {"bearing": {"gs": gs, "sr": 48828, "load": 270}})
+    sig = read_signal(path, sample_rate=48828, mat_key="bearing.gs")
+    assert sig.samples.shape == (1, 2000)
+    np.testing.assert_allclose(sig.samples[0], gs[:, 0], rtol=1e-6)
+    # the first part is a regex over variable names, the fields are exact
+    assert read_signal(path, sample_rate=48828, mat_key="^bear.gs").samples.shape == (1, 2000)
+    with pytest.raises(SignalError, match=r"struct bearing has no field 'xs'; its fields are "):
+        read_signal(path, sample_rate=48828, mat_key="bearing.xs")
+    with pytest.raises(SignalError, match=r"bearing.sr is the scalar 48828, not a numeric array"):
+        read_signal(path, sample_rate=48828, mat_key="bearing.sr")
+    with pytest.raises(SignalError, match=r"matches no struct variable among .*\['bearing'\]"):
+        read_signal(path, sample_rate=48828, mat_key="shaft.gs")
+    with pytest.raises(SignalError, match=r"field path such as data.mat_key=bearing.gs"):
+        read_signal(path, sample_rate=48828)  # no numeric variable: the hint names the path
+    nested = tmp_path / "nested.mat"
+    scipy.io.savemat(nested, {"a": {"b": {"c": gs * 2}}, "X097_DE_time": gs})
+    np.testing.assert_allclose(
+        read_signal(nested, sample_rate=1, mat_key="a.b.c").samples[0], 2 * gs[:, 0], rtol=1e-6
+    )
+    with pytest.raises(SignalError, match=r"ends at a struct, a.b, with fields \['c'\]"):
+        read_signal(nested, sample_rate=1, mat_key="a.b")
+    plain = read_signal(nested, sample_rate=1, mat_key="DE_time")  # still a regex
+    np.testing.assert_allclose(plain.samples[0], gs[:, 0], rtol=1e-6)
+
+
+def test_mat_v73_field_path_walks_groups(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "v73.mat"
+    x = np.cos(np.arange(300.0))
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f["bearing/gs"] = x[None, :]  # a struct is a group; (300, 1) stored reversed
+        f["bearing/sr"] = np.array([[48828.0]])
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116, b" ")
+    with open(path, "r+b") as f:
+        f.write(header + b"\x00" * 8 + b"\x00\x02" + b"IM")
+    sig = read_signal(path, sample_rate=100, mat_key="bearing.gs")
+    np.testing.assert_allclose(sig.samples[0], x, rtol=1e-6)
+    with pytest.raises(SignalError, match=r"has no field 'xs'; its fields are \['gs', 'sr'\]"):
+        read_signal(path, sample_rate=100, mat_key="bearing.xs")
+    with h5py.File(path, "a") as f:
+        # a cell array: a dataset of references to the data elsewhere
+        f["bearing/refs"] = np.array([f["bearing/gs"].ref] * 2, dtype=h5py.ref_dtype)
+    with pytest.raises(SignalError, match=r"stored as references, which this reader does not"):
+        read_signal(path, sample_rate=100, mat_key="bearing.refs")
+
+
+def test_random_bytes_and_float32_overflow_raise_signal_error(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = np.frombuffer(rng.bytes(4 * 2 * 4000), np.float32).reshape(4000, 2)
+    np.save(tmp_path / "bytes.npy", noise)  # some bit patterns are NaN or inf
+    with pytest.raises(SignalError, match=r"bytes.npy: the signal holds \d+ NaN or infinite"):
+        read_signal(tmp_path / "bytes.npy", sample_rate=1000)
+    # Huge finite values: a float32 mean of two channels near 3e38 would be inf.
+    huge = np.full((2, 1000), 3e38, np.float32)
+    np.save(tmp_path / "huge.npy", huge)
+    mixed = read_signal(tmp_path / "huge.npy", sample_rate=1000, channels="mix")
+    np.testing.assert_allclose(mixed.samples, huge[:1], rtol=1e-6)
+    # A square wave at 3.3e38: the resampling filter's overshoot leaves float32's range.
+    square = np.where(np.arange(4000) // 100 % 2, 3.3e38, -3.3e38).astype(np.float32)
+    sf.write(tmp_path / "square.wav", square, 8000, subtype="FLOAT")
+    overflow = r"square.wav: peak magnitude 3.3e\+38 leaves float32's range"
+    with pytest.raises(SignalError, match=overflow) as info:
+        read_signal(tmp_path / "square.wav", sample_rate=16000)
+    assert "after resampling from 8000 Hz to 16000 Hz" in str(info.value)

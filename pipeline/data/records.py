@@ -12,13 +12,21 @@ Layouts (all searched recursively):
 
 ``group_regex`` (first capture group of the file name) names each file's
 group (a speaker, a machine, a session) for group-wise splits.
+
+Symbolic links to files are read like the files; links to folders are not
+followed (a link back up the tree would loop). Such links, links that loop or
+point nowhere, and entries that are not regular files (pipes, sockets) are
+counted in :attr:`Found.ignored` with the reason, never silently dropped.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import logging
+import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +62,9 @@ class Found:
 
     Attributes:
         records: usable files, sorted by path.
-        ignored: count of files left out per reason (unknown suffix, no label).
+        ignored: count of files left out per reason (unknown suffix, no label, a
+            symbolic link that loops, points nowhere or leads to a folder, not a
+            regular file).
         layout: ``class_folders``, ``split_folders``, ``manifest`` or ``label_regex``.
     """
 
@@ -124,8 +134,16 @@ def find_records(
 
 def _walk(folder: Path, found: Found, label_re, suffixes, *, split: str | None) -> None:
     ignored = Counter(found.ignored)
+    # rglob lists symbolic links but never descends into a linked folder, so a link
+    # loop cannot recurse; each odd entry is counted with its reason below.
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or any(p.startswith(".") for p in path.relative_to(folder).parts):
+        if any(p.startswith(".") for p in path.relative_to(folder).parts):
+            continue
+        reason = _not_a_file(path)
+        if reason:
+            ignored[reason] += 1
+            continue
+        if not path.is_file():  # a folder: its files come on their own
             continue
         if path.suffix.lower() not in suffixes:
             ignored[f"suffix {path.suffix or '(none)'!r} not supported"] += 1
@@ -144,6 +162,28 @@ def _walk(folder: Path, found: Found, label_re, suffixes, *, split: str | None) 
             label = parts[0]
         found.records.append(Record(path, label, split=split))
     found.ignored = dict(ignored)
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why a folder entry that is neither a regular file nor a folder is left out, or None."""
+    try:
+        mode = os.stat(path).st_mode  # follows links
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself); remove the link"
+        if err.errno == errno.ENOENT and path.is_symlink():
+            return "broken symbolic link (its target does not exist); remove or fix the link"
+        return f"cannot be opened ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        if path.is_symlink():
+            return (
+                "symbolic link to a folder (not followed); move or copy the folder under "
+                "data.root, or link its files"
+            )
+        return None
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a pipe, socket or device)"
+    return None
 
 
 def _from_manifest(manifest: Path, suffixes) -> Found:
