@@ -25,3 +25,11 @@ class DataError(PipelineError):
 
 class BundleError(PipelineError):
     """A saved model bundle is missing, incomplete or of an incompatible format."""
+
+
+class StorageError(PipelineError, OSError):
+    """An output cannot be written because its device is full (or the disk quota is used up).
+
+    An :class:`OSError` too, with ``errno`` ENOSPC, so code that handles a failed write
+    handles this one; its message names the path and the fix.
+    """

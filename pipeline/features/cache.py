@@ -5,8 +5,9 @@ An entry is a folder ``<root>/<key>/``::
     images.npy        float32 (n, channels, height, width), opened memory-mapped
     record.npy, start.npy, split.npy, file_samples.npy, file_rates.npy
     skipped.json      the files left out, with reasons
-    meta.json         format version, key, what went into the key, and the facts the
-                      caller computed with the images (``info``); written last
+    meta.json         format version, key, what went into the key, the facts the
+                      caller computed with the images (``info``) and the SHA-256 of
+                      every other file (``checksums``); written last
 
 The key is the SHA-256 of :data:`FORMAT_VERSION`, the versions of the libraries
 that compute the images, every input file's identity (absolute path, size,
@@ -16,8 +17,24 @@ rather than resolved, as long as the resolution depends on nothing else: the
 resolved values then travel in ``info``, and a hit needs no file opened. An entry
 is written into a temporary folder beside it and renamed into place with
 :func:`os.replace`, so an interrupted or concurrent run never leaves a half-written
-entry under a key: a later run either finds the whole entry or none. Caching is
-explicit: :func:`cached` logs a hit or a miss.
+entry under a key: a later run either finds the whole entry or none. Every file
+is flushed to the device (:func:`os.fsync`), and the folder too, before the rename.
+Caching is explicit: :func:`cached` logs a hit or a miss.
+
+Opening an entry checks each file against its checksum (``verify``), so a file
+changed in place after the entry was written (same size, other values) is a miss
+with a warning, not a silent wrong result. Hashing streams each file once at about
+2 GB/s (SHA-256 on a CPU with SHA extensions), and leaves the images in the page
+cache for the run that reads them next; ``verify=False`` skips it. Entries of an
+earlier format (without checksums) have other keys and are never opened.
+
+The temporary folder is named ``.<key>.<host>.<pid>.<random>.tmp``
+(:func:`pipeline.atomic.temp_prefix`). A run killed while writing cannot remove
+its own, so each write removes every temporary folder whose writer has ended
+(:func:`pipeline.atomic.is_stale`: a process of this machine that no longer runs,
+or one untouched for an hour); the others count toward the size limit. When the
+cache's device is full, :func:`cached` logs a warning and returns the images it
+computed, uncached.
 
 A hit marks its entry as used (the mtime of its ``meta.json``); with a size limit
 (``features.cache_max_gb``) a new entry evicts the least recently used others until
@@ -27,6 +44,7 @@ the cache fits, logging each one it removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -44,16 +62,19 @@ import torchaudio
 
 from pipeline import atomic
 from pipeline.data.dataset import Skipped
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 from pipeline.features.extract import Extracted
 
 log = logging.getLogger(__name__)
 
 # Raise when the images, or the values resolved from the same inputs and settings, change.
-FORMAT_VERSION = 1
+# 2: meta.json holds the checksum of every file.
+FORMAT_VERSION = 2
 ARRAYS = ("record", "start", "split", "file_samples", "file_rates")
-# A temporary folder untouched for this long belongs to a run that was killed.
-STALE_SECONDS = 3600
+FILES = ("images.npy", *(f"{a}.npy" for a in ARRAYS), "skipped.json")  # checksummed
+# Another machine's temporary folder untouched for this long belongs to a run that was killed.
+STALE_SECONDS = atomic.STALE_SECONDS
+CHUNK_BYTES = 1 << 22  # hashing reads this much at a time
 
 
 @dataclass
@@ -63,7 +84,7 @@ class Lookup:
     Attributes:
         extracted: the images (memory-mapped when cached) and their bookkeeping.
         info: JSON values computed with the images (resolved settings).
-        key: the entry's key, None without a cache.
+        key: the entry's key, None without a cache or when its device is full.
         hit: whether the images came from the cache.
     """
 
@@ -96,11 +117,31 @@ def cache_key(*, files: Sequence[Path], settings: Mapping) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def load_entry(root: Path, key: str) -> tuple[Extracted, dict] | None:
+def checksum(path: Path) -> str:
+    """``sha256:<hex>`` of the file's bytes, read in chunks of :data:`CHUNK_BYTES`."""
+    digest, buf = hashlib.sha256(), bytearray(CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return f"sha256:{digest.hexdigest()}"
+
+
+class _Mismatch(ValueError):
+    """A file of an entry does not match the checksum written with it."""
+
+
+def load_entry(root: Path, key: str, *, verify: bool = True) -> tuple[Extracted, dict] | None:
     """The entry under ``key`` (images memory-mapped) and its info, or None if there is none.
 
     An entry that exists but cannot be read (files removed or damaged by hand) is
     removed with a warning, so the caller recomputes it.
+
+    Args:
+        root: the cache folder.
+        key: from :func:`cache_key`.
+        verify: check every file against its checksum in ``meta.json`` (reads each
+            file once, about 0.5 s per GB); a mismatch counts as damage.
     """
     folder = Path(root) / key
     if not folder.is_dir():
@@ -114,6 +155,12 @@ def load_entry(root: Path, key: str) -> tuple[Extracted, dict] | None:
         skipped = json.loads((folder / "skipped.json").read_text(encoding="utf-8"))
         if list(images.shape) != meta["shape"] or len(arrays["record"]) != len(images):
             raise ValueError(f"images {images.shape} do not match meta.json {meta['shape']}")
+        if verify:
+            _verify(folder, meta["checksums"])
+    except _Mismatch as err:
+        log.warning("feature cache entry %s is damaged (%s); computing it again", folder, err)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     except (OSError, ValueError, KeyError) as err:
         log.warning("feature cache entry %s is unreadable (%s); computing it again", folder, err)
         shutil.rmtree(folder, ignore_errors=True)
@@ -124,6 +171,16 @@ def load_entry(root: Path, key: str) -> tuple[Extracted, dict] | None:
         skipped=[Skipped(Path(s["path"]), s["reason"]) for s in skipped],
     )
     return extracted, meta.get("info", {})
+
+
+def _verify(folder: Path, checksums: Mapping[str, str]) -> None:
+    """Raise :class:`_Mismatch` naming the first file of :data:`FILES` that changed."""
+    for name in FILES:
+        if checksum(folder / name) != checksums[name]:
+            raise _Mismatch(
+                f"{name} does not match the checksum written with it: it was changed after "
+                "the entry was written"
+            )
 
 
 def save_entry(
@@ -137,50 +194,109 @@ def save_entry(
         ex: the images and their bookkeeping.
         info: JSON values to return with the images on a hit.
         describe: what went into the key, stored in ``meta.json`` for people.
+
+    Raises:
+        StorageError: the cache's device is full; nothing of the entry is left.
+        OSError: the entry cannot be written for another reason.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root, key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
-    # mkdtemp's 0700 would hide the entry from other users
-    tmp.chmod(0o777 & ~atomic.current_umask())
+    root, tmp = Path(root), None
     try:
-        np.save(tmp / "images.npy", np.ascontiguousarray(ex.images, dtype=np.float32))
-        for a in ARRAYS:
-            np.save(tmp / f"{a}.npy", getattr(ex, a), allow_pickle=False)
-        skipped = [{"path": str(s.path), "reason": s.reason} for s in ex.skipped]
-        (tmp / "skipped.json").write_text(json.dumps(skipped), encoding="utf-8")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "key": key,
-            "shape": list(ex.images.shape),
-            "dtype": "float32",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "info": dict(info),
-            **describe,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        try:
-            os.replace(tmp, root / key)
-        except OSError:
-            # A concurrent run renamed its own copy of the same entry into place first.
-            log.info("feature cache entry %s was written by another run meanwhile", key)
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)
+        tmp = Path(tempfile.mkdtemp(prefix=atomic.temp_prefix(key), suffix=".tmp", dir=root))
+        # mkdtemp's 0700 would hide the entry from other users
+        tmp.chmod(0o777 & ~atomic.current_umask())
+        _write(tmp, key, ex, info=info, describe=describe)
+        _rename(tmp, root, key)
+    except Exception as err:
+        full = atomic.storage_error(err, path=root / key, folder=root)
+        if full is None or full is err:
+            raise
+        atomic.release(err)
+        raise full from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    loaded = load_entry(root, key)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    loaded = load_entry(root, key, verify=False)  # just hashed while writing
     assert loaded is not None, f"feature cache entry {root / key} vanished after writing"
     return loaded
 
 
-def _remove_stale(root: Path, key: str) -> None:
-    """Remove temporary folders of ``key`` left by killed runs (older than an hour)."""
-    now = time.time()
-    for folder in root.glob(f".{key}.*.tmp"):
-        try:
-            if now - folder.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
+def _write(tmp: Path, key: str, ex: Extracted, *, info: Mapping, describe: Mapping) -> None:
+    """Write the entry's files into ``tmp``, each flushed to the device, ``meta.json`` last."""
+    np.save(tmp / "images.npy", np.ascontiguousarray(ex.images, dtype=np.float32))
+    for a in ARRAYS:
+        np.save(tmp / f"{a}.npy", getattr(ex, a), allow_pickle=False)
+    skipped = [{"path": str(s.path), "reason": s.reason} for s in ex.skipped]
+    (tmp / "skipped.json").write_text(json.dumps(skipped), encoding="utf-8")
+    checksums = {}
+    for name in FILES:
+        checksums[name] = checksum(tmp / name)
+        atomic.fsync(tmp / name)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "shape": list(ex.images.shape),
+        "dtype": "float32",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "info": dict(info),
+        "checksums": checksums,
+        **describe,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    atomic.fsync(tmp / "meta.json")
+    atomic.fsync(tmp)
+
+
+def _rename(tmp: Path, root: Path, key: str) -> None:
+    """Rename the finished ``tmp`` to ``root / key``, unless another run's copy is there."""
+    try:
+        os.replace(tmp, root / key)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        # A concurrent run renamed its own copy of the same entry into place first.
+        log.info("feature cache entry %s was written by another run meanwhile", key)
+        return
+    atomic.fsync(root)
+
+
+def temporaries(root: Path) -> list[tuple[Path, int]]:
+    """Every temporary folder under ``root`` (being written, or left by a killed run).
+
+    Returns:
+        (folder, bytes) pairs.
+    """
+    out = []
+    for folder in Path(root).iterdir() if Path(root).is_dir() else []:
+        if not (folder.name.startswith(".") and folder.name.endswith(".tmp")):
             continue
+        with contextlib.suppress(OSError):  # removed meanwhile by its run
+            if folder.is_dir() and not folder.is_symlink():
+                out.append((folder, _size(folder)))
+    return out
+
+
+def remove_stale(root: Path) -> int:
+    """Remove the temporary folders under ``root`` whose writer has ended, with a log line each.
+
+    Returns:
+        The bytes freed.
+    """
+    freed, now = 0, time.time()
+    for folder, size in temporaries(root):
+        if atomic.is_stale(folder, now=now):
+            shutil.rmtree(folder, ignore_errors=True)
+            freed += size
+            log.info(
+                "feature cache: removed %s (%.1f MB), left half-written by a run that ended",
+                folder, size / 1e6,
+            )  # fmt: skip
+    return freed
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def entries(root: Path) -> list[tuple[Path, int, float]]:
@@ -191,7 +307,7 @@ def entries(root: Path) -> list[tuple[Path, int, float]]:
         if folder.name.startswith(".") or not meta.is_file():
             continue
         try:
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            size = _size(folder)
             out.append((folder, size, meta.stat().st_mtime))
         except OSError:  # removed meanwhile by another run
             continue
@@ -203,12 +319,15 @@ def prune(root: Path, *, max_bytes: int, keep: str | None = None) -> list[Path]:
 
     ``keep`` (the entry a run is using) is never removed, even when it alone is larger.
     On POSIX a run still reading a removed entry keeps its memory-mapped images.
+    Temporary folders count too: stale ones are removed first, and those still being
+    written are never removed.
 
     Returns:
         The folders removed.
     """
+    remove_stale(root)
     found = entries(root)
-    total = sum(size for _, size, _ in found)
+    total = sum(size for _, size, _ in found) + sum(size for _, size in temporaries(root))
     removed = []
     for folder, size, _ in found:
         if total <= max_bytes:
@@ -232,6 +351,7 @@ def cached(
     files: Sequence[Path],
     settings: Mapping,
     max_bytes: int | None = None,
+    verify: bool = True,
 ) -> Lookup:
     """``compute()``'s images and info, from the cache under ``root`` when an entry exists.
 
@@ -243,6 +363,8 @@ def cached(
         settings: everything else the images depend on (JSON-serialisable).
         max_bytes: after writing a new entry, evict the least recently used others
             until the cache holds at most this much; None for no limit.
+        verify: check a found entry's files against their checksums (see
+            :func:`load_entry`); a changed file makes the lookup a miss.
 
     Raises:
         ConfigError: ``root`` is not a folder, or the entry cannot be written there.
@@ -256,7 +378,7 @@ def cached(
             "or set features.cache=false"
         )
     key = cache_key(files=files, settings=settings)
-    found = load_entry(root, key)
+    found = load_entry(root, key, verify=verify)
     if found is not None:
         log.info("feature cache hit %s (%s)", key, root / key)
         with contextlib.suppress(OSError):  # a read-only cache still serves hits
@@ -270,6 +392,9 @@ def cached(
         if max_bytes is not None:
             prune(root, max_bytes=max_bytes, keep=key)
         return Lookup(*saved, key=key, hit=False)
+    except StorageError as err:
+        log.warning("feature cache: %s is full (%s); carrying on without caching", root, err)
+        return Lookup(ex, info, key=None, hit=False)
     except OSError as err:
         raise ConfigError(
             f"features.cache_dir={str(root)!r} cannot be written ({err.strerror or err}); point "
