@@ -262,6 +262,9 @@ def _check_data(data: object, *, file: Path) -> dict:
             f"{file}: data.channels={channels!r} must be 'mix', 'all' or a list of channel "
             f"indices; {_FIX}"
         )
+    axis = data.get("channel_axis", "auto")  # bundles before data.channel_axis: auto
+    if axis not in ("auto", "first", "last"):
+        raise BundleError(f"{file}: data.channel_axis={axis!r} must be auto, first or last; {_FIX}")
     for key in ("mat_key", "npz_key", "group_regex"):
         if not isinstance(data.get(key), str | None):
             raise BundleError(f"{file}: data.{key}={data[key]!r} must be a string or null; {_FIX}")

@@ -27,6 +27,23 @@ class BundleError(PipelineError):
     """A saved model bundle is missing, incomplete or of an incompatible format."""
 
 
+class TrainingError(PipelineError):
+    """Training cannot go on (the loss became NaN or infinite)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the message says which model and epoch stopped.
+
+    Attributes:
+        resumable: a checkpoint of the last finished epoch exists, so
+            ``train.resume=true`` continues from it.
+    """
+
+    def __init__(self, message: str, *, resumable: bool) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
 class StorageError(PipelineError, OSError):
     """An output cannot be written because its device is full (or the disk quota is used up).
 

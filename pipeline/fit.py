@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.augment import AugmentSettings, SpecAugment, mixup
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Interrupted, TrainingError
 from pipeline.precise_bn import precise_batchnorm
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,7 @@ def fit(
     name: str = "model",
     checkpoint: Path | None = None,
     resume: bool = False,
+    fingerprint: dict[str, str] | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the weights of its best validation epoch.
 
@@ -409,6 +410,14 @@ def fit(
         checkpoint: where the last state (model, optimizer, scaler, epoch, best
             weights, history) is written atomically after every epoch.
         resume: continue from ``checkpoint`` when it exists.
+        fingerprint: what the weights are trained on ({setting: JSON value}: classes,
+            files, data, feature, model and training settings), stored in the checkpoint;
+            resuming refuses a checkpoint whose fingerprint differs.
+
+    Raises:
+        ConfigError: the checkpoint to resume is unreadable or was trained otherwise.
+        TrainingError: the training loss became NaN or infinite.
+        Interrupted: Ctrl-C; the checkpoint holds the last finished epoch.
 
     Returns:
         The per-epoch history, the best epoch and the wall time.
@@ -464,108 +473,128 @@ def fit(
         "best_state": copy.deepcopy(model.state_dict()),
     }  # fmt: skip
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scaler, ema, rank=rank, world=world)
+        state = _load_checkpoint(
+            checkpoint, model, optimizer, scaler, ema, rank=rank, world=world,
+            fingerprint=fingerprint,
+        )  # fmt: skip
         log.info("%s: resumed from %s after epoch %d", name, checkpoint, state["epoch"])
+    state["fingerprint"] = fingerprint
     start = time.perf_counter() - state["seconds"]
     every = max(1, plan.epochs // 30)  # at most about 30 epoch lines in the log
-    for epoch in range(state["epoch"] + 1, plan.epochs + 1):
-        if state["finished"]:
-            break
-        net.train()
-        sampler.set_epoch(epoch)
-        # One copy of the epoch's order to where the images are: indexing with it
-        # needs no host-to-device copy (and no synchronisation) per step.
-        order = torch.tensor(list(iter(sampler))).to(x_source.device)
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, seen
-        seen_here = 0
-        epoch_start = time.perf_counter()
-        left = plan.steps - state["step"]  # the last epoch may stop part way
-        # Equal batches (742 windows at 74 are ten of 74 and one of 2 otherwise): a tail of a
-        # few windows gives one noisy step and batch-norm statistics of almost nothing.
-        batches = torch.tensor_split(order, steps_per_epoch)[:left]
-        bar = tqdm(batches, desc=f"{name} {epoch}/{plan.epochs}", unit="batch", leave=False,
-                   disable=not progress or rank != 0)  # fmt: skip
-        for idx in bar:
-            xb = _gather(x_source, idx, device).contiguous(memory_format=memory_format)
-            yb = _gather(y_source, idx, device)
-            factor = _lr_factor(
-                state["step"], steps_per_epoch=steps_per_epoch, s=s, total=plan.steps
-            )
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
-            if augment is not None:
-                xb = augment(xb)
-            if s.augment.mixup:
-                xb, yb_other, lam = mixup(xb, yb, s.augment.mixup)
-            with autocast(device, s.amp):
-                logits = net(xb)
-                loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=s.label_smoothing)
+    try:
+        for epoch in range(state["epoch"] + 1, plan.epochs + 1):
+            if state["finished"]:
+                break
+            net.train()
+            sampler.set_epoch(epoch)
+            # One copy of the epoch's order to where the images are: indexing with it
+            # needs no host-to-device copy (and no synchronisation) per step.
+            order = torch.tensor(list(iter(sampler))).to(x_source.device)
+            totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, seen
+            seen_here = 0
+            epoch_start = time.perf_counter()
+            left = plan.steps - state["step"]  # the last epoch may stop part way
+            # Equal batches (742 windows at 74 are ten of 74 and one of 2 otherwise): a tail of a
+            # few windows gives one noisy step and batch-norm statistics of almost nothing.
+            batches = torch.tensor_split(order, steps_per_epoch)[:left]
+            bar = tqdm(batches, desc=f"{name} {epoch}/{plan.epochs}", unit="batch", leave=False,
+                       disable=not progress or rank != 0)  # fmt: skip
+            for idx in bar:
+                xb = _gather(x_source, idx, device).contiguous(memory_format=memory_format)
+                yb = _gather(y_source, idx, device)
+                factor = _lr_factor(
+                    state["step"], steps_per_epoch=steps_per_epoch, s=s, total=plan.steps
+                )
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+                if augment is not None:
+                    xb = augment(xb)
                 if s.augment.mixup:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(
-                        logits, yb_other, weight=weight, label_smoothing=s.label_smoothing
+                    xb, yb_other, lam = mixup(xb, yb, s.augment.mixup)
+                with autocast(device, s.amp):
+                    logits = net(xb)
+                    loss = F.cross_entropy(
+                        logits, yb, weight=weight, label_smoothing=s.label_smoothing
                     )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if s.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            state["step"] += 1
-            # Summed on the device: no host synchronisation per step.
-            totals[:2] += torch.stack(
-                [loss.detach().double() * len(idx), (logits.argmax(1) != yb).sum().double()]
+                    if s.augment.mixup:
+                        loss = lam * loss + (1 - lam) * F.cross_entropy(
+                            logits, yb_other, weight=weight, label_smoothing=s.label_smoothing
+                        )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if s.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(model)
+                state["step"] += 1
+                # Summed on the device: no host synchronisation per step.
+                totals[:2] += torch.stack(
+                    [loss.detach().double() * len(idx), (logits.argmax(1) != yb).sum().double()]
+                )
+                seen_here += len(idx)
+                if not bar.disable and state["step"] % 25 == 0:  # .item() waits for the device
+                    bar.set_postfix(loss=f"{totals[0].item() / seen_here:.3f}")
+            totals[2] = seen_here
+            if world > 1:
+                torch.distributed.all_reduce(totals)
+            loss_sum, errors, seen = totals.tolist()
+            if not math.isfinite(loss_sum):
+                raise TrainingError(
+                    f"{name}: the training loss became {loss_sum / seen} in epoch {epoch} of "
+                    f"{plan.epochs} (after {state['step']} steps); lower train.lr={s.lr}, set "
+                    "train.grad_clip=1.0, or train.amp=false"
+                )
+            ips = seen / (time.perf_counter() - epoch_start)
+            val_loss, val_error = evaluate_loss(
+                kept, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size
             )
-            seen_here += len(idx)
-            if not bar.disable and state["step"] % 25 == 0:  # .item() waits for the device
-                bar.set_postfix(loss=f"{totals[0].item() / seen_here:.3f}")
-        totals[2] = seen_here
-        if world > 1:
-            torch.distributed.all_reduce(totals)
-        loss_sum, errors, seen = totals.tolist()
-        ips = seen / (time.perf_counter() - epoch_start)
-        val_loss, val_error = evaluate_loss(
-            kept, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size
-        )
-        row = {
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / seen,
-            "train_error": errors / seen,
-            "val_loss": val_loss,
-            "val_error": val_error,
-            "images_per_second": ips,
-        }
-        state["history"].append(row)
-        if rank == 0 and (epoch % every == 0 or epoch == plan.epochs):
-            log.info(
-                "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
-                "  %.0f img/s",
-                name, epoch, plan.epochs, row["train_loss"], 1 - row["train_error"],
-                val_loss, 1 - val_error, row["lr"], ips,
-            )  # fmt: skip
-        if not len(x_val) or plan.monitor == "last":
-            score = [epoch, 0.0]  # keep the last epoch; validation is for the record
-        elif plan.monitor == "val_loss":
-            score = [-val_loss, 1 - val_error]
-        else:
-            score = [1 - val_error, -val_loss]
-        if score > state["best"]:
-            state.update(best=score, best_epoch=epoch, stale=0)
-            state["best_state"] = copy.deepcopy(kept.state_dict())
-        else:
-            state["stale"] += 1
-            if s.patience is not None and state["stale"] >= s.patience:
-                log.info("%s: early stop after %d epochs without improvement", name, state["stale"])
-                state["finished"] = True
-        state["epoch"] = epoch
-        state["seconds"] = time.perf_counter() - start
-        if checkpoint is not None:
-            rng = _rng_states(world)  # every rank's: a collective under torch.distributed
-            if rank == 0:
-                _save_checkpoint(checkpoint, state, model, optimizer, scaler, rng, ema)
+            row = {
+                "epoch": epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / seen,
+                "train_error": errors / seen,
+                "val_loss": val_loss,
+                "val_error": val_error,
+                "images_per_second": ips,
+            }
+            state["history"].append(row)
+            if rank == 0 and (epoch % every == 0 or epoch == plan.epochs):
+                log.info(
+                    "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
+                    "  %.0f img/s",
+                    name, epoch, plan.epochs, row["train_loss"], 1 - row["train_error"],
+                    val_loss, 1 - val_error, row["lr"], ips,
+                )  # fmt: skip
+            if not len(x_val) or plan.monitor == "last":
+                score = [epoch, 0.0]  # keep the last epoch; validation is for the record
+            elif plan.monitor == "val_loss":
+                score = [-val_loss, 1 - val_error]
+            else:
+                score = [1 - val_error, -val_loss]
+            if score > state["best"]:
+                state.update(best=score, best_epoch=epoch, stale=0)
+                state["best_state"] = copy.deepcopy(kept.state_dict())
+            else:
+                state["stale"] += 1
+                if s.patience is not None and state["stale"] >= s.patience:
+                    log.info(
+                        "%s: early stop after %d epochs without improvement", name, state["stale"]
+                    )
+                    state["finished"] = True
+            state["epoch"] = epoch
+            state["seconds"] = time.perf_counter() - start
+            if checkpoint is not None:
+                rng = _rng_states(world)  # every rank's: a collective under torch.distributed
+                if rank == 0:
+                    _save_checkpoint(checkpoint, state, model, optimizer, scaler, rng, ema)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"{name}: stopped by Ctrl-C in epoch {state['epoch'] + 1} of {plan.epochs}",
+            resumable=checkpoint is not None and state["epoch"] > 0,
+        ) from None
     model.load_state_dict(state["best_state"])
     log.info("%s: kept epoch %d (%s)", name, state["best_epoch"],
              _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val)))  # fmt: skip
@@ -709,10 +738,38 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, model, optimizer, scaler, ema=None, *, rank: int = 0, world: int = 1
+    path: Path,
+    model,
+    optimizer,
+    scaler,
+    ema=None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    fingerprint: dict[str, str] | None = None,
 ) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(payload.pop("model"))
+    """Restore the training state of ``path`` into the model, optimizer, scaler and average.
+
+    Raises:
+        ConfigError: ``path`` is unreadable, or its fingerprint differs from ``fingerprint``.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated: RuntimeError, EOFError; not a checkpoint: Unpickling
+        raise ConfigError(
+            f"train.resume: {path} cannot be read as a checkpoint (torch.load raised "
+            f"{type(err).__name__}: it is truncated, damaged or another kind of file); delete "
+            "it to train this model from the start"
+        ) from None
+    if fingerprint is not None:
+        check_fingerprint(path, payload.get("fingerprint"), fingerprint)
+    try:
+        model.load_state_dict(payload.pop("model"))
+    except (KeyError, RuntimeError) as err:
+        raise ConfigError(
+            f"train.resume: {path} holds weights of another network ({str(err).splitlines()[0]}); "
+            "resume with the settings it was trained with, or start a new run"
+        ) from None
     averaged = payload.pop("ema", None)
     if ema is not None:
         # A checkpoint written without an average starts one from the resumed weights.
@@ -738,6 +795,28 @@ def _load_checkpoint(
     if "cuda" in rng[rank] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng[rank]["cuda"])
     return payload
+
+
+def check_fingerprint(path: Path, saved: dict | None, current: dict[str, str]) -> None:
+    """Refuse to resume ``path`` unless it was trained on what ``current`` describes.
+
+    Raises:
+        ConfigError: naming the first setting (in ``current``'s order) that differs.
+    """
+    if saved is None:
+        raise ConfigError(
+            f"train.resume: {path} carries no record of the data and settings it was trained "
+            "with (an older release wrote it), so it cannot be checked; delete it, or start a "
+            "new run without train.resume"
+        )
+    for key in [*current, *(k for k in saved if k not in current)]:
+        then, now = saved.get(key, "(unset)"), current.get(key, "(unset)")
+        if then != now:
+            raise ConfigError(
+                f"train.resume: {path} was trained with {key}={then}, and this run has "
+                f"{key}={now}; resume with the settings it was trained with, or start a new "
+                "run without train.resume"
+            )
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, Interrupted, PipelineError
+from pipeline.overrides import check_overrides
 
 log = logging.getLogger("pipeline")
 
@@ -50,7 +53,30 @@ def main(cfg: DictConfig) -> None:
         reason = str(err).splitlines()[0]
         log.error("%s: %s; set it on the command line, e.g. %s=<value>", key, reason, key)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:
+        log.error("%s", _interrupted(err, run_dir))
+        raise SystemExit(130) from None
+
+
+def _interrupted(err: KeyboardInterrupt, run_dir: Path) -> str:
+    """What Ctrl-C stopped and, when a checkpoint holds the finished epochs, how to go on."""
+    what = str(err) if isinstance(err, Interrupted) else "stopped by Ctrl-C"
+    if not (isinstance(err, Interrupted) and err.resumable):
+        return what
+    args = [
+        shlex.quote(a)
+        for a in sys.argv[1:]
+        if a.split("=")[0] not in ("train.resume", "hydra.run.dir")
+    ]
+    command = " ".join(["python -m pipeline.run", *args, "train.resume=true",
+                        f"hydra.run.dir={run_dir}"])  # fmt: skip
+    return f"{what}; its last finished epoch is saved: resume with\n  {command}"
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

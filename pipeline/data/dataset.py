@@ -38,6 +38,7 @@ class FileWindows:
 
     Attributes:
         index: the file's index in the record list.
+        path: the file.
         x: float32 array (windows, channels, length).
         start: (windows,) start of each window in samples.
         split: (windows,) split name of each window.
@@ -46,6 +47,7 @@ class FileWindows:
     """
 
     index: int
+    path: Path
     x: np.ndarray
     start: np.ndarray
     split: np.ndarray
@@ -104,6 +106,9 @@ def probe_length(path: Path, *, sample_rate: int, read: dict) -> int | None:
             return int(round(info.frames * sample_rate / info.samplerate))
         if path.suffix.lower() == ".npy":
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            axis = read.get("channel_axis", "auto")
+            if len(shape) == 2 and axis != "auto":  # the axis that is not the channels'
+                return int(shape[1] if axis == "first" else shape[0])
             return int(max(shape)) if shape else None
         return read_signal(path, sample_rate=sample_rate, **read).samples.shape[-1]
     except (SignalError, RuntimeError, ValueError, OSError, sf.LibsndfileError):
@@ -197,6 +202,7 @@ def iter_windows(
             continue
         yield FileWindows(
             index=i,
+            path=rec.path,
             x=np.concatenate(xs),
             start=np.concatenate(starts),
             split=np.concatenate(names),

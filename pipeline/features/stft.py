@@ -127,6 +127,19 @@ class STFTParams:
         self._check_band()
         self._check_lifter()
 
+    def check_fits(self, samples: int, *, where: str = "windows") -> None:
+        """Refuse an FFT longer than the windows it transforms.
+
+        Raises:
+            ConfigError: ``n_fft`` exceeds ``samples``, naming both and the fix.
+        """
+        if self.n_fft > samples:
+            raise ConfigError(
+                f"features.n_fft={self.n_fft} is longer than the {samples}-sample {where}; "
+                f"lower it to at most {samples}, set features.n_fft=auto (sizes that fit the "
+                "window), or lengthen data.segment.length_seconds"
+            )
+
     def _check_lifter(self) -> None:
         if self.lifter is None:
             return
@@ -508,6 +521,29 @@ def compute_images(
         batch = torch.from_numpy(x[start : start + chunk]).to(device)
         out[start : start + len(batch)] = module(batch).float().cpu().numpy()
     return out
+
+
+def finite_images(images: np.ndarray | Tensor) -> np.ndarray:
+    """(n,) bool: True where every value of image i of (n, ...) is finite.
+
+    A finite signal can still give a non-finite image: samples of 1e30 (or random
+    bytes read as float32) overflow float32 in the power spectrum, and the dB scale
+    of an infinite power is NaN. Such an image must never reach a cache, a
+    normaliser, a loss or a CSV, so callers drop its file with :func:`overflow_reason`.
+    """
+    if isinstance(images, Tensor):
+        return torch.isfinite(images).flatten(1).all(1).cpu().numpy()
+    return np.isfinite(images).reshape(len(images), -1).all(1)
+
+
+def overflow_reason(path, windows: np.ndarray) -> str:
+    """Why ``path``, whose ``windows`` gave a non-finite image, is skipped."""
+    peak = float(np.abs(windows).max(initial=0.0))
+    return (
+        f"{path}: its STFT image is not finite: samples reach {peak:.3g} in magnitude and "
+        "the power spectrum overflows float32; rescale the signal (to volts, or to [-1, 1]) "
+        "or remove the file"
+    )
 
 
 @dataclass(frozen=True)

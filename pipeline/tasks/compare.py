@@ -9,7 +9,9 @@ report.md and report.html.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import sys
 import time
@@ -155,6 +157,8 @@ def stft_params(
         norm=f.norm,
         lifter=f.lifter,
     )
+    if segment_samples is not None:
+        params.check_fits(segment_samples)
     if f.size == AUTO:
         params = replace(params, size=auto_size(params, segment_samples or 2048))
         if segment_samples is not None:
@@ -179,6 +183,87 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     if "milestones" in t:
         t["milestones"] = tuple(t["milestones"])
     return TrainSettings(**t)
+
+
+def check_data_settings(d: DictConfig) -> None:
+    """The ``data`` group's numbers are numbers, before any file is read.
+
+    Raises:
+        ConfigError: naming the key, the value and what it must be.
+    """
+    rate = d.get("sample_rate")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+        raise ConfigError(
+            f"data.sample_rate={rate!r} must be a positive whole number of samples per second "
+            "(1 for series without a rate), or null for the rate of the first audio file"
+        )
+    for key in ("length_seconds", "hop_seconds"):
+        value = d.segment.get(key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise ConfigError(
+                f"data.segment.{key}={value!r} must be a positive number of seconds (of "
+                "samples with data.sample_rate=1), or null"
+                + (" for whole files" if key == "length_seconds" else " for no overlap")
+            )
+    for key in ("val_fraction", "test_fraction"):
+        value = d.get(key)
+        if value is not None and not (_is_number(value) and 0 <= value < 1):
+            raise ConfigError(f"data.{key}={value!r} must be a number in [0, 1), e.g. 0.15")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Settings that change where or how fast the images are made, not what the weights learn.
+UNFINGERPRINTED = ("features.cache", "features.cache_dir", "features.cache_max_gb",
+                   "features.cache_verify", "features.batch_size", "train.resume",
+                   "train.compile", "train.channels_last")  # fmt: skip
+
+
+def fingerprint(cfg: DictConfig, name: str, records: list[Record], classes: list[str]) -> dict:
+    """What model ``name`` is trained on, {setting: JSON text}, for its checkpoint.
+
+    The classes, the files (their paths, sizes and labels, as one digest), the
+    seed, and every data, feature, model and training setting, so resuming can
+    name the first one that differs.
+    """
+    files = [[str(r.path), r.label, _size(r.path)] for r in records]
+    digest = hashlib.sha256(json.dumps(files).encode("utf-8")).hexdigest()[:12]
+
+    def settings(prefix: str) -> dict:
+        return _flatten(OmegaConf.to_container(cfg[prefix], resolve=True), prefix)
+
+    flat = {
+        **settings("data"),
+        **settings("features"),
+        "classes": classes,
+        "data.files": f"{len(files)} files, sha256 {digest}",
+        "seed": cfg.seed,
+        **settings(name),
+        **settings("train"),
+    }
+    return {
+        k: json.dumps(v, sort_keys=True, default=str)
+        for k, v in flat.items()
+        if k not in UNFINGERPRINTED
+    }
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # removed since it was listed (and skipped)
+        return -1
+
+
+def _flatten(node, prefix: str) -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}.{key}"))
+    return out
 
 
 def model_names(cfg: DictConfig) -> list[str]:
@@ -225,6 +310,7 @@ def read_settings(d: DictConfig) -> dict:
         "mat_key": d.get("mat_key"),
         "npz_key": d.get("npz_key"),
         "csv_columns": columns,
+        "channel_axis": d.get("channel_axis", "auto"),
     }
 
 
@@ -265,8 +351,7 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
     def compute() -> tuple[Extracted, dict]:
         whole = None
         if d.segment.length_seconds is None:
-            lengths = [probe_length(r.path, sample_rate=rate, read=read) for r in records]
-            whole = max((n for n in lengths if n), default=1)
+            whole = whole_length(records, rate=rate, read=read)
         seg = segmenting(
             sample_rate=rate, length_seconds=d.segment.length_seconds,
             hop_seconds=d.segment.hop_seconds, pad=d.segment.pad, whole_length=whole,
@@ -331,6 +416,36 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         records, classes, extracted, seg, read, found.ignored, found.layout, strategy,
         time.perf_counter() - t0, rate, params, lookup.key, lookup.hit,
     )  # fmt: skip
+
+
+# Whole-file mode pads every file to the longest: one far longer than the others would shrink
+# every other file to a sliver of its image (a 10-minute file among 0.5 s clips took the
+# accuracy from 1.0 to 0.67), so it is refused.
+MAX_LENGTH_RATIO = 20
+
+
+def whole_length(records: list[Record], *, rate: int, read: dict) -> int:
+    """The length whole files are padded to: the longest file's, in samples.
+
+    Raises:
+        DataError: the longest file is more than :data:`MAX_LENGTH_RATIO` times the median.
+    """
+    lengths = [probe_length(r.path, sample_rate=rate, read=read) for r in records]
+    known = [(n, r.path) for n, r in zip(lengths, records, strict=True) if n]
+    if not known:
+        return 1
+    longest, path = max(known, key=lambda k: k[0])
+    median = float(np.median([n for n, _ in known]))
+    if longest > MAX_LENGTH_RATIO * median:
+        raise DataError(
+            f"{path} is {longest / rate:.4g} s long, {longest / median:.0f} times the median "
+            f"file ({median / rate:.4g} s); with data.segment.length_seconds=null every file "
+            f"is padded to the longest, so the others would fill a sliver of their images. "
+            f"Cut windows instead (e.g. data.segment.length_seconds={median / rate:.3g}), "
+            "trim or remove that file, or set data.segment.length_seconds to the longest "
+            "length to pad every file to it anyway"
+        )
+    return longest
 
 
 def native_rate(records: list[Record]) -> int:
@@ -414,7 +529,13 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     """
     progress = cfg.progress
     names = model_names(cfg)
-    stft_params(cfg)  # a bad feature setting fails now; auto sizes are chosen with the data
+    check_data_settings(cfg.data)
+    params = stft_params(cfg)  # a bad feature setting fails now; auto sizes come with the data
+    d = cfg.data
+    if d.sample_rate is not None and d.segment.length_seconds is not None:
+        explicit = [k for k, v in configured_sizes(cfg).items() if v != AUTO]
+        if "n_fft" in explicit:
+            params.check_fits(round(d.segment.length_seconds * d.sample_rate))
     per_group = cfg.features.get("per_group", False)
     check_per_group(per_group)
     adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", False)
@@ -563,6 +684,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 model, x_tr, y_tr, *tensors["val"],
                 settings=settings, device=device, seed=cfg.seed, progress=progress, name=name,
                 checkpoint=checkpoints / f"{name}.pt", resume=bool(settings.resume),
+                fingerprint=fingerprint(cfg, name, records, classes),
             )  # fmt: skip
             histories[name] = result.history
             train_seconds = result.train_seconds

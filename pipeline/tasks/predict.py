@@ -42,7 +42,7 @@ from pipeline.bundle import Bundle, load_bundle
 from pipeline.data.records import compile_regex
 from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, DataError, SignalError
-from pipeline.features.stft import STFTImage
+from pipeline.features.stft import STFTImage, finite_images, overflow_reason
 from pipeline.fit import autocast, precision, resolve_device
 from pipeline.signals import SUFFIXES, read_signal
 
@@ -97,17 +97,24 @@ class Classifier:
     @torch.no_grad()
     def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
         """Class probabilities (n, classes); ``profiles`` (n, channels, height, 1), when
-        given, are the windows' group profiles (``features.per_group``), subtracted."""
+        given, are the windows' group profiles (``features.per_group``), subtracted.
+        A window whose image is not finite (:func:`finite_images`) gets a row of NaN."""
         # Images stay on the device from the STFT to the softmax (one copy each way).
         images = self.images(windows)
         if profiles is not None:
             images = images - torch.from_numpy(profiles).to(self.device)
+        ok = finite_images(images)
+        if not ok.all():
+            images = torch.where(torch.isfinite(images), images, 0.0)
         if self.bundle.kind == "svm":
-            return self.bundle.model.predict_proba(images.cpu().numpy())
-        x = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp):
-            logits = self.model(x).float()
-        return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+            probs = self.bundle.model.predict_proba(images.cpu().numpy())
+        else:
+            x = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                logits = self.model(x).float()
+            probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+        probs[~ok] = np.nan
+        return probs
 
 
 @dataclass
@@ -275,6 +282,8 @@ def group_pass(
             continue
         g = file_group(path, pattern)
         images = classify.images(windows)  # (n, channels, height, width)
+        if not finite_images(images).all():
+            continue  # the classifying pass reports it (overflow_reason)
         # float64 on the CPU (MPS has no float64): (channels, height)
         out.sums[g] = out.sums.get(g, 0) + images.mean(dim=3).sum(dim=0).cpu().double()
         out.files[g] = out.files.get(g, 0) + 1
@@ -363,6 +372,12 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     outputs = [output, output.with_name(output.stem + "_errors.csv")]
     if p.segments:
         outputs.append(output.with_name(output.stem + "_segments.csv"))
+    folders = [str(o) for o in outputs if o.is_dir()]
+    if folders:
+        raise ConfigError(
+            f"predict.output={str(output)!r}: {folders[0]} is a folder, so the CSV cannot "
+            "replace it; give a file name, e.g. predict.output=<folder>/predictions.csv"
+        )
     existing = [str(o) for o in outputs if o.exists()]
     if existing and not p.overwrite:
         raise ConfigError(
@@ -451,7 +466,11 @@ def predict_folder(
     classify = Classifier(bundle, device=device, amp=amp)
     classes = bundle.classes
     data = bundle.data
-    read = {k: data.get(k) for k in ("channels", "mat_key", "npz_key", "csv_columns") if k in data}
+    read = {
+        k: data.get(k)
+        for k in ("channels", "mat_key", "npz_key", "csv_columns", "channel_axis")
+        if k in data
+    }
     length, hop, pad = data["segment_samples"], data["hop_samples"], data["pad"]
     rate = data["sample_rate"]
     counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
@@ -519,9 +538,13 @@ def predict_folder(
                 finally:
                     use_batchnorm(classify.model, trained_bn)
             at = 0
-            for f, _ in pending:
+            for f, w in pending:
                 p = probs[at : at + f.n]
                 at += f.n
+                if not np.isfinite(p).all():
+                    errors_csv.writerow([str(f.path), overflow_reason(f.path, w)])
+                    counts["errors"] += 1
+                    continue
                 scores = aggregate(p, rule)
                 order = np.argsort(-scores)[:top_k]
                 predicted = classes[order[0]]
