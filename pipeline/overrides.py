@@ -52,7 +52,10 @@ def check_overrides(args: list[str]) -> None:
     ]  # fmt: skip
     if not keys:
         return
-    known = _known_keys(groups)
+    try:
+        known = _known_keys(groups)
+    except HydraException:
+        return  # a group choice that does not exist: Hydra's own message lists those that do
     for o in keys:
         key = o.key_or_group
         if key in known:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -121,22 +122,20 @@ def read_signal(
             "auto to take the shorter axis as channels"
         )
     path = Path(path)
-    suffix = path.suffix.lower()
-    source_rate = sample_rate
-    if suffix in AUDIO_SUFFIXES:
-        samples, source_rate = _read_audio(path)
-    elif suffix == ".npy":
-        samples = _orient(_load_npy(path), path, channel_axis)
-    elif suffix == ".npz":
-        samples = _orient(_read_npz(path, npz_key), path, channel_axis)
-    elif suffix in TEXT_SUFFIXES:
-        samples = _read_text(path, csv_columns)
-    elif suffix in MAT_SUFFIXES:
-        samples = _orient(_read_mat(path, mat_key), path, channel_axis)
-    else:
+    try:
+        samples, source_rate = _read_samples(
+            path, sample_rate=sample_rate, mat_key=mat_key, npz_key=npz_key,
+            csv_columns=csv_columns, channel_axis=channel_axis,
+        )  # fmt: skip
+    except (SignalError, ConfigError):
+        raise
+    except Exception as err:  # a parser's own error on a damaged file (scipy's MatReadError,
+        # zipfile's BadZipFile, a MemoryError for a header that claims terabytes, ...)
+        reason = (str(err).splitlines() or [""])[0][:160]
         raise SignalError(
-            f"{path}: suffix {suffix!r} is not supported; use one of {', '.join(SUFFIXES)}"
-        )
+            f"{path}: cannot be read as a {path.suffix.lower()} file ({type(err).__name__}: "
+            f"{reason}); re-export or remove it"
+        ) from err
     if samples.shape[-1] == 0:
         raise SignalError(f"{path}: the file holds no samples; remove it or replace it")
     finite = np.isfinite(samples)
@@ -166,6 +165,26 @@ def read_signal(
             "a signal (bytes of another type read as floats?): check the file, or rescale it"
         )
     return Signal(samples, sample_rate, source_rate)
+
+
+def _read_samples(
+    path: Path, *, sample_rate: int, mat_key, npz_key, csv_columns, channel_axis: str
+) -> tuple[np.ndarray, int]:
+    """The file's samples (channels, samples) and its own rate (``sample_rate`` if it has none)."""
+    suffix = path.suffix.lower()
+    if suffix in AUDIO_SUFFIXES:
+        return _read_audio(path)
+    if suffix == ".npy":
+        return _orient(_load_npy(path), path, channel_axis), sample_rate
+    if suffix == ".npz":
+        return _orient(_read_npz(path, npz_key), path, channel_axis), sample_rate
+    if suffix in TEXT_SUFFIXES:
+        return _read_text(path, csv_columns), sample_rate
+    if suffix in MAT_SUFFIXES:
+        return _orient(_read_mat(path, mat_key), path, channel_axis), sample_rate
+    raise SignalError(
+        f"{path}: suffix {suffix!r} is not supported; use one of {', '.join(SUFFIXES)}"
+    )
 
 
 def select_channels(samples: np.ndarray, channels: str | list[int], *, path: Path) -> np.ndarray:
@@ -202,13 +221,27 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
         return out.astype(np.float32)
 
 
+# The containers each audio suffix may hold. libsndfile reads many more (MATLAB, AIFF, raw
+# formats) whatever the name, so a .mat renamed .wav would be read as sound.
+AUDIO_FORMATS = {".wav": ("WAV", "WAVEX", "RF64", "W64"), ".flac": ("FLAC",), ".ogg": ("OGG",)}
+
+
 def _read_audio(path: Path) -> tuple[np.ndarray, int]:
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)  # (samples, channels)
+        with sf.SoundFile(path) as f:
+            container = f.format
+            data = f.read(dtype="float32", always_2d=True)  # (samples, channels)
+            rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
         raise SignalError(
             f"{path}: not a readable audio file ({err}); re-export or remove it"
         ) from err
+    allowed = AUDIO_FORMATS[path.suffix.lower()]
+    if container not in allowed:
+        raise SignalError(
+            f"{path}: holds a {container} file, not {' or '.join(allowed)} as its suffix says; "
+            "rename it to its real type or re-export it"
+        )
     return data.T, int(rate)
 
 
@@ -248,9 +281,11 @@ def _read_text(path: Path, columns: list[int | str] | None) -> np.ndarray:
     ]
     header = [] if all(_is_number(t) for t in tokens if t) else tokens
     try:
-        data = np.loadtxt(
-            path, delimiter=delimiter, skiprows=1 if header else 0, ndmin=2, dtype=np.float64
-        )  # (samples, columns)
+        with warnings.catch_warnings():  # "input contained no data": reported as no samples
+            warnings.simplefilter("ignore", UserWarning)
+            data = np.loadtxt(
+                path, delimiter=delimiter, skiprows=1 if header else 0, ndmin=2, dtype=np.float64
+            )  # (samples, columns)
     except ValueError as err:
         raise SignalError(
             f"{path}: not a table of numbers ({err}); keep one header line at most and "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +50,22 @@ def feature_cache_in_tmp(tmp_path_factory):
 @pytest.fixture
 def tone_dataset(tmp_path: Path) -> Path:
     return write_tone_dataset(tmp_path / "tones")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a fresh 256 KiB tmpfs, unmounted afterwards; skipped without permission."""
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("no mount command here")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -251,3 +251,13 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path):
     assert "Traceback" not in out
     assert "resnet: stopped by Ctrl-C in epoch" in out
     assert f"train.resume=true hydra.run.dir={run}" in out
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path, full_disk):
+    data = write_tone_dataset(tmp_path / "tones", rate=RATE)
+    run = full_disk / "run"
+    proc = cli(*train_args(data, run, "models=[resnet]"), f"features.cache_dir={tmp_path / 'c'}")
+    checkpoint = run / "checkpoints" / "resnet.pt"
+    assert_one_line_exit_2(proc, f"{checkpoint}: cannot be written: the device is full")
+    assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,25 +47,6 @@ def files(tmp_path) -> list[Path]:
         np.save(tmp_path / name, np.zeros(500, np.float32))
         paths.append(tmp_path / name)
     return paths
-
-
-@pytest.fixture
-def full_disk(tmp_path):
-    """A folder on a fresh 256 KiB tmpfs, unmounted afterwards; skipped without permission."""
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        pytest.skip("no mount command here")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def dead_pid() -> int:

@@ -174,7 +174,7 @@ def test_a_run_without_validation_writes_strict_json_and_reports_it(tmp_path, to
         (["features.window=kaiser"], "features.window='kaiser' must be one of"),
         (["data=folder"], "data.root"),
         (["data.split=bogus"], "data.split='bogus' must be one of"),
-        (["trian.epochs=3"], "Could not override 'trian.epochs'"),
+        (["trian.epochs=3"], "trian.epochs is not a setting; did you mean train.epochs"),
         (["data=nowhere"], "Could not find 'data/nowhere'"),
     ],
 )

@@ -166,10 +166,13 @@ def test_auto_sizes_follow_the_window_whatever_the_preset_fixed(preset):
     cfg = compose(*preset, "features.n_fft=auto")
     p = stft_params(cfg, sample_rate=8000, segment_samples=150, explicit={"features.n_fft"})
     assert (p.n_fft, p.hop_length, p.win_length) == (16, 4, 16)
-    # Sizes the command line sets still win: n_fft grows to hold the window.
+    # Sizes the command line sets still win: n_fft grows to hold the window, which here
+    # cannot fit the 150-sample series, so it is refused naming the window setting.
     both = {"features.n_fft", "features.win_length", "features.hop_length"}
-    kept = stft_params(cfg, sample_rate=8000, segment_samples=150, explicit=both)
+    kept = stft_params(cfg, sample_rate=8000, segment_samples=1000, explicit=both)
     assert (kept.n_fft, kept.hop_length, kept.win_length) == (256, 128, 256)
+    with pytest.raises(ConfigError, match="features.win_length=256 is longer than the 150-sample"):
+        stft_params(cfg, sample_rate=8000, segment_samples=150, explicit=both)
 
 
 def test_size_auto_shrinks_large_images_and_never_stretches_small_ones():

@@ -127,17 +127,24 @@ class STFTParams:
         self._check_band()
         self._check_lifter()
 
-    def check_fits(self, samples: int, *, where: str = "windows") -> None:
-        """Refuse an FFT longer than the windows it transforms.
+    def check_fits(self, samples: int, *, chosen: tuple[str, ...] = (), where: str = "windows"):
+        """Refuse an STFT window or FFT longer than the windows it transforms.
+
+        Args:
+            samples: the window length.
+            chosen: the sizes the user set (not ``auto``): the one named when both are too long.
 
         Raises:
-            ConfigError: ``n_fft`` exceeds ``samples``, naming both and the fix.
+            ConfigError: ``n_fft`` or ``win_length`` exceeds ``samples``, naming it and the fix.
         """
-        if self.n_fft > samples:
+        long = [k for k in ("n_fft", "win_length") if getattr(self, k) > samples]
+        if long:
+            key = next((k for k in long if k in chosen), long[0])
+            value = getattr(self, key)
             raise ConfigError(
-                f"features.n_fft={self.n_fft} is longer than the {samples}-sample {where}; "
-                f"lower it to at most {samples}, set features.n_fft=auto (sizes that fit the "
-                "window), or lengthen data.segment.length_seconds"
+                f"features.{key}={value} is longer than the {samples}-sample {where}; lower it "
+                f"to at most {samples}, set features.{key}=auto (sizes that fit the window), or "
+                "lengthen data.segment.length_seconds"
             )
 
     def _check_lifter(self) -> None:

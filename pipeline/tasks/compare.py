@@ -158,7 +158,7 @@ def stft_params(
         lifter=f.lifter,
     )
     if segment_samples is not None:
-        params.check_fits(segment_samples)
+        params.check_fits(segment_samples, chosen=tuple(k for k, v in sizes.items() if v != AUTO))
     if f.size == AUTO:
         params = replace(params, size=auto_size(params, segment_samples or 2048))
         if segment_samples is not None:
@@ -397,6 +397,7 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
     lookup = feature_cache.cached(
         compute, root=cache_root, files=[r.path for r in records], settings=settings,
         max_bytes=None if max_gb is None else int(max_gb * 1e9),
+        verify=bool(cfg.features.get("cache_verify", True)),
     )  # fmt: skip
     extracted = lookup.extracted
     extracted.split = np.where(
@@ -533,9 +534,9 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     params = stft_params(cfg)  # a bad feature setting fails now; auto sizes come with the data
     d = cfg.data
     if d.sample_rate is not None and d.segment.length_seconds is not None:
-        explicit = [k for k, v in configured_sizes(cfg).items() if v != AUTO]
-        if "n_fft" in explicit:
-            params.check_fits(round(d.segment.length_seconds * d.sample_rate))
+        chosen = tuple(k for k, v in configured_sizes(cfg).items() if v != AUTO)
+        if {"n_fft", "win_length"} & set(chosen):
+            params.check_fits(round(d.segment.length_seconds * d.sample_rate), chosen=chosen)
     per_group = cfg.features.get("per_group", False)
     check_per_group(per_group)
     adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", False)
