@@ -11,6 +11,8 @@ evaluating a network use this: ``task=compare`` on its test groups
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,8 +23,10 @@ from pipeline.precise_bn import BATCHNORMS
 
 log = logging.getLogger(__name__)
 
-# Values of predict.adapt_bn and evaluate.adapt_bn.
+# Values of predict.adapt_bn, and of evaluate.adapt_bn, which also takes auto: adapt when the
+# test split holds groups that training never saw (see :func:`decide`).
 ADAPT_BN = (False, "group")
+AUTO = "auto"
 # Windows per group that give its batch-norm statistics (a random sample beyond this many),
 # the fewest for which they are re-estimated at all, and the fewest without a warning that
 # they are noisy.
@@ -176,3 +180,127 @@ def adapted_logits(
     finally:
         use_batchnorm(model, trained)
     return logits
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the networks' test evaluation is also run adapted, and why (one sentence).
+
+    Attributes:
+        apply: evaluate each test group with its own batch-norm statistics too.
+        why: the reason, for the log and the report.
+        unseen: the test groups that no training file belongs to.
+        suggestion: when the files carry no groups but the test files were picked by a
+            pattern or folder, the setting that would give them groups (else None).
+    """
+
+    apply: bool
+    why: str
+    unseen: tuple[str, ...] = ()
+    suggestion: str | None = None
+
+
+def decide(
+    mode: bool | str,
+    *,
+    train_groups: set[str],
+    test_groups: set[str],
+    grouped: bool,
+    split: str,
+    test_regex: str | None = None,
+    names: dict[str, list[str]] | None = None,
+) -> Decision:
+    """Decide ``evaluate.adapt_bn`` for one run.
+
+    Args:
+        mode: false, ``group`` (always adapt) or ``auto`` (adapt when every test group is
+            one that training never saw: a held-out speaker, machine or load).
+        train_groups: the groups of the training files ("" for a file without one).
+        test_groups: the groups of the test files.
+        grouped: whether the files carry groups at all (``data.group_regex`` or a manifest's
+            group column).
+        split: the split strategy used (``group``, ``regex``, ``folders``, ``random``, ...).
+        test_regex: ``data.test_regex`` of a regex split, for the suggestion.
+        names: {"train": [...], "test": [...]} file names, for the suggestion.
+    """
+    if mode is False:
+        return Decision(False, "evaluate.adapt_bn=false")
+    if mode == "group":
+        return Decision(True, "evaluate.adapt_bn=group", tuple(sorted(test_groups - train_groups)))
+    test, train = test_groups - {""}, train_groups - {""}
+    if not grouped or not test:
+        suggestion = suggest_groups(split, test_regex=test_regex, names=names or {})
+        return Decision(False, "the files carry no groups (data.group_regex or a manifest's "
+                        "group column), so no test group can be told from the training ones",
+                        suggestion=suggestion)  # fmt: skip
+    shared = sorted(test & train)
+    if shared:
+        return Decision(False, f"the test groups also occur in training ({_listed(shared)}), "
+                        "so the test split holds no condition the networks never saw")  # fmt: skip
+    unseen = tuple(sorted(test))
+    return Decision(True, f"the test split holds groups never seen in training ({_listed(unseen)})",
+                    unseen)  # fmt: skip
+
+
+def _listed(groups, most: int = 6) -> str:
+    shown = ", ".join(map(str, list(groups)[:most]))
+    return shown + (f" and {len(groups) - most} more" if len(groups) > most else "")
+
+
+# The parts of a test pattern that may name the condition in file names (97_3.mat, take_12.wav,
+# pump_b_07.wav): a class of digits ([0-4], \d, \d+), a run of digits, or a literal word.
+_PART = re.compile(r"\[\d(?:-\d)?\]\+?|\\d\+?|(?<![A-Za-z0-9\\])[A-Za-z0-9]+(?![A-Za-z0-9])")
+GENERAL_ADVICE = (
+    "if the test files hold conditions training never saw (a machine, a load, a speaker), set "
+    "data.group_regex to capture that condition from the file names (or give a manifest with "
+    "a group column): the networks are then also evaluated adapted to each"
+)
+
+
+def suggest_groups(
+    split: str, *, test_regex: str | None, names: dict[str, list[str]]
+) -> str | None:
+    r"""The ``data.group_regex`` that would give the files groups, when the split suggests one.
+
+    For a regex split, each part of ``test_regex`` that may name a condition (a digit class,
+    digits, a word) is tried in turn as a capture group (``_3\.mat$`` -> ``_(\d+)\.mat$``,
+    ``_b_`` -> ``_([A-Za-z0-9]+)_``); the first that matches every file name and gives the
+    test files groups no training file has is offered. Otherwise, and for a folder split,
+    the general advice. Never applied, only suggested; None for other splits.
+    """
+    if split not in ("regex", "folders"):
+        return None
+    for candidate in _candidates(test_regex or "") if split == "regex" else []:
+        groups = _groups(candidate, names)
+        if groups is not None and groups["test"].isdisjoint(groups["train"]):
+            return (
+                f"if {_listed(sorted(groups['test']))} in the test files' names (the part of "
+                "data.test_regex that picks them) name conditions training never saw (a load, "
+                f"a machine, a speaker), set \"data.group_regex='{candidate}'\": the networks "
+                "are then also evaluated adapted to each"
+            )
+    return GENERAL_ADVICE
+
+
+def _candidates(test_regex: str) -> list[str]:
+    out = []
+    for m in _PART.finditer(test_regex):
+        digits = m.group().startswith(("[", "\\")) or m.group().isdigit()
+        group = r"(\d+)" if digits else "([A-Za-z0-9]+)"
+        out.append(test_regex[: m.start()] + group + test_regex[m.end() :])
+    return out
+
+
+def _groups(candidate: str, names: dict[str, list[str]]) -> dict[str, set[str]] | None:
+    """Each split's groups under ``candidate``, or None if it is no regex or misses a name."""
+    try:
+        pattern = re.compile(candidate)
+    except re.error:
+        return None
+    groups = {}
+    for split_name in ("train", "test"):
+        found = [pattern.search(n) for n in names.get(split_name, [])]
+        if not found or not all(found):
+            return None
+        groups[split_name] = {m.group(1) for m in found}
+    return groups

@@ -29,9 +29,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # (key in metrics, column title, format, higher is better)
 HEADLINE = [
     ("accuracy", "accuracy", "{:.4f}", True),
+    ("adapted_accuracy", "adapted acc.", "{:.4f}", True),
     ("balanced_accuracy", "balanced acc.", "{:.4f}", True),
     ("macro_f1", "macro-F1", "{:.4f}", True),
     ("file_accuracy", "file acc.", "{:.4f}", True),
+    ("adapted_file_accuracy", "adapted file acc.", "{:.4f}", True),
     ("n_params", "parameters", "{:,}", None),
     ("train_seconds", "train s", "{:.1f}", False),
     ("inference_images_per_second", "inference img/s", "{:,.0f}", True),

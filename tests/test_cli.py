@@ -169,7 +169,7 @@ def test_a_run_without_validation_writes_strict_json_and_reports_it(tmp_path, to
         (["models=[resnet,lstm]"], "'lstm' is not a configured model; choose from"),
         (["resnet.depth=21"], "depth=21 is not of the form 6n+2"),
         (["plain_cnn.drop_path=0.2"], "drop_path=0.2 needs residual=True"),
-        (["evaluate.adapt_bn=speaker"], "evaluate.adapt_bn='speaker' must be false or group"),
+        (["evaluate.adapt_bn=speaker"], "evaluate.adapt_bn='speaker' must be auto"),
         (["evaluate.adapt_bn=group"], "evaluate.adapt_bn=group needs each file's group"),
         (["features.window=kaiser"], "features.window='kaiser' must be one of"),
         (["data=folder"], "data.root"),

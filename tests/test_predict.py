@@ -235,7 +235,7 @@ def write_speaker_dataset(root: Path, *, rate: int = 1000) -> Path:
 @pytest.mark.slow
 def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     """evaluate.adapt_bn=group in training's evaluation gives the probabilities of
-    predict.adapt_bn=group on the same files, and keeps the unadapted figures beside them."""
+    predict.adapt_bn=group on the same files, beside the plain figures."""
     data = write_speaker_dataset(tmp_path / "speakers")
     run = tmp_path / "run"
     # Batches larger than a speaker's 12 windows: both adapt each group in one batch.
@@ -250,7 +250,8 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     resnet, svm = metrics["models"]["resnet"], metrics["models"]["svm"]
-    assert resnet["adapt_bn"] == "group" and "adapt_bn" not in svm and "unadapted" not in svm
+    assert resnet["adapt_bn"] == "group" and "adapt_bn" not in svm
+    assert "adapted_accuracy" in resnet and "adapted_accuracy" not in svm
     # The bundle keeps the trained statistics, not the adapted ones: without precise BN those
     # of the last epoch's checkpoint.
     from pipeline.bundle import load_bundle
@@ -260,8 +261,8 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     means = [k for k in saved if k.endswith("running_mean")]
     assert means and all(torch.equal(saved[k], last[k]) for k in means)
     report = (run / "report.md").read_text()
-    assert "`evaluate.adapt_bn=group`, AdaBN); without that, accuracy " in report
-    assert f"without that, accuracy {resnet['unadapted']['accuracy']:.4f}" in report
+    assert "(`evaluate.adapt_bn=group`, AdaBN, without labels)" in report
+    assert f"adapted accuracy {resnet['adapted_accuracy']:.4f} (plain " in report
 
     model = run / "models" / "resnet"
     for adapt, hydra_dir in (("group", "adapted"), ("false", "unadapted")):
@@ -276,10 +277,10 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
         accuracy = np.mean([r["predicted"] == Path(r["path"]).name.split("_")[0] for r in tested])
         if adapt == "false":  # one window per file: file and window accuracy agree
             assert len(tested) == 24
-            assert accuracy == pytest.approx(resnet["unadapted"]["accuracy"])
+            assert accuracy == pytest.approx(resnet["accuracy"])
             continue
-        assert accuracy == pytest.approx(resnet["accuracy"])
-        evaluated = read_csv(run / "predictions" / "resnet.csv")
+        assert accuracy == pytest.approx(resnet["adapted_accuracy"])
+        evaluated = read_csv(run / "predictions" / "resnet_adapted.csv")
         assert len(evaluated) == 24
         for e in evaluated:
             probs = softmax(np.array([float(e[f"score_{c}"]) for c in ("high", "low", "mid")]))

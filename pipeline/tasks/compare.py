@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline import atomic, report
-from pipeline.adapt import ADAPT_BN, adapted_logits
+from pipeline.adapt import ADAPT_BN, Decision, adapted_logits, decide
+from pipeline.adapt import AUTO as ADAPT_AUTO
 from pipeline.bundle import package_versions, save_bundle
 from pipeline.data.dataset import Segmenting, iter_windows, probe_length, segmenting
 from pipeline.data.records import Record, find_records
@@ -61,8 +62,8 @@ from pipeline.signals import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-# The figures kept of a network's test evaluation before evaluate.adapt_bn adapted it.
-UNADAPTED = ("accuracy", "macro_f1", "file_accuracy")
+# The figures of a network's adapted test evaluation (evaluate.adapt_bn), as adapted_<key>.
+ADAPTED = ("accuracy", "balanced_accuracy", "macro_f1", "file_accuracy")
 
 
 SIZES = ("n_fft", "hop_length", "win_length")
@@ -539,13 +540,15 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             params.check_fits(round(d.segment.length_seconds * d.sample_rate), chosen=chosen)
     per_group = cfg.features.get("per_group", False)
     check_per_group(per_group)
-    adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", False)
-    if adapt_bn not in ADAPT_BN:
+    adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", ADAPT_AUTO)
+    if adapt_bn not in (*ADAPT_BN, ADAPT_AUTO):
         raise ConfigError(
-            f"evaluate.adapt_bn={adapt_bn!r} must be false or group (re-estimate the networks' "
-            "batch-norm statistics on each test group's own images before classifying it)"
+            f"evaluate.adapt_bn={adapt_bn!r} must be auto (when the test split holds groups "
+            "training never saw), group (always) or false: also evaluate the networks with "
+            "batch-norm statistics re-estimated on each test group's own images"
         )
-    for key, value in (("features.per_group", per_group), ("evaluate.adapt_bn", adapt_bn)):
+    forced = adapt_bn if adapt_bn == "group" else False
+    for key, value in (("features.per_group", per_group), ("evaluate.adapt_bn", forced)):
         if value and not cfg.data.get("group_regex") and not cfg.data.get("manifest"):
             raise ConfigError(
                 f"{key}={value} needs each file's group (speaker, microphone): set "
@@ -636,8 +639,12 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         "segment_samples": data.seg.length,
         "hop_samples": data.seg.hop,
         "pad": data.seg.pad,
-        # predict's default grouping for features.per_group
+        # predict's default grouping for features.per_group, and the training files' groups,
+        # against which predict checks its input's (test-time adaptation advice)
         "group_regex": cfg.data.get("group_regex"),
+        "train_groups": sorted(
+            {str(records[i].group) for i in ex.record[masks["train"]] if records[i].group}
+        ),
     }
     tensors = {
         s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
@@ -646,13 +653,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     test_groups = np.array(
         [records[i].group or "" for i in ex.record[masks["test"]]], dtype=object
     )  # fmt: skip
-    if adapt_bn and (test_groups == "").all():
+    if adapt_bn == "group" and (test_groups == "").all():
         raise ConfigError(
             f"evaluate.adapt_bn={adapt_bn} needs each test file's group, and none of the "
             f"{len(test_groups)} test windows has one; set data.group_regex or add a group "
             "column to data.manifest"
         )
-    if adapt_bn and (test_groups == "").any():
+    decision = adaptation(cfg, data, masks, test_groups)
+    if decision.apply and (test_groups == "").any():
         log.warning(
             "evaluate.adapt_bn: %d test window(s) have no group; they form one group whose "
             "batch-norm statistics are re-estimated together", int((test_groups == "").sum()),
@@ -673,6 +681,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     predicted: dict[str, np.ndarray] = {}
     predicted_files: dict[str, np.ndarray] = {}  # where files were cut into windows
     y_files = np.empty(0, dtype=int)
+    adapted: dict[str, np.ndarray] = {}  # the networks' adapted predictions (files if cut)
     for name in names:
         model = _build(
             cfg, name, n_classes=len(classes), in_channels=images.shape[1], seed=cfg.seed
@@ -697,20 +706,27 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 "training": result.plan.to_dict(),
                 "precise_bn": result.precise_bn,
             }
-            if adapt_bn:
-                # AdaBN: each test group classified with batch-norm statistics of its own
-                # images; the unadapted figures are kept beside them.
-                unadapted, _ = _evaluate(scores, y_te.numpy(), ex.record[masks["test"]],
-                                         classes, files=segmented)  # fmt: skip
-                extra["unadapted"] = {k: unadapted[k] for k in UNADAPTED if k in unadapted}
+            if decision.apply:
+                # AdaBN: each test group also classified with batch-norm statistics of its
+                # own images, beside the plain figures.
                 t0 = time.perf_counter()
-                scores = adapted_logits(
+                adapted_scores = adapted_logits(
                     model, x_te, test_groups, batch_size=result.plan.batch_size, device=device,
                     amp=settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
                     regex_key="data.group_regex",
                 ).numpy()  # fmt: skip
+                am, a_by_file = _evaluate(adapted_scores, y_te.numpy(), ex.record[masks["test"]],
+                                          classes, files=segmented)  # fmt: skip
+                extra.update({f"adapted_{k}": am[k] for k in ADAPTED if k in am})
                 extra["adapt_bn"] = adapt_bn
                 extra["adapt_seconds"] = time.perf_counter() - t0
+                adapted[name] = (a_by_file[1] if a_by_file is not None
+                                 else adapted_scores.argmax(1))  # fmt: skip
+                if rank == 0:
+                    _write_predictions(
+                        run_dir / "predictions" / f"{name}_adapted.csv", test_paths, test_starts,
+                        y_te.numpy(), adapted_scores, classes,
+                    )  # fmt: skip
         else:
             log.info(
                 "%s: fitting %s with a grid search on the training split",
@@ -757,6 +773,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
 
     if rank != 0:
         return {}
+    # Windows of one file are not independent: where files were cut into windows, the test
+    # compares the models' file-level predictions. Adapted networks are tested as models too.
+    plain = predicted_files if segmented else predicted
+    significance = pairwise_mcnemar(
+        y_files if segmented else tensors["test"][1].numpy(),
+        {**plain, **{f"{n} adapted": a for n, a in adapted.items()}},
+        unit="files" if segmented else "images",
+    )
     metrics = {
         "models": results,
         "dataset": summary,
@@ -770,13 +794,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             "cache_hit": data.cache_hit,
         },
         "histories": histories,
-        # Windows of one file are not independent: where files were cut into windows,
-        # the test compares the models' file-level predictions.
-        "significance": (
-            pairwise_mcnemar(y_files, predicted_files, unit="files")
-            if segmented
-            else pairwise_mcnemar(tensors["test"][1].numpy(), predicted)
-        ),
+        "significance": significance,
+        "adaptation": adaptation_summary(decision, adapt_bn, results, significance),
         "run": {
             "seed": cfg.seed,
             "device": str(device),
@@ -799,6 +818,55 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         )
     print(f"report: {report_path} and {report_path.with_suffix('.html')}")
     return metrics
+
+
+def adaptation(
+    cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray], test_groups: np.ndarray
+) -> Decision:
+    """``evaluate.adapt_bn`` decided for this run's split, logged in one sentence."""
+    mode = cfg.get("evaluate", {}).get("adapt_bn", ADAPT_AUTO)
+    records, ex = data.records, data.extracted
+    train = sorted(set(ex.record[masks["train"]].tolist()))
+    test = sorted(set(ex.record[masks["test"]].tolist()))
+    decision = decide(
+        mode,
+        train_groups={records[i].group or "" for i in train},
+        test_groups=set(test_groups.tolist()),
+        grouped=any(r.group for r in records),
+        split=data.strategy,
+        test_regex=cfg.data.get("test_regex"),
+        names={"train": [records[i].path.name for i in train],
+               "test": [records[i].path.name for i in test]},
+    )  # fmt: skip
+    what = ("the networks are also evaluated adapted to each test group (AdaBN)"
+            if decision.apply else "no test-time adaptation")  # fmt: skip
+    log.info("evaluate.adapt_bn=%s: %s: %s", mode, what, decision.why)
+    if decision.suggestion:
+        log.info("evaluate.adapt_bn: %s", decision.suggestion)
+    return decision
+
+
+def adaptation_summary(
+    decision: Decision, mode, results: dict[str, dict], significance: list[dict]
+) -> dict:
+    """What ``metrics.json`` keeps of the adaptation: the decision, and per adapted network
+    its plain and adapted accuracy with the McNemar test between them."""
+    effects = {}
+    for pair in significance:
+        name = pair["a"]
+        if pair["b"] == f"{name} adapted":
+            m = results[name]
+            key = "file_accuracy" if pair["unit"] == "files" else "accuracy"
+            effects[name] = {"unit": pair["unit"], "plain": m[key], "adapted": m[f"adapted_{key}"],
+                             "p_holm": pair["p_holm"]}  # fmt: skip
+    return {
+        "mode": mode,
+        "applied": decision.apply,
+        "why": decision.why,
+        "unseen_groups": list(decision.unseen),
+        "suggestion": decision.suggestion,
+        "effects": effects,
+    }
 
 
 def _evaluate(

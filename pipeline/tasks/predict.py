@@ -412,6 +412,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
         workers=workers, group_pattern=pattern, adapt_bn=bool(adapt_bn), amp=amp,
     )  # fmt: skip
+    if bundle.kind == "network" and not adapt_bn:
+        advise_adaptation(bundle, source, pattern or _group_pattern(p.get("group_regex"), bundle))
     line = (
         f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
         f"in {summary['seconds']:.1f} s ({summary['files_per_second']:.0f} files/s)"
@@ -425,6 +427,23 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     if summary["classified"] == 0:
         raise DataError(f"no file under predict.input={str(source)!r} could be classified")
     return summary
+
+
+def advise_adaptation(bundle: Bundle, source: Path, pattern: re.Pattern | None) -> None:
+    """Log the advice to adapt when no group of the input occurred in training."""
+    trained = set(bundle.data.get("train_groups") or [])
+    if pattern is None or not trained:
+        return
+    groups = {file_group(p, pattern) for p in iter_files(source)} - {""}
+    if groups and groups.isdisjoint(trained):
+        log.warning(
+            "the input's groups (%s, by %r) never occurred in this model's training; "
+            "predict.adapt_bn=group re-estimates its batch-norm statistics on each group's "
+            "own files first, which often helps under such a shift (the training run's report "
+            "gives the adapted figures where its test groups were unseen too)",
+            ", ".join(sorted(groups)[:6]) + (" ..." if len(groups) > 6 else ""),
+            pattern.pattern,
+        )  # fmt: skip
 
 
 def _group_pattern(configured: str | None, bundle: Bundle) -> re.Pattern | None:
