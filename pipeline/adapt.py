@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.fit import autocast, predict_logits
+from pipeline.fit import predict_logits
 from pipeline.precise_bn import BATCHNORMS
+from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from pipeline import atomic
 from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError, Interrupted, TrainingError
 from pipeline.precise_bn import precise_batchnorm
+from pipeline.runtime import amp_dtype, autocast, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -231,66 +231,6 @@ def plan_training(
         enough = n_val >= MIN_VAL_PER_CLASS * max(1, n_classes)
         monitor = "val_accuracy" if enough else "last"
     return Plan(batch, steps_per_epoch, steps, math.ceil(steps / steps_per_epoch), monitor, why)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; other names are checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
-        ) from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={name!r} but MPS is not available here; use device=auto or cpu")
-    return device
-
-
-def cpu_bf16_units() -> list[str]:
-    """This CPU's units that compute bf16 natively, as PyTorch finds them: ``AVX512-BF16``,
-    ``AMX``, both or neither."""
-    probes = (("_is_avx512_bf16_supported", "AVX512-BF16"), ("_is_amx_tile_supported", "AMX"))
-    return [unit for name, unit in probes if getattr(torch.cpu, name, lambda: False)()]
-
-
-def cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast pays.
-
-    Elsewhere PyTorch emulates bf16 on the CPU, which is slower than float32.
-    """
-    return bool(cpu_bf16_units())
-
-
-def precision(device: torch.device, enabled: bool) -> str:
-    """What the networks compute in here, for logs and metrics.json: ``bfloat16``,
-    ``float16`` (mixed precision, :func:`amp_dtype`) or ``float32``."""
-    return str(amp_dtype(device, enabled) or torch.float32).removeprefix("torch.")
-
-
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """The dtype mixed precision computes in here, or None where it is off: on CUDA bf16
-    where supported, else fp16; on a CPU with native bf16 (:func:`cpu_bf16`) bf16."""
-    if enabled and device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if enabled and device.type == "cpu" and cpu_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Autocast to :func:`amp_dtype`; a no-op where that is None."""
-    dtype = amp_dtype(device, enabled)
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -648,35 +588,6 @@ def _precise_bn(
             else "",
         )  # fmt: skip
     return done
-
-
-def setup_distributed(device: torch.device) -> torch.device:
-    """Join the process group that torchrun describes (``WORLD_SIZE`` > 1); a no-op otherwise.
-
-    NCCL on GPUs (each rank on ``cuda:LOCAL_RANK``), gloo on CPUs.
-
-    Returns:
-        The device this rank trains on.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    log.info(
-        "distributed: rank %d of %d on %s",
-        torch.distributed.get_rank(), torch.distributed.get_world_size(), device,
-    )  # fmt: skip
-    return device
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _stage(x: Tensor, device: torch.device) -> Tensor:

@@ -158,7 +158,7 @@ def test_fsdd_reuses_a_run_folder_only_with_the_same_config_and_precision(tmp_pa
     from omegaconf import OmegaConf
 
     from pipeline.bench.fsdd import REPO, _same_config
-    from pipeline.fit import precision, resolve_device
+    from pipeline.runtime import precision, resolve_device
 
     overrides = ["+experiment=fsdd", "data.split=group", "data.test_groups=[theo]"]
     with initialize_config_dir(str(REPO / "conf"), version_base=None):

@@ -3,15 +3,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.fit import (
-    TrainSettings,
-    WeightAverage,
-    _lr_factor,
-    autocast,
-    fit,
-    predict_logits,
-    resolve_device,
-)
+from pipeline.fit import TrainSettings, WeightAverage, _lr_factor, fit, predict_logits
+from pipeline.runtime import autocast, resolve_device
 
 
 class TinyNet(nn.Module):
@@ -139,7 +132,7 @@ def test_resolve_device():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_autocast_is_bf16_only_where_the_cpu_computes_bf16(monkeypatch, native):
-    monkeypatch.setattr("pipeline.fit.cpu_bf16", lambda: native)
+    monkeypatch.setattr("pipeline.runtime.cpu_bf16", lambda: native)
     conv = nn.Conv2d(1, 4, 3)
     x = torch.randn(2, 1, 8, 8)
     with autocast(torch.device("cpu"), True):
@@ -156,7 +149,7 @@ def test_amp_training_on_the_cpu_learns_as_float32_does_and_keeps_float32_weight
     xv, yv = blobs(30, 1)
     histories = []
     for native in (False, True):  # bf16 is emulated on a CPU without it: slower, but bf16
-        monkeypatch.setattr("pipeline.fit.cpu_bf16", lambda native=native: native)
+        monkeypatch.setattr("pipeline.runtime.cpu_bf16", lambda native=native: native)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                               nn.Linear(4 * 64, 3))  # fmt: skip

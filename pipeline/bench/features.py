@@ -35,7 +35,7 @@ import soundfile as sf
 import torch
 
 from pipeline.features.stft import STFTParams, compute_images
-from pipeline.fit import resolve_device
+from pipeline.runtime import resolve_device
 
 RATE = 8000
 

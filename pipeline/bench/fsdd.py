@@ -54,8 +54,8 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.fit import cpu_bf16_units, precision, resolve_device
 from pipeline.metrics import holm, mcnemar_p, pairwise_mcnemar
+from pipeline.runtime import cpu_bf16_units, precision, resolve_device
 
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 MODELS = ("resnet", "plain_cnn", "svm")

@@ -32,8 +32,8 @@ import torch
 
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_images
-from pipeline.fit import autocast, precision, resolve_device
 from pipeline.models.resnet import build_resnet
+from pipeline.runtime import autocast, precision, resolve_device
 from pipeline.tasks.predict import predict_folder, reading_workers
 
 RATE = 8000

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.fit import TrainSettings, autocast, fit, precision, resolve_device
+from pipeline.fit import TrainSettings, fit
 from pipeline.models.resnet import build_resnet
+from pipeline.runtime import autocast, precision, resolve_device
 
 
 def bare_loop(model, x, y, *, epochs: int, batch_size: int, device, amp: bool, seed: int) -> None:

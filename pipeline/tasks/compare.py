@@ -47,17 +47,9 @@ from pipeline.features.stft import (
     centre_groups,
     check_per_group,
 )
-from pipeline.fit import (
-    MIN_VAL_PER_CLASS,
-    TrainSettings,
-    fit,
-    precision,
-    predict_logits,
-    rank_and_world,
-    resolve_device,
-    setup_distributed,
-)
+from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings, fit, predict_logits
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
+from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
 from pipeline.signals import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)

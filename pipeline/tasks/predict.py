@@ -43,7 +43,7 @@ from pipeline.data.records import compile_regex
 from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage, finite_images, overflow_reason
-from pipeline.fit import autocast, precision, resolve_device
+from pipeline.runtime import autocast, precision, resolve_device
 from pipeline.signals import SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Classifier:
     def __init__(self, bundle: Bundle, *, device: torch.device, amp: bool = True) -> None:
         self.bundle = bundle
         self.device = device
-        self.amp = amp  # mixed precision where it pays (pipeline.fit.amp_dtype)
+        self.amp = amp  # mixed precision where it pays (pipeline.runtime.amp_dtype)
         self.front = STFTImage(bundle.features).to(device)
         if bundle.kind == "network":
             # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
