@@ -87,8 +87,9 @@ def save_bundle(
     normalizer: Normalizer,
     extra: dict | None = None,
 ) -> Path:
-    """Save ``model`` (a network with a ``config`` dict, or an SVMClassifier) as a bundle folder."""
-    from pipeline.models.svm import save_svm
+    """Save ``model`` (a :class:`pipeline.models.base.Model`, or the network or
+    SVMClassifier it wraps) as a bundle folder."""
+    from pipeline.models.base import wrap
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -101,19 +102,7 @@ def save_bundle(
         "versions": package_versions(),
         **(extra or {}),
     }
-    if isinstance(model, nn.Module):
-        # Save the un-compiled module: torch.compile's wrapper prefixes keys with "_orig_mod.".
-        module = getattr(model, "_orig_mod", model)
-        meta["kind"] = "network"
-        meta["model_config"] = dict(module.config)
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        with atomic.atomic_path(path / "weights.pt") as tmp:
-            torch.save(state, tmp)
-    else:
-        meta["kind"] = "svm"
-        meta["model_config"] = model.get_params()
-        with atomic.atomic_path(path / "model.skops") as tmp:
-            save_svm(model, tmp)
+    meta.update(wrap(model).save(path))  # its files, and its kind and model_config
     atomic.write_json(path / "bundle.json", meta)
     return path
 

@@ -23,9 +23,7 @@ import soundfile as sf
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from pipeline import atomic, report
 from pipeline.adapt import ADAPT_BN, Decision, adapted_logits, decide
@@ -47,8 +45,9 @@ from pipeline.features.stft import (
     centre_groups,
     check_per_group,
 )
-from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings, fit, predict_logits
+from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
+from pipeline.models.base import Context, build
 from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
 from pipeline.signals import AUDIO_SUFFIXES
 
@@ -551,7 +550,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     device = setup_distributed(resolve_device(cfg.device))
     rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
     for name in names:  # a bad model setting fails now, not after the data is read
-        _build(cfg, name, n_classes=2, in_channels=1, seed=cfg.seed)
+        build(cfg[name], name=name, n_classes=2, in_channels=1, seed=cfg.seed)
     log.info("device %s (%s), models %s, run folder %s", device,
              precision(device, settings.amp), names, run_dir)  # fmt: skip
 
@@ -675,72 +674,47 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     y_files = np.empty(0, dtype=int)
     adapted: dict[str, np.ndarray] = {}  # the networks' adapted predictions (files if cut)
     for name in names:
-        model = _build(
-            cfg, name, n_classes=len(classes), in_channels=images.shape[1], seed=cfg.seed
-        )
-        x_tr, y_tr = tensors["train"]
+        model = build(cfg[name], name=name, n_classes=len(classes), in_channels=images.shape[1],
+                      seed=cfg.seed)  # fmt: skip
         x_te, y_te = tensors["test"]
-        if isinstance(model, nn.Module):
-            log.info("%s: %s, %d parameters", name, cfg[name]._target_, _n_params(model))
-            result = fit(
-                model, x_tr, y_tr, *tensors["val"],
-                settings=settings, device=device, seed=cfg.seed, progress=progress, name=name,
-                checkpoint=checkpoints / f"{name}.pt", resume=bool(settings.resume),
-                fingerprint=fingerprint(cfg, name, records, classes),
-            )  # fmt: skip
-            histories[name] = result.history
-            train_seconds = result.train_seconds
+        ctx = Context(
+            settings=settings, device=device, seed=cfg.seed, progress=progress, name=name,
+            checkpoint=checkpoints / f"{name}.pt", resume=bool(settings.resume),
+            fingerprint=fingerprint(cfg, name, records, classes),
+        )  # fmt: skip
+        extra = model.fit(*tensors["train"], *tensors["val"], ctx=ctx)
+        if model.history:
+            histories[name] = model.history
+        t0 = time.perf_counter()
+        scores = model.scores(x_te, ctx=ctx)
+        infer_seconds = time.perf_counter() - t0
+        if decision.apply and model.adapts:
+            # AdaBN: each test group also classified with batch-norm statistics of its own
+            # images, beside the plain figures.
             t0 = time.perf_counter()
-            scores = predict_logits(model, x_te, device=device, amp=settings.amp).numpy()
-            infer_seconds = time.perf_counter() - t0
-            extra = {
-                "best_epoch": result.best_epoch,
-                "training": result.plan.to_dict(),
-                "precise_bn": result.precise_bn,
-            }
-            if decision.apply:
-                # AdaBN: each test group also classified with batch-norm statistics of its
-                # own images, beside the plain figures.
-                t0 = time.perf_counter()
-                adapted_scores = adapted_logits(
-                    model, x_te, test_groups, batch_size=result.plan.batch_size, device=device,
-                    amp=settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
-                    regex_key="data.group_regex",
-                ).numpy()  # fmt: skip
-                am, a_by_file = _evaluate(adapted_scores, y_te.numpy(), ex.record[masks["test"]],
-                                          classes, files=segmented)  # fmt: skip
-                extra.update({f"adapted_{k}": am[k] for k in ADAPTED if k in am})
-                extra["adapt_bn"] = adapt_bn
-                extra["adapt_seconds"] = time.perf_counter() - t0
-                adapted[name] = (a_by_file[1] if a_by_file is not None
-                                 else adapted_scores.argmax(1))  # fmt: skip
-                if rank == 0:
-                    _write_predictions(
-                        run_dir / "predictions" / f"{name}_adapted.csv", test_paths, test_starts,
-                        y_te.numpy(), adapted_scores, classes,
-                    )  # fmt: skip
-        else:
-            log.info(
-                "%s: fitting %s with a grid search on the training split",
-                name,
-                type(model).__name__,
-            )
-            t0 = time.perf_counter()
-            model.fit(x_tr.numpy(), y_tr.numpy())
-            train_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            scores = model.decision_function(x_te.numpy())
-            infer_seconds = time.perf_counter() - t0
-            extra = {"best_params": {k: _jsonable(v) for k, v in model.best_params_.items()}}
-            log.info("%s: best %s, fitted in %.1f s", name, extra["best_params"], train_seconds)
+            adapted_scores = adapted_logits(
+                model.fitted, x_te, test_groups, batch_size=model.batch_size, device=device,
+                amp=settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
+                regex_key="data.group_regex",
+            ).numpy()  # fmt: skip
+            am, a_by_file = _evaluate(adapted_scores, y_te.numpy(), ex.record[masks["test"]],
+                                      classes, files=segmented)  # fmt: skip
+            extra.update({f"adapted_{k}": am[k] for k in ADAPTED if k in am})
+            extra.update(adapt_bn=adapt_bn, adapt_seconds=time.perf_counter() - t0)
+            adapted[name] = a_by_file[1] if a_by_file is not None else adapted_scores.argmax(1)
+            if rank == 0:
+                _write_predictions(
+                    run_dir / "predictions" / f"{name}_adapted.csv", test_paths, test_starts,
+                    y_te.numpy(), adapted_scores, classes,
+                )  # fmt: skip
         y_pred = scores.argmax(1)
         m, by_file = _evaluate(scores, y_te.numpy(), ex.record[masks["test"]], classes,
                                files=segmented)  # fmt: skip
         if by_file is not None:
             y_files, predicted_files[name] = by_file
         m.update(
-            n_params=_n_params(model),
-            train_seconds=train_seconds,
+            n_params=model.n_params(),
+            train_seconds=model.train_seconds,
             inference_images_per_second=len(x_te) / max(infer_seconds, 1e-9),
             **extra,
         )
@@ -872,30 +846,6 @@ def _evaluate(
     y_files, pred_files = file_level_predictions(scores, y, record)
     m["file_accuracy"] = float(np.mean(y_files == pred_files))
     return m, (y_files, pred_files)
-
-
-def _build(cfg: DictConfig, name: str, *, n_classes: int, in_channels: int, seed: int):
-    torch.manual_seed(seed)  # the same initial draw for the ResNet and its plain twin
-    node = cfg[name]
-    try:
-        if "SVM" in node._target_:
-            return instantiate(node, _convert_="all")
-        return instantiate(node, num_classes=n_classes, in_channels=in_channels, _convert_="all")
-    except Exception as err:  # Hydra wraps the builder's ValueError in InstantiationException
-        cause = err.__cause__ or err
-        if isinstance(cause, ValueError):
-            raise ConfigError(f"{name}: {cause}") from err
-        raise
-
-
-def _n_params(model) -> int:
-    if isinstance(model, nn.Module):
-        return sum(p.numel() for p in model.parameters())
-    return int(model.n_params_)
-
-
-def _jsonable(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _command() -> str:

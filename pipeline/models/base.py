@@ -1,0 +1,185 @@
+"""The model interface the main job trains, evaluates and saves, with its two adapters.
+
+A model is built from its config node (:func:`build`), fitted on training images (with
+validation images where it uses them), scores test images, counts its parameters and
+writes its own files into a bundle folder. Which kind a model is, is decided here only:
+the job calls the interface, never ``isinstance``. A new baseline is one adapter and one
+config file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from hydra.utils import get_method, instantiate
+from torch import Tensor, nn
+
+from pipeline import atomic
+from pipeline.errors import ConfigError
+from pipeline.fit import TrainSettings, fit, predict_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What fitting and scoring may use beyond the images.
+
+    Attributes:
+        settings: the training recipe (networks).
+        device: where networks train and score.
+        seed: seeds the batch order and the SVM's folds.
+        progress: show progress bars.
+        name: the model's name in the log.
+        checkpoint: where a network writes its training state after every epoch.
+        resume: continue from ``checkpoint`` when it exists.
+        fingerprint: what the model is trained on, stored in and checked against the checkpoint.
+    """
+
+    settings: TrainSettings
+    device: torch.device
+    seed: int = 0
+    progress: bool = False
+    name: str = "model"
+    checkpoint: Path | None = None
+    resume: bool = False
+    fingerprint: dict[str, str] | None = None
+
+
+class Model(Protocol):
+    """A classifier of images (n, channels, height, width) into ``n_classes`` classes.
+
+    Attributes:
+        kind: ``network`` or ``svm``: the bundle's kind.
+        adapts: whether its batch-norm statistics can be re-estimated per test group.
+        fitted: the wrapped, fitted object (an ``nn.Module``, an ``SVMClassifier``).
+    """
+
+    kind: ClassVar[str]
+    adapts: ClassVar[bool]
+    fitted: Any
+
+    def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
+        """Fit on the training images; returns what metrics.json records of the fit."""
+
+    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
+        """Class scores (n, n_classes), higher for the likelier class (logits, decisions)."""
+
+    def n_params(self) -> int:
+        """The numbers the fitted model stores to predict."""
+
+    def save(self, folder: Path) -> dict:
+        """Write the model's files into ``folder``; returns its bundle.json fields."""
+
+
+@dataclass
+class Network:
+    """A network returning logits (ResNet, plain twin), trained by :func:`pipeline.fit.fit`."""
+
+    kind: ClassVar[str] = "network"
+    adapts: ClassVar[bool] = True
+    fitted: nn.Module = None
+    train_seconds: float = 0.0
+    batch_size: int = 128  # the training batch, reused to adapt batch norms per group
+    history: list = field(default_factory=list)
+
+    def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
+        log.info("%s: %s, %d parameters", ctx.name, type(self.fitted).__name__, self.n_params())
+        result = fit(
+            self.fitted, x, y, x_val, y_val, settings=ctx.settings, device=ctx.device,
+            seed=ctx.seed, progress=ctx.progress, name=ctx.name, checkpoint=ctx.checkpoint,
+            resume=ctx.resume, fingerprint=ctx.fingerprint,
+        )  # fmt: skip
+        self.train_seconds, self.batch_size = result.train_seconds, result.plan.batch_size
+        self.history = result.history
+        return {
+            "best_epoch": result.best_epoch,
+            "training": result.plan.to_dict(),
+            "precise_bn": result.precise_bn,
+        }
+
+    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
+        return predict_logits(self.fitted, x, device=ctx.device, amp=ctx.settings.amp).numpy()
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.fitted.parameters())
+
+    def save(self, folder: Path) -> dict:
+        # The un-compiled module: torch.compile's wrapper prefixes keys with "_orig_mod.".
+        module = getattr(self.fitted, "_orig_mod", self.fitted)
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        with atomic.atomic_path(folder / "weights.pt") as tmp:
+            torch.save(state, tmp)
+        return {"kind": self.kind, "model_config": dict(module.config)}
+
+
+@dataclass
+class SVM:
+    """The RBF SVM baseline (:class:`pipeline.models.svm.SVMClassifier`) on flattened images."""
+
+    kind: ClassVar[str] = "svm"
+    adapts: ClassVar[bool] = False
+    fitted: Any = None
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+    def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
+        log.info("%s: fitting %s with a grid search on the training split", ctx.name,
+                 type(self.fitted).__name__)  # fmt: skip
+        t0 = time.perf_counter()
+        self.fitted.fit(x.numpy(), y.numpy())
+        self.train_seconds = time.perf_counter() - t0
+        best = {k: v.item() if isinstance(v, np.generic) else v
+                for k, v in self.fitted.best_params_.items()}  # fmt: skip
+        log.info("%s: best %s, fitted in %.1f s", ctx.name, best, self.train_seconds)
+        return {"best_params": best}
+
+    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
+        return self.fitted.decision_function(x.numpy())
+
+    def n_params(self) -> int:
+        return int(self.fitted.n_params_)
+
+    def save(self, folder: Path) -> dict:
+        from pipeline.models.svm import save_svm
+
+        with atomic.atomic_path(folder / "model.skops") as tmp:
+            save_svm(self.fitted, tmp)
+        return {"kind": self.kind, "model_config": self.fitted.get_params()}
+
+
+def wrap(obj: Any) -> Model:
+    """The adapter of a built model (a module is a :class:`Network`, anything else an
+    :class:`SVM`); an adapter is returned as it is."""
+    if isinstance(obj, Network | SVM):
+        return obj
+    return Network(obj) if isinstance(obj, nn.Module) else SVM(obj)
+
+
+def build(node, *, name: str, n_classes: int, in_channels: int, seed: int) -> Model:
+    """Instantiate the config ``node`` of model ``name`` and wrap it.
+
+    A builder that takes ``num_classes`` and ``in_channels`` (the networks) gets them; the
+    same ``seed`` before each build gives a ResNet and its plain twin the same initial draw.
+
+    Raises:
+        ConfigError: the builder refused a setting (its ValueError, prefixed with ``name``).
+    """
+    torch.manual_seed(seed)
+    sizes = {"num_classes": n_classes, "in_channels": in_channels}
+    try:
+        accepted = inspect.signature(get_method(node._target_)).parameters
+        kwargs = {k: v for k, v in sizes.items() if k in accepted}
+        return wrap(instantiate(node, **kwargs, _convert_="all"))
+    except Exception as err:  # Hydra wraps the builder's ValueError in InstantiationException
+        cause = err.__cause__ or err
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"{name}: {cause}") from err
+        raise
