@@ -505,6 +505,7 @@ def test_predict_amp_follows_the_bundle_unless_set_and_reaches_every_forward_pas
     from pipeline import adapt
     from pipeline.bundle import load_bundle
     from pipeline.errors import ConfigError
+    from pipeline.models import base
     from pipeline.tasks import predict
 
     bundle = load_bundle(trained / "run" / "models" / "resnet")
@@ -517,7 +518,7 @@ def test_predict_amp_follows_the_bundle_unless_set_and_reaches_every_forward_pas
         predict.check_amp("bf16")
 
     calls = []
-    real = predict.autocast
+    real = base.autocast
 
     def spy(where):
         def autocast(device, enabled):
@@ -526,7 +527,7 @@ def test_predict_amp_follows_the_bundle_unless_set_and_reaches_every_forward_pas
 
         return autocast
 
-    monkeypatch.setattr(predict, "autocast", spy("classify"))
+    monkeypatch.setattr(base, "autocast", spy("classify"))  # the network's forward pass
     monkeypatch.setattr(adapt, "autocast", spy("adapt"))
     for amp in (True, False):
         calls.clear()

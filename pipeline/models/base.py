@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.fit import TrainSettings, fit, predict_logits
+from pipeline.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,16 @@ class Model(Protocol):
     def save(self, folder: Path) -> dict:
         """Write the model's files into ``folder``; returns its bundle.json fields."""
 
+    @property
+    def in_channels(self) -> int:
+        """The image channels the fitted model takes."""
+
+    def to(self, device: torch.device) -> Model:
+        """The model ready to classify on ``device`` (itself)."""
+
+    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
+        """Class scores that sum to 1 (n, n_classes), float64, of images on ``device``."""
+
 
 @dataclass
 class Network:
@@ -119,6 +130,22 @@ class Network:
             torch.save(state, tmp)
         return {"kind": self.kind, "model_config": dict(module.config)}
 
+    @property
+    def in_channels(self) -> int:
+        return int(self.fitted.config["in_channels"])
+
+    def to(self, device: torch.device) -> Network:
+        # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
+        self.fitted = self.fitted.to(device, memory_format=torch.channels_last).eval()
+        return self
+
+    @torch.no_grad()
+    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
+        x = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = self.fitted(x).float()
+        return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+
 
 @dataclass
 class SVM:
@@ -153,6 +180,16 @@ class SVM:
         with atomic.atomic_path(folder / "model.skops") as tmp:
             save_svm(self.fitted, tmp)
         return {"kind": self.kind, "model_config": self.fitted.get_params()}
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.fitted.image_shape_[0])
+
+    def to(self, device: torch.device) -> SVM:
+        return self  # scikit-learn computes on the CPU
+
+    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
+        return self.fitted.predict_proba(images.cpu().numpy())
 
 
 def wrap(obj: Any) -> Model:

@@ -43,7 +43,8 @@ from pipeline.data.records import compile_regex
 from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage, finite_images, overflow_reason
-from pipeline.runtime import autocast, precision, resolve_device
+from pipeline.models.base import wrap
+from pipeline.runtime import precision, resolve_device
 from pipeline.signals import SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,9 @@ class Classifier:
         self.device = device
         self.amp = amp  # mixed precision where it pays (pipeline.runtime.amp_dtype)
         self.front = STFTImage(bundle.features).to(device)
-        if bundle.kind == "network":
-            # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
-            self.model = bundle.model.to(device, memory_format=torch.channels_last).eval()
-            self.in_channels = int(bundle.meta["model_config"]["in_channels"])
-        else:
-            self.in_channels = int(bundle.model.image_shape_[0])
+        self.classifier = wrap(bundle.model).to(device)
+        self.model = self.classifier.fitted  # a network's module, for batch-norm adaptation
+        self.in_channels = self.classifier.in_channels
 
     @torch.no_grad()
     def images(self, windows: np.ndarray) -> torch.Tensor:
@@ -106,13 +104,7 @@ class Classifier:
         ok = finite_images(images)
         if not ok.all():
             images = torch.where(torch.isfinite(images), images, 0.0)
-        if self.bundle.kind == "svm":
-            probs = self.bundle.model.predict_proba(images.cpu().numpy())
-        else:
-            x = images.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.amp):
-                logits = self.model(x).float()
-            probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+        probs = self.classifier.probabilities(images, device=self.device, amp=self.amp)
         probs[~ok] = np.nan
         return probs
 
