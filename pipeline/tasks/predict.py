@@ -386,9 +386,10 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     bundle = load_bundle(p.model)
     device = resolve_device(cfg.device)
     amp = bundle_amp(p.get("amp"), bundle)
-    if bundle.kind == "network":
+    adapts = wrap(bundle.model).adapts  # a network, with batch norms
+    if adapts:
         log.info("device %s (%s)", device, precision(device, amp))
-    if adapt_bn and bundle.kind != "network":
+    if adapt_bn and not adapts:
         log.warning("predict.adapt_bn=group is not used: %s is an SVM, without batch norm", p.model)
         adapt_bn = False
     pattern = None
@@ -404,7 +405,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
         workers=workers, group_pattern=pattern, adapt_bn=bool(adapt_bn), amp=amp,
     )  # fmt: skip
-    if bundle.kind == "network" and not adapt_bn:
+    if adapts and not adapt_bn:
         advise_adaptation(bundle, source, pattern or _group_pattern(p.get("group_regex"), bundle))
     line = (
         f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
