@@ -298,6 +298,8 @@ def _groups(candidate: str, names: dict[str, list[str]]) -> dict[str, set[str]] 
         pattern = re.compile(candidate)
     except re.error:
         return None
+    if pattern.groups < 1:  # the part sat inside a character class: no group
+        return None
     groups = {}
     for split_name in ("train", "test"):
         found = [pattern.search(n) for n in names.get(split_name, [])]

@@ -239,11 +239,14 @@ def current_umask() -> int:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically.
 
+    A file name that is not valid UTF-8 (its undecodable bytes held as surrogates) is
+    written with those bytes escaped (``\\xff``), so the output stays valid UTF-8.
+
     Raises:
         StorageError: the device is full.
     """
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     return Path(path)
 
 

@@ -115,7 +115,7 @@ _NORMALIZER_KEYS = ("mode", "mean", "std")
 _FIX = "restore the bundle's files from the run that saved it, or retrain the model"
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     """Load a bundle folder saved by :func:`save_bundle`, checked whole.
 
     Every key is checked, and the parts against each other: the class names
@@ -125,6 +125,7 @@ def load_bundle(path: str | Path) -> Bundle:
 
     Args:
         path: the bundle folder.
+        key: the setting that named it, for the message when it is no bundle.
 
     Returns:
         The bundle, its network in eval mode.
@@ -137,7 +138,7 @@ def load_bundle(path: str | Path) -> Bundle:
     """
     folder = Path(path)
     meta_file = folder / "bundle.json"
-    meta = _read_meta(folder)
+    meta = _read_meta(folder, key=key)
     _check_version(meta, folder=folder)
     _require(meta, _META_KEYS, file=meta_file)
     kind = meta["kind"]
@@ -167,7 +168,7 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _read_meta(folder: Path) -> dict:
+def _read_meta(folder: Path, *, key: str) -> dict:
     """``bundle.json`` of ``folder`` as a dict.
 
     Raises:
@@ -176,7 +177,7 @@ def _read_meta(folder: Path) -> dict:
     file = folder / "bundle.json"
     if not file.is_file():
         raise BundleError(
-            f"{folder}: no bundle.json; point predict.model at a folder under <run>/models/ "
+            f"{folder}: no bundle.json; point {key} at a folder under <run>/models/ "
             "written by a completed run"
         )
     try:

@@ -78,7 +78,16 @@ class TrainSettings:
     compile: bool = False
     resume: bool | str = False
 
+    def _check_numbers(self) -> None:
+        """The recipe's numbers are numbers in range, and its switches true or false."""
+        for key, (low, high, closed) in NUMBERS.items():
+            _check_number(key, getattr(self, key), low, high, closed)
+        for key in FLAGS:
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be true or false")
+
     def __post_init__(self) -> None:
+        self._check_numbers()
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
             if key == "batch_size" and value == AUTO:
@@ -114,14 +123,19 @@ class TrainSettings:
             object.__setattr__(self, "augment", AugmentSettings(**self.augment))
         if self.monitor not in MONITORS:
             raise ConfigError(f"train.monitor={self.monitor!r} must be one of {list(MONITORS)}")
+        if not isinstance(self.milestones, tuple | list) or not all(
+            _is_number(m) for m in self.milestones
+        ):
+            raise ConfigError(
+                f"train.milestones={self.milestones!r} must be a list of fractions of training "
+                "in (0, 1), e.g. [0.5,0.75]"
+            )
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(
                 f"train.class_weights={self.class_weights!r} must be null or 'balanced'"
             )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r} must be one of {list(SCHEDULES)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr={self.lr!r} must be positive")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(
                 f"train.milestones={list(self.milestones)} must be fractions of training in (0, 1)"
@@ -141,7 +155,7 @@ class TrainSettings:
                 f"train.ema_epochs={self.ema_epochs!r} must be 0 (off) or a positive number of "
                 "epochs, e.g. 2"
             )
-        if self.patience is not None and self.patience < 1:
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ConfigError(
                 f"train.patience={self.patience!r} must be a positive integer or null"
             )
@@ -151,6 +165,33 @@ class TrainSettings:
                 "train.monitor=last keeps the last epoch whatever the validation says; set "
                 "monitor to val_accuracy or val_loss, or patience to null"
             )
+
+
+# Numbers of the recipe and the ranges they must lie in: (low, high, low included); a
+# negative gradient-clipping norm reverses the gradients, a momentum above 1 diverges.
+NUMBERS = {
+    "lr": (0, None, False), "momentum": (0, 1, True), "weight_decay": (0, None, True),
+    "gamma": (0, 1, False), "warmup_epochs": (0, None, True), "grad_clip": (0, None, False),
+}  # fmt: skip
+FLAGS = ("precise_bn", "channels_last", "amp", "compile")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_number(key: str, value, low, high, closed: bool) -> None:
+    """``train.<key>`` is a number in its range (``grad_clip`` may be null)."""
+    if value is None and key == "grad_clip":
+        return
+    above = _is_number(value) and (value >= low if closed else value > low)
+    if not (above and (high is None or value <= high)):
+        if high is None:
+            rule = "a positive number" if not closed else "0 or a positive number"
+        else:
+            rule = f"a number in {'[' if closed else '('}{low}, {high}]"
+        extra = ", or null for none" if key == "grad_clip" else ""
+        raise ConfigError(f"train.{key}={value!r} must be {rule}{extra}")
 
 
 @dataclass

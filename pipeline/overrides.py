@@ -38,24 +38,38 @@ def check_overrides(args: list[str]) -> None:
 
     if any(a.split("=")[0] in OTHER_CONFIG for a in args):
         return
-    try:
-        parsed = OverridesParser.create().parse_overrides(
-            [a for a in args if "=" in a or a[:1] == "~"]
+    overrides = [a for a in args if "=" in a or a[:1] == "~"]
+    parser = OverridesParser.create()
+    for arg in overrides:  # one at a time, to name the one Hydra cannot parse
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as err:
+            raise ConfigError(
+                f"{arg}: Hydra cannot parse it ({str(err).splitlines()[0]}); quote a value "
+                "holding brackets, parentheses, spaces, commas or backslashes, e.g. "
+                "\"data.label_regex='^(\\d+)_'\""
+            ) from None
+    parsed = parser.parse_overrides(overrides)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    sweep = next((o for o in parsed if o.is_sweep_override()), None)
+    if sweep is not None and not multirun:
+        raise ConfigError(
+            f"{sweep.input_line}: a comma (or a range) makes it a sweep of several runs; add -m "
+            f'to run one job per value, or quote the value: "{sweep.key_or_group}='
+            f"'{sweep.input_line.split('=', 1)[1]}'\""
         )
-    except HydraException:
-        return  # a syntax error: Hydra's own message says where
     groups = [o for o in parsed if _is_group(o.key_or_group)]
     keys = [
         o for o in parsed
         if not _is_group(o.key_or_group) and not o.is_delete()
         and o.key_or_group.split(".")[0] != "hydra"
     ]  # fmt: skip
-    if not keys:
+    if not keys and not groups:
         return
     try:
         known = _known_keys(groups)
-    except HydraException:
-        return  # a group choice that does not exist: Hydra's own message lists those that do
+    except HydraException as err:  # a group choice that does not exist
+        raise ConfigError(_one_line(err)) from None
     for o in keys:
         key = o.key_or_group
         if key in known:
@@ -94,6 +108,15 @@ def suggest(key: str, known: set[str], *, n: int = 3) -> list[str]:
         or difflib.get_close_matches(key, siblings, n=n, cutoff=0.6)
         or difflib.get_close_matches(key, sorted(known), n=n, cutoff=0.6)
     )
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's "Could not find 'data/x'" with the options it lists after it, on one line."""
+    lines = str(err).splitlines()
+    listed = lines[: next((i for i, x in enumerate(lines) if x.startswith("Config search")), None)]
+    options = [line.strip() for line in listed if line.startswith("\t")]
+    first = lines[0].removeprefix("In 'config': ") if lines else str(err)
+    return first + (f"; the choices are {', '.join(options)}" if options else "")
 
 
 def _is_group(key: str) -> bool:

@@ -39,6 +39,8 @@ def _leave_process_group() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_escape_undecodable)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         try:
@@ -56,6 +58,16 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as err:
         log.error("%s", _interrupted(err, run_dir))
         raise SystemExit(130) from None
+
+
+def _escape_undecodable(record: logging.LogRecord) -> bool:
+    """Escape the undecodable bytes of a file name (held as surrogates) in a log line, which
+    the console and run.log could not encode otherwise."""
+    message = record.getMessage()
+    escaped = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if escaped != message:
+        record.msg, record.args = escaped, ()
+    return True
 
 
 def _interrupted(err: KeyboardInterrupt, run_dir: Path) -> str:

@@ -9,6 +9,7 @@ filter. Every failure is a :class:`SignalError` naming the file and the fix.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ AUDIO_FORMATS = {".wav": ("WAV", "WAVEX", "RF64", "W64"), ".flac": ("FLAC",), ".
 
 def _read_audio(path: Path) -> tuple[np.ndarray, int]:
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:  # bytes: any file name, UTF-8 or not
             container = f.format
             data = f.read(dtype="float32", always_2d=True)  # (samples, channels)
             rate = f.samplerate
@@ -507,6 +508,11 @@ def _orient(data: np.ndarray, path: Path, channel_axis: str = "auto") -> np.ndar
     """
     if not np.issubdtype(data.dtype, np.number):
         raise SignalError(f"{path}: array dtype {data.dtype} is not numeric")
+    if np.iscomplexobj(data):
+        raise SignalError(
+            f"{path}: array dtype {data.dtype} is complex; save its real part or its magnitude "
+            "as the signal"
+        )
     data = np.squeeze(data) if data.ndim > 2 else data
     if data.ndim == 1:
         data = data[None, :]

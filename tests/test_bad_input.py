@@ -261,3 +261,122 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(t
     checkpoint = run / "checkpoints" / "resnet.pt"
     assert_one_line_exit_2(proc, f"{checkpoint}: cannot be written: the device is full")
     assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))
+
+
+# --- a second, hostile read of the above (issue 24's review) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory) -> Path:
+    return write_tone_dataset(tmp_path_factory.mktemp("tones") / "data", rate=RATE, n_per_class=4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["data.channels=5"], "data.channels=5 must be mix (their mean), all, or a non-empty"),
+        (["data.channels=[1.5]"], "data.channels=[1.5] must be mix"),
+        (["data.channels=[]"], "data.channels=[] must be mix"),
+        (["data.channels=[-1]"], "negative indices would pick different channels"),
+        (["features.size=5"], "features.size=5 must be [height, width]"),
+        (["train.milestones=0.5"], "train.milestones=0.5 must be a list of fractions"),
+        (["seed=abc"], "seed='abc' must be a whole number 0 or above"),
+        (["seed=-1"], "seed=-1 must be a whole number 0 or above"),
+        (["data.segment.pad=maybe"], "data.segment.pad='maybe' must be true or false"),
+        (["features.center=maybe"], "features.center='maybe' must be true or false"),
+        (["features.batch_size=0"], "features.batch_size=0 must be a positive number"),
+        (["features.hop_length=5000", "features.n_fft=256"], "features.hop_length=5000 is longer"),
+        (["data.split=group", "data.group_regex='_(\\d)'", "data.test_groups=5"],
+         "data.test_groups=5 must be a list of group names, e.g. [5]"),
+        (["svm.pca=10000"], "svm: fitting on"),
+        (["svm.cv=0"], "svm: cv=0 must be an integer >= 2"),
+        (["data.label_regex=zzz(\\d)"], "Hydra cannot parse it"),
+        (["data=nowhere"], "Could not find 'data/nowhere'; the choices are folder, synthetic"),
+        (["data.root=/tmp/a,b"], "a comma (or a range) makes it a sweep"),
+    ],
+)  # fmt: skip
+def test_settings_a_hostile_user_tried_end_in_one_line(tones, tmp_path, overrides, needle):
+    args = train_args(tones, tmp_path / "run", "models=[svm]", f"data.sample_rate={RATE}")
+    if any(o.startswith("data=") for o in overrides):
+        args = [a for a in args if a != "data=folder"]
+    assert_one_line_exit_2(cli(*args, *overrides), needle)
+
+
+@pytest.mark.slow
+def test_settings_that_look_wrong_but_are_meant_work(tones, tmp_path):
+    """A bare model name, numeric group names, a frequency crop with the default size."""
+    names = tmp_path / "named"
+    for path in tones.rglob("*.wav"):  # low_00.wav -> low/low_00_g0.wav, groups 0 and 1
+        i = int(path.stem.split("_")[1])
+        (names / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (names / path.parent.name / f"{path.stem}_g{i % 2}.wav").write_bytes(path.read_bytes())
+    proc = cli(*train_args(names, tmp_path / "run", f"data.sample_rate={RATE}"), "models=svm",
+               "data.split=group", "data.group_regex='_g(\\d)'", "data.test_groups=[1]",
+               "features.f_max=400")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["svm"] and metrics["features"]["f_max"] == 400
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_is_read_and_written_escaped(tones, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tones, data)
+    t = np.arange(RATE // 2) / RATE
+    name = os.fsencode(data / "low") + b"/odd\xffname.wav"
+    sf.write(name, (0.3 * np.sin(2 * np.pi * 60 * t)).astype("f4"), RATE)
+    run = tmp_path / "run"
+    proc = cli(*train_args(data, run, "models=[svm]"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "p" / "predictions.csv"
+    proc = cli("task=predict", f"predict.model={run / 'models' / 'svm'}", f"predict.input={data}",
+               f"predict.output={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "odd\\udcffname.wav" in out.read_text(encoding="utf-8")  # valid UTF-8, escaped
+
+
+def test_a_manifest_row_naming_a_missing_file_is_one_line(tones, tmp_path):
+    manifest = tmp_path / "list.csv"
+    rows = [f"{p},{p.parent.name}" for p in sorted(tones.rglob("*.wav"))]
+    manifest.write_text("path,label\n" + "\n".join([*rows, f"{tones}/low/nope.wav,low"]) + "\n")
+    proc = cli(*train_args(tones, tmp_path / "run", "models=[svm]"), f"data.manifest={manifest}")
+    assert_one_line_exit_2(proc, f"{manifest}, line {len(rows) + 2}: {tones}/low/nope.wav does not")
+
+
+def test_no_readable_file_names_the_first_reason_not_a_size(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "bad" / c).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "bad" / c / f"{i}.wav").write_text("junk")
+    proc = cli(*train_args(tmp_path / "bad", tmp_path / "run", "models=[svm]",
+                           f"data.sample_rate={RATE}"))  # fmt: skip
+    assert_one_line_exit_2(proc, "none of the 4 files can be read; the first:", "0.wav")
+
+
+def test_a_file_rewritten_with_its_old_modification_time_changes_the_cache_key(tmp_path):
+    from pipeline.features.cache import cache_key
+
+    path = tmp_path / "x.wav"
+    path.write_bytes(b"a" * 100)
+    before = cache_key(files=[path], settings={})
+    stat = path.stat()
+    time.sleep(0.01)
+    path.write_bytes(b"b" * 100)  # same size, then the old modification time back
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache_key(files=[path], settings={}) != before
+
+
+def test_complex_arrays_are_skipped_not_silently_made_real(tmp_path):
+    from pipeline.errors import SignalError
+    from pipeline.signals import read_signal
+
+    path = tmp_path / "c.npy"
+    np.save(path, np.exp(1j * np.arange(100)))
+    with pytest.raises(SignalError, match="is complex; save its real part or its magnitude"):
+        read_signal(path, sample_rate=RATE)
+
+
+def test_export_names_its_own_key(tmp_path):
+    proc = cli("task=export", f"export.model={tmp_path}")
+    assert_one_line_exit_2(proc, "no bundle.json; point export.model at a folder")

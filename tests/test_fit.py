@@ -111,7 +111,11 @@ def test_multistep_schedule_divides_by_ten_at_milestones():
     [
         ({"epochs": 0}, "train.epochs=0 must be a positive integer"),
         ({"optimizer": "lbfgs"}, "train.optimizer='lbfgs' must be one of"),
-        ({"lr": 0.0}, "train.lr=0.0 must be positive"),
+        ({"lr": 0.0}, "train.lr=0.0 must be a positive number"),
+        ({"lr": "abc"}, "train.lr='abc' must be a positive number"),
+        ({"grad_clip": -1.0}, r"train.grad_clip=-1.0 must be a positive number, or null"),
+        ({"momentum": 2}, r"train.momentum=2 must be a number in \[0, 1\]"),
+        ({"amp": "maybe"}, "train.amp='maybe' must be true or false"),
         ({"milestones": (50,)}, r"train.milestones=\[50\] must be fractions of training"),
     ],
 )

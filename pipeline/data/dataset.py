@@ -8,6 +8,7 @@ skipped with its reason, never a crash of the run.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def probe_length(path: Path, *, sample_rate: int, read: dict) -> int | None:
     """Length of a file at the working rate, from its header where possible; None if unreadable."""
     try:
         if path.suffix.lower() in AUDIO_SUFFIXES:
-            info = sf.info(path)
+            info = sf.info(os.fsencode(path))
             return int(round(info.frames * sample_rate / info.samplerate))
         if path.suffix.lower() == ".npy":
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape

@@ -150,7 +150,7 @@ def _walk(folder: Path, found: Found, label_re, suffixes, *, split: str | None) 
             continue
         if label_re:
             match = label_re.search(path.name)
-            if not match:
+            if not match or not match.group(1):  # an optional group may match nothing
                 ignored["file name does not match data.label_regex"] += 1
                 continue
             label = match.group(1)
@@ -211,8 +211,16 @@ def _from_manifest(manifest: Path, suffixes) -> Found:
         if path.suffix.lower() not in suffixes:
             ignored[f"suffix {path.suffix!r} not supported"] += 1
             continue
+        if not path.is_file():
+            raise DataError(
+                f"{manifest}, line {i}: {path} does not exist (manifest paths are relative to "
+                "the manifest's folder unless absolute); fix the row or remove it"
+            )
+        label = (row.get("label") or "").strip()
+        if not label:
+            raise DataError(f"{manifest}, line {i}: {row['path']} has an empty label; give it one")
         group = (row.get("group") or "").strip() or None
-        found.records.append(Record(path, row["label"].strip(), group=group, split=split))
+        found.records.append(Record(path, label, group=group, split=split))
     found.ignored = dict(ignored)
     seen: dict[Path, int] = {}
     for i, r in enumerate(found.records):

@@ -11,11 +11,11 @@ An entry is a folder ``<root>/<key>/``::
 
 The key is the SHA-256 of :data:`FORMAT_VERSION`, the versions of the libraries
 that compute the images, every input file's identity (absolute path, size,
-modification time in nanoseconds) and the caller's settings (read, segment and
-feature parameters). Settings may be given as configured (``auto``, whole files)
-rather than resolved, as long as the resolution depends on nothing else: the
-resolved values then travel in ``info``, and a hit needs no file opened. An entry
-is written into a temporary folder beside it and renamed into place with
+modification and status-change times in nanoseconds, inode) and the caller's
+settings (read, segment and feature parameters). Settings may be given as
+configured (``auto``, whole files) rather than resolved, as long as the resolution
+depends on nothing else: the resolved values then travel in ``info``, and a hit needs
+no file opened. An entry is written into a temporary folder beside it and renamed into place with
 :func:`os.replace`, so an interrupted or concurrent run never leaves a half-written
 entry under a key: a later run either finds the whole entry or none. Every file
 is flushed to the device (:func:`os.fsync`), and the folder too, before the rename.
@@ -95,9 +95,15 @@ class Lookup:
 
 
 def file_identity(path: Path) -> list:
-    """``[absolute path, size, mtime_ns]``: changes when the file is replaced or touched."""
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    """``[absolute path, size, mtime_ns, ctime_ns, inode]``: changes when the file is
+    replaced, written or touched, also by a copy that keeps the modification time
+    (``cp -p``, ``rsync -t``, ``touch -r``: the status-change time is not settable). A file
+    gone since it was listed gets -1s (reading then skips it with its reason)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [os.path.abspath(path), -1, -1, -1, -1]
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def cache_key(*, files: Sequence[Path], settings: Mapping) -> str:

@@ -105,6 +105,8 @@ class STFTParams:
             raise ConfigError(
                 f"features.win_length={self.win_length} must not exceed features.n_fft={self.n_fft}"
             )
+        if not isinstance(self.center, bool):
+            raise ConfigError(f"features.center={self.center!r} must be true or false")
         if self.window not in WINDOWS:
             raise ConfigError(f"features.window={self.window!r} must be one of {sorted(WINDOWS)}")
         if self.pad_mode not in PAD_MODES:
@@ -137,9 +139,21 @@ class STFTParams:
         Raises:
             ConfigError: ``n_fft`` or ``win_length`` exceeds ``samples``, naming it and the fix.
         """
+        if self.hop_length > samples:
+            raise ConfigError(
+                f"features.hop_length={self.hop_length} is longer than the {samples}-sample "
+                f"{where}, so every image would have one frame; lower it, or set "
+                "features.hop_length=auto"
+            )
         long = [k for k in ("n_fft", "win_length") if getattr(self, k) > samples]
+        if long and not set(long) & set(chosen):  # auto sizes at their smallest
+            raise ConfigError(
+                f"the {samples}-sample {where} are shorter than the smallest STFT the automatic "
+                f"sizes take ({self.n_fft} samples); lengthen data.segment.length_seconds or use "
+                "longer recordings"
+            )
         if long:
-            key = next((k for k in long if k in chosen), long[0])
+            key = next(k for k in long if k in chosen)
             value = getattr(self, key)
             raise ConfigError(
                 f"features.{key}={value} is longer than the {samples}-sample {where}; lower it "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ class Model(Protocol):
     def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
         """Class scores (n, n_classes), higher for the likelier class (logits, decisions)."""
 
+    def check(self) -> None:
+        """Refuse a setting the model cannot use, before any file is read."""
+
     def n_params(self) -> int:
         """The numbers the fitted model stores to predict."""
 
@@ -115,6 +119,9 @@ class Network:
             "training": result.plan.to_dict(),
             "precise_bn": result.precise_bn,
         }
+
+    def check(self) -> None:
+        """Its builder checked the settings already."""
 
     def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
         return predict_logits(self.fitted, x, device=ctx.device, amp=ctx.settings.amp).numpy()
@@ -161,12 +168,26 @@ class SVM:
         log.info("%s: fitting %s with a grid search on the training split", ctx.name,
                  type(self.fitted).__name__)  # fmt: skip
         t0 = time.perf_counter()
-        self.fitted.fit(x.numpy(), y.numpy())
+        try:
+            self.fitted.fit(x.numpy(), y.numpy())
+        except ValueError as err:  # a setting the data cannot satisfy (pca beyond a fold's size)
+            # A failed grid search quotes every fit's traceback: keep its last error alone.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            errors = [line.split(": ", 1)[1] for line in lines if re.match(r"\w+Error: ", line)]
+            reason = errors[-1] if errors else (lines[0] if lines else type(err).__name__)
+            raise ConfigError(
+                f"{ctx.name}: fitting on {len(x)} training images failed: {reason}; adjust the "
+                f"{ctx.name}.* setting it names"
+            ) from None
         self.train_seconds = time.perf_counter() - t0
         best = {k: v.item() if isinstance(v, np.generic) else v
                 for k, v in self.fitted.best_params_.items()}  # fmt: skip
         log.info("%s: best %s, fitted in %.1f s", ctx.name, best, self.train_seconds)
         return {"best_params": best}
+
+    def check(self) -> None:
+        """Refuse a bad setting before any file is read."""
+        self.fitted._check_params()
 
     def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
         return self.fitted.decision_function(x.numpy())
@@ -214,7 +235,9 @@ def build(node, *, name: str, n_classes: int, in_channels: int, seed: int) -> Mo
     try:
         accepted = inspect.signature(get_method(node._target_)).parameters
         kwargs = {k: v for k, v in sizes.items() if k in accepted}
-        return wrap(instantiate(node, **kwargs, _convert_="all"))
+        model = wrap(instantiate(node, **kwargs, _convert_="all"))
+        model.check()
+        return model
     except Exception as err:  # Hydra wraps the builder's ValueError in InstantiationException
         cause = err.__cause__ or err
         if isinstance(cause, ValueError):

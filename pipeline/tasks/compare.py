@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +34,7 @@ from pipeline.data.dataset import Segmenting, iter_windows, probe_length, segmen
 from pipeline.data.records import Record, find_records
 from pipeline.data.split import SPLITS, split_records
 from pipeline.data.synthetic import ensure_dataset
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features import cache as feature_cache
 from pipeline.features.extract import Extracted, extract_images
 from pipeline.features.stft import (
@@ -49,7 +50,7 @@ from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
 from pipeline.models.base import Context, build
 from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
-from pipeline.signals import AUDIO_SUFFIXES
+from pipeline.signals import AUDIO_SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +122,15 @@ def stft_params(
             ", ".join(f"{k}=auto -> {v}" for (k, a), v in picked if a == AUTO),
             segment_samples, sample_rate,
         )  # fmt: skip
-    if f.size == AUTO:
+    if f.size == AUTO or f.size is None:
         size = None
-    elif isinstance(f.size, str):
+    elif not OmegaConf.is_list(f.size):
         raise ConfigError(
             f"features.size={f.size!r} must be [height, width], auto (the native size, at most "
             "[64, 64]) or null (the native size)"
         )
     else:
-        size = OmegaConf.to_object(f.size) if f.size is not None else None
+        size = OmegaConf.to_object(f.size)
     params = STFTParams(
         n_fft=chosen[0],
         hop_length=chosen[1],
@@ -151,7 +152,8 @@ def stft_params(
     )
     if segment_samples is not None:
         params.check_fits(segment_samples, chosen=tuple(k for k, v in sizes.items() if v != AUTO))
-    if f.size == AUTO:
+    if f.size == AUTO and (sample_rate is not None or not params.uses_band):
+        # (a frequency crop needs the rate: before it is known the size waits for it)
         params = replace(params, size=auto_size(params, segment_samples or 2048))
         if segment_samples is not None:
             native = (params.n_freq(), params.n_frames(segment_samples))
@@ -172,9 +174,48 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     unknown = sorted(set(t) - set(known))
     if unknown:
         raise ConfigError(f"train.{unknown[0]} is not a training setting; known: {sorted(known)}")
-    if "milestones" in t:
+    if isinstance(t.get("milestones"), list):
         t["milestones"] = tuple(t["milestones"])
     return TrainSettings(**t)
+
+
+def group_list(d: DictConfig, key: str) -> list[str] | None:
+    """``data.test_groups`` or ``data.val_groups`` as group names (strings: groups come from
+    file names, so ``[1]`` means the group ``"1"``), or None.
+
+    Raises:
+        ConfigError: the value is not a list.
+    """
+    value = d.get(key)
+    if value is None:
+        return None
+    if not OmegaConf.is_list(value):
+        raise ConfigError(
+            f"data.{key}={value!r} must be a list of group names, e.g. [{value}], or null"
+        )
+    return [str(g) for g in value]
+
+
+def check_switches(cfg: DictConfig) -> None:
+    """The true/false settings of the run are booleans (Hydra passes ``maybe`` as a string).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    keys = ["progress", "data.segment.pad", "features.center", "features.cache"]
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+    for key in ("seed", "data.split_seed"):
+        value = OmegaConf.select(cfg, key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise ConfigError(f"{key}={value!r} must be a whole number 0 or above")
+    batch = OmegaConf.select(cfg, "features.batch_size")
+    if batch is not None and not (
+        isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1
+    ):
+        raise ConfigError(f"features.batch_size={batch!r} must be a positive number of windows")
 
 
 def check_data_settings(d: DictConfig) -> None:
@@ -261,7 +302,7 @@ def _flatten(node, prefix: str) -> dict:
 def model_names(cfg: DictConfig) -> list[str]:
     """The ``models`` list, each name checked against the configured models."""
     configured = [k for k, v in cfg.items() if isinstance(v, DictConfig) and "_target_" in v]
-    names = list(cfg.models)
+    names = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)  # models=svm
     if not names:
         raise ConfigError(f"models=[] is empty; choose from {configured}")
     for name in names:
@@ -295,7 +336,16 @@ class Prepared:
 
 def read_settings(d: DictConfig) -> dict:
     """Keyword arguments of :func:`pipeline.signals.read_signal` from the ``data`` group."""
-    channels = d.channels if isinstance(d.channels, str) else list(d.channels)
+    channels = OmegaConf.to_object(d.channels) if OmegaConf.is_list(d.channels) else d.channels
+    if not (channels in ("mix", "all") or (
+        isinstance(channels, list) and channels
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)
+    )):  # fmt: skip
+        raise ConfigError(
+            f"data.channels={channels!r} must be mix (their mean), all, or a non-empty list of "
+            "channel indices counted from 0, e.g. [0] or [0,2] (negative indices would pick "
+            "different channels in files of different channel counts)"
+        )
     columns = OmegaConf.to_object(d.csv_columns) if d.get("csv_columns") is not None else None
     return {
         "channels": channels,
@@ -325,7 +375,7 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         manifest=d.get("manifest"),
     )  # fmt: skip
     records, classes = found.records, found.classes
-    test_groups, val_groups = d.get("test_groups"), d.get("val_groups")
+    test_groups, val_groups = group_list(d, "test_groups"), group_list(d, "val_groups")
     splits = split_records(
         records,
         strategy=d.split,
@@ -333,8 +383,8 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
         test_fraction=d.test_fraction,
         seed=d.split_seed,
         test_regex=d.get("test_regex"),
-        test_groups=list(test_groups) if test_groups is not None else None,
-        val_groups=list(val_groups) if val_groups is not None else None,
+        test_groups=test_groups,
+        val_groups=val_groups,
     )
     read = read_settings(d)
     rate = d.sample_rate if d.sample_rate is not None else native_rate(records)
@@ -426,7 +476,7 @@ def whole_length(records: list[Record], *, rate: int, read: dict) -> int:
     lengths = [probe_length(r.path, sample_rate=rate, read=read) for r in records]
     known = [(n, r.path) for n, r in zip(lengths, records, strict=True) if n]
     if not known:
-        return 1
+        raise DataError(unreadable(records, rate=rate, read=read))
     longest, path = max(known, key=lambda k: k[0])
     median = float(np.median([n for n, _ in known]))
     if longest > MAX_LENGTH_RATIO * median:
@@ -441,6 +491,16 @@ def whole_length(records: list[Record], *, rate: int, read: dict) -> int:
     return longest
 
 
+def unreadable(records: list[Record], *, rate: int, read: dict) -> str:
+    """Why none of ``records`` can be read: their count and the first file's reason."""
+    reason = "(no reason given)"
+    try:
+        read_signal(records[0].path, sample_rate=rate, **read)
+    except SignalError as err:
+        reason = str(err)
+    return f"none of the {len(records)} files can be read; the first: {reason}"
+
+
 def native_rate(records: list[Record]) -> int:
     """The sample rate of the first audio file, used when ``data.sample_rate`` is null.
 
@@ -450,11 +510,17 @@ def native_rate(records: list[Record]) -> int:
     for r in records:
         if r.path.suffix.lower() in AUDIO_SUFFIXES:
             try:
-                rate = sf.info(r.path).samplerate
+                rate = sf.info(os.fsencode(r.path)).samplerate
             except (RuntimeError, sf.LibsndfileError):
                 continue
             log.info("data.sample_rate=null: working at %d Hz, the rate of %s", rate, r.path)
             return int(rate)
+    audio = [r for r in records if r.path.suffix.lower() in AUDIO_SUFFIXES]
+    if audio:
+        raise DataError(
+            f"data.sample_rate=null takes the rate of the first readable audio file, but "
+            f"{unreadable(audio, rate=1, read={})}"
+        )
     raise ConfigError(
         "data.sample_rate=null, but no audio file gives a rate (arrays, text and MATLAB files "
         "have none); set data.sample_rate to the rate the signals were recorded at"
@@ -523,6 +589,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     progress = cfg.progress
     names = model_names(cfg)
     check_data_settings(cfg.data)
+    check_switches(cfg)
     params = stft_params(cfg)  # a bad feature setting fails now; auto sizes come with the data
     d = cfg.data
     if d.sample_rate is not None and d.segment.length_seconds is not None:

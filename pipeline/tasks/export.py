@@ -51,7 +51,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     """Write ``export.output`` (ONNX) and its JSON sidecar; check them with onnxruntime."""
     e = cfg.export
     require_onnx()
-    bundle = load_bundle(e.model)
+    bundle = load_bundle(e.model, key="export.model")
     if bundle.kind != "network":
         raise BundleError(
             f"export.model={e.model!r} is an SVM bundle; ONNX export covers the networks "
@@ -60,6 +60,14 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     output = Path(e.output) if e.output else run_dir / "model.onnx"
     if output.suffix != ".onnx":
         raise ConfigError(f"export.output={str(output)!r} must end in .onnx")
+    if not isinstance(e.check, bool):
+        raise ConfigError(f"export.check={e.check!r} must be true or false")
+    tolerance = e.tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+        raise ConfigError(
+            f"export.tolerance={tolerance!r} must be a positive number (the largest absolute "
+            "difference between onnxruntime's and PyTorch's logits), e.g. 1e-4"
+        )
     model = bundle.model.eval()
     channels = int(bundle.meta["model_config"]["in_channels"])
     height, width = bundle.features.image_shape(bundle.data["segment_samples"])
@@ -83,6 +91,8 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     if e.check:
         result.update(check_onnx(output, model, example_shape=(5, channels, height, width)))
         if result["max_abs_diff"] > e.tolerance:
+            for written in (output, output.with_suffix(".json")):  # no unfaithful export stays
+                written.unlink(missing_ok=True)
             raise BundleError(
                 f"{output}: onnxruntime's logits differ from PyTorch's by "
                 f"{result['max_abs_diff']:.3g} > export.tolerance={e.tolerance}; the export is "

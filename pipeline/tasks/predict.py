@@ -355,8 +355,15 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     if p.aggregate not in AGGREGATES:
         raise ConfigError(f"predict.aggregate={p.aggregate!r} must be one of {list(AGGREGATES)}")
     workers = reading_workers(p.workers)
-    if not (isinstance(p.top_k, int) and p.top_k >= 1):
-        raise ConfigError(f"predict.top_k={p.top_k!r} must be a positive integer")
+    for key in ("top_k", "batch_size"):
+        value = p[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"predict.{key}={value!r} must be a positive integer")
+    for key in ("segments", "overwrite"):
+        if not isinstance(p[key], bool):
+            raise ConfigError(f"predict.{key}={p[key]!r} must be true or false")
+    if not isinstance(cfg.progress, bool):
+        raise ConfigError(f"progress={cfg.progress!r} must be true or false")
     source = Path(p.input)
     if not source.exists():
         raise ConfigError(f"predict.input={str(source)!r} does not exist; give a folder or a file")
@@ -511,7 +518,13 @@ def predict_folder(
     trained_bn = batchnorm_state(classify.model) if adapted is not None else None
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
-        handles = [stack.enter_context(open(t, "w", newline="", encoding="utf-8")) for t in tmps]
+        # Undecodable bytes of a file name (surrogates) are written escaped: valid UTF-8.
+        handles = [
+            stack.enter_context(
+                open(t, "w", newline="", encoding="utf-8", errors="backslashreplace")
+            )
+            for t in tmps
+        ]
         files_csv, errors_csv = csv.writer(handles[0]), csv.writer(handles[1])
         segments_csv = csv.writer(handles[2]) if len(handles) > 2 else None
         files_csv.writerow(
