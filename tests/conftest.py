@@ -69,3 +69,29 @@ def full_disk(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def extracted(n=5, seed=0, shape=(1, 6, 4)):
+    """Images and bookkeeping of five windows of three files, the third skipped."""
+    from pipeline.data.dataset import Skipped
+    from pipeline.features.extract import Extracted
+
+    rng = np.random.default_rng(seed)
+    return Extracted(
+        images=rng.normal(size=(n, *shape)).astype(np.float32),
+        record=np.arange(n) % 3,
+        start=np.arange(n) * 100,
+        split=np.array(["train", "val", "test", "train", "train"][:n]),
+        file_samples=np.array([500, 500, -1]),
+        file_rates=np.array([1000, 1000, -1]),
+        skipped=[Skipped(Path("c.wav"), "c.wav: too short")],
+    )
+
+
+@pytest.fixture
+def files(tmp_path) -> list[Path]:
+    paths = []
+    for name in ("a.npy", "b.npy", "c.npy"):
+        np.save(tmp_path / name, np.zeros(500, np.float32))
+        paths.append(tmp_path / name)
+    return paths

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,33 +19,9 @@ import torch
 from pipeline import atomic
 from pipeline.errors import StorageError
 from pipeline.features import cache
+from tests.conftest import extracted
 
 SETTINGS = {"sample_rate": 1000, "segment": {"length": 500}, "features": {"n_fft": 64}}
-
-
-def extracted(n=5, seed=0, shape=(1, 6, 4)):
-    from pipeline.data.dataset import Skipped
-    from pipeline.features.extract import Extracted
-
-    rng = np.random.default_rng(seed)
-    return Extracted(
-        images=rng.normal(size=(n, *shape)).astype(np.float32),
-        record=np.arange(n) % 3,
-        start=np.arange(n) * 100,
-        split=np.array(["train", "val", "test", "train", "train"][:n]),
-        file_samples=np.array([500, 500, -1]),
-        file_rates=np.array([1000, 1000, -1]),
-        skipped=[Skipped(Path("c.wav"), "c.wav: too short")],
-    )
-
-
-@pytest.fixture
-def files(tmp_path) -> list[Path]:
-    paths = []
-    for name in ("a.npy", "b.npy", "c.npy"):
-        np.save(tmp_path / name, np.zeros(500, np.float32))
-        paths.append(tmp_path / name)
-    return paths
 
 
 def dead_pid() -> int:

@@ -16,6 +16,7 @@ from pipeline.features.stft import (
     make_window,
     stft_image,
 )
+from tests.conftest import extracted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -252,31 +253,6 @@ def test_auto_is_resolved_where_the_window_length_is_known(caplog):
 
 
 # --- the disk cache ----------------------------------------------------------------------------
-
-
-def extracted(n=5, seed=0):
-    from pipeline.data.dataset import Skipped
-    from pipeline.features.extract import Extracted
-
-    rng = np.random.default_rng(seed)
-    return Extracted(
-        images=rng.normal(size=(n, 1, 6, 4)).astype(np.float32),
-        record=np.arange(n) % 3,
-        start=np.arange(n) * 100,
-        split=np.array(["train", "val", "test", "train", "train"][:n]),
-        file_samples=np.array([500, 500, -1]),
-        file_rates=np.array([1000, 1000, -1]),
-        skipped=[Skipped(Path("c.wav"), "c.wav: too short")],
-    )
-
-
-@pytest.fixture
-def files(tmp_path) -> list[Path]:
-    paths = []
-    for name in ("a.npy", "b.npy", "c.npy"):
-        np.save(tmp_path / name, np.zeros(500, np.float32))
-        paths.append(tmp_path / name)
-    return paths
 
 
 SETTINGS = {"sample_rate": 1000, "segment": {"length": 500}, "features": params().to_dict()}
