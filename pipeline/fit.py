@@ -403,6 +403,87 @@ def fit(
     Returns:
         The per-epoch history, the best epoch and the wall time.
     """
+    t = _setup(model, x_train, y_train, x_val, settings=settings, device=device, seed=seed,
+               name=name, progress=progress)  # fmt: skip
+    if resume and checkpoint is not None and checkpoint.is_file():
+        t.state = _load_checkpoint(
+            checkpoint, model, t.optimizer, t.scaler, t.ema, rank=t.rank, world=t.world,
+            fingerprint=fingerprint,
+        )  # fmt: skip
+        log.info("%s: resumed from %s after epoch %d", name, checkpoint, t.state["epoch"])
+    t.state["fingerprint"] = fingerprint
+    start = time.perf_counter() - t.state["seconds"]
+    try:
+        for epoch in range(t.state["epoch"] + 1, t.plan.epochs + 1):
+            if t.state["finished"]:
+                break
+            row = train_one_epoch(t, epoch)
+            row["val_loss"], row["val_error"] = evaluate_loss(
+                t.kept, x_val, y_val, device=device, s=settings, batch_size=2 * t.plan.batch_size
+            )
+            _record(t, row)
+            select(t, row, n_val=len(x_val))
+            t.state["epoch"] = epoch
+            t.state["seconds"] = time.perf_counter() - start
+            if checkpoint is not None:
+                rng = _rng_states(t.world)  # every rank's: a collective under torch.distributed
+                if t.rank == 0:
+                    _save_checkpoint(checkpoint, t.state, model, t.optimizer, t.scaler, rng, t.ema)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"{name}: stopped by Ctrl-C in epoch {t.state['epoch'] + 1} of {t.plan.epochs}",
+            resumable=checkpoint is not None and t.state["epoch"] > 0,
+        ) from None
+    model.load_state_dict(t.state["best_state"])
+    log.info("%s: kept epoch %d (%s)", name, t.state["best_epoch"],
+             _kept_phrase(t.plan.monitor, settings.monitor, n_val=len(x_val)))  # fmt: skip
+    precise = None
+    if settings.precise_bn:
+        precise = _precise_bn(model, t.x_source, x_val, y_val, plan=t.plan, device=device,
+                              s=settings, memory_format=t.memory_format, seed=seed,
+                              name=name)  # fmt: skip
+    return FitResult(
+        history=t.state["history"],
+        best_epoch=t.state["best_epoch"],
+        train_seconds=time.perf_counter() - start,
+        plan=t.plan,
+        precise_bn=precise,
+    )
+
+
+@dataclass
+class Trainer:
+    """What one network's training holds from step to step.
+
+    ``state`` is what a checkpoint keeps besides the model, optimizer, scaler and
+    average: epoch and step counts, the best score and its weights, patience, history.
+    """
+
+    model: nn.Module
+    net: nn.Module  # the model as trained: wrapped by DDP and torch.compile where on
+    kept: nn.Module  # the weights validated and kept: the average when there is one
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: DistributedSampler
+    ema: WeightAverage | None
+    augment: SpecAugment | None
+    weight: Tensor | None  # class weights of the loss
+    plan: Plan
+    s: TrainSettings
+    device: torch.device
+    memory_format: torch.memory_format
+    x_source: Tensor  # the training images where batches are gathered from
+    y_source: Tensor
+    base_lrs: list[float]
+    name: str
+    progress: bool
+    rank: int
+    world: int
+    state: dict
+
+
+def _setup(model, x_train, y_train, x_val, *, settings, device, seed, name, progress) -> Trainer:
+    """The model on its device (DDP, compile), the plan, optimizer, scaler, sampler, average."""
     s = settings
     rank, world = rank_and_world()
     # Augmentation and mixup draw from the global generator: seeded per rank here,
@@ -417,11 +498,9 @@ def fit(
     if s.compile:
         net = torch.compile(net)
     augment = SpecAugment(s.augment) if s.augment.any_image else None
-    weight = None
     n_classes = int(getattr(model, "config", {}).get("num_classes", int(y_train.max()) + 1))
-    plan = plan_training(
-        s, n_train=len(x_train), n_val=len(x_val), n_classes=n_classes, world=world
-    )
+    plan = plan_training(s, n_train=len(x_train), n_val=len(x_val), n_classes=n_classes,
+                         world=world)  # fmt: skip
     if s.monitor == AUTO and s.patience is not None and plan.monitor == "last":
         plan = replace(plan, monitor="val_accuracy")  # patience stops on validation
     if rank == 0:
@@ -429,167 +508,148 @@ def fit(
             "%s: %d optimizer steps (%s), %d epochs; keeps %s", name, plan.steps, plan.why,
             plan.epochs, _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val)),
         )  # fmt: skip
+    weight = None
     if s.class_weights == "balanced":
         counts = torch.bincount(y_train, minlength=n_classes).double()
         weight = (len(y_train) / (n_classes * counts.clamp(min=1))).float().to(device)
     x_source = _stage(x_train, device)
-    y_source = y_train.to(x_source.device)
     optimizer = _make_optimizer(model, s)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     use_scaler = amp_dtype(device, s.amp) == torch.float16  # bf16 needs no loss scaling
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    sampler = DistributedSampler(
-        range(len(x_train)), num_replicas=world, rank=rank, shuffle=True, seed=seed
-    )  # the same draw on every rank; with one process, a seeded shuffle
-    steps_per_epoch = plan.steps_per_epoch
     ema = (
-        WeightAverage(model, epochs=s.ema_epochs, steps_per_epoch=steps_per_epoch)
+        WeightAverage(model, epochs=s.ema_epochs, steps_per_epoch=plan.steps_per_epoch)
         if s.ema_epochs
         else None
     )
-    kept = ema.model if ema is not None else model  # the weights validated and kept
     state = {
         "epoch": 0, "step": 0, "best": [-math.inf, -math.inf], "best_epoch": 0, "stale": 0,
         "history": [], "seconds": 0.0, "finished": False,
         "best_state": copy.deepcopy(model.state_dict()),
     }  # fmt: skip
-    if resume and checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(
-            checkpoint, model, optimizer, scaler, ema, rank=rank, world=world,
-            fingerprint=fingerprint,
-        )  # fmt: skip
-        log.info("%s: resumed from %s after epoch %d", name, checkpoint, state["epoch"])
-    state["fingerprint"] = fingerprint
-    start = time.perf_counter() - state["seconds"]
-    every = max(1, plan.epochs // 30)  # at most about 30 epoch lines in the log
-    try:
-        for epoch in range(state["epoch"] + 1, plan.epochs + 1):
-            if state["finished"]:
-                break
-            net.train()
-            sampler.set_epoch(epoch)
-            # One copy of the epoch's order to where the images are: indexing with it
-            # needs no host-to-device copy (and no synchronisation) per step.
-            order = torch.tensor(list(iter(sampler))).to(x_source.device)
-            totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, seen
-            seen_here = 0
-            epoch_start = time.perf_counter()
-            left = plan.steps - state["step"]  # the last epoch may stop part way
-            # Equal batches (742 windows at 74 are ten of 74 and one of 2 otherwise): a tail of a
-            # few windows gives one noisy step and batch-norm statistics of almost nothing.
-            batches = torch.tensor_split(order, steps_per_epoch)[:left]
-            bar = tqdm(batches, desc=f"{name} {epoch}/{plan.epochs}", unit="batch", leave=False,
-                       disable=not progress or rank != 0)  # fmt: skip
-            for idx in bar:
-                xb = _gather(x_source, idx, device).contiguous(memory_format=memory_format)
-                yb = _gather(y_source, idx, device)
-                factor = _lr_factor(
-                    state["step"], steps_per_epoch=steps_per_epoch, s=s, total=plan.steps
-                )
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-                if augment is not None:
-                    xb = augment(xb)
-                if s.augment.mixup:
-                    xb, yb_other, lam = mixup(xb, yb, s.augment.mixup)
-                with autocast(device, s.amp):
-                    logits = net(xb)
-                    loss = F.cross_entropy(
-                        logits, yb, weight=weight, label_smoothing=s.label_smoothing
-                    )
-                    if s.augment.mixup:
-                        loss = lam * loss + (1 - lam) * F.cross_entropy(
-                            logits, yb_other, weight=weight, label_smoothing=s.label_smoothing
-                        )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if s.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model)
-                state["step"] += 1
-                # Summed on the device: no host synchronisation per step.
-                totals[:2] += torch.stack(
-                    [loss.detach().double() * len(idx), (logits.argmax(1) != yb).sum().double()]
-                )
-                seen_here += len(idx)
-                if not bar.disable and state["step"] % 25 == 0:  # .item() waits for the device
-                    bar.set_postfix(loss=f"{totals[0].item() / seen_here:.3f}")
-            totals[2] = seen_here
-            if world > 1:
-                torch.distributed.all_reduce(totals)
-            loss_sum, errors, seen = totals.tolist()
-            if not math.isfinite(loss_sum):
-                raise TrainingError(
-                    f"{name}: the training loss became {loss_sum / seen} in epoch {epoch} of "
-                    f"{plan.epochs} (after {state['step']} steps); lower train.lr={s.lr}, set "
-                    "train.grad_clip=1.0, or train.amp=false"
-                )
-            ips = seen / (time.perf_counter() - epoch_start)
-            val_loss, val_error = evaluate_loss(
-                kept, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size
+    return Trainer(
+        model=model, net=net, kept=ema.model if ema is not None else model, optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
+        sampler=DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
+                                   shuffle=True, seed=seed),  # the same draw on every rank
+        ema=ema, augment=augment, weight=weight, plan=plan, s=s, device=device,
+        memory_format=memory_format, x_source=x_source, y_source=y_train.to(x_source.device),
+        base_lrs=[g["lr"] for g in optimizer.param_groups], name=name, progress=progress,
+        rank=rank, world=world, state=state,
+    )  # fmt: skip
+
+
+def train_one_epoch(t: Trainer, epoch: int) -> dict:
+    """One pass over the training images in equal batches; the epoch's row of the history
+    (without validation).
+
+    Raises:
+        TrainingError: the epoch's loss is NaN or infinite.
+    """
+    t.net.train()
+    t.sampler.set_epoch(epoch)
+    # One copy of the epoch's order to where the images are: indexing with it needs no
+    # host-to-device copy (and no synchronisation) per step.
+    order = torch.tensor(list(iter(t.sampler))).to(t.x_source.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=t.device)  # loss sum, errors, seen
+    seen_here = 0
+    epoch_start = time.perf_counter()
+    left = t.plan.steps - t.state["step"]  # the last epoch may stop part way
+    # Equal batches (742 windows at 74 are ten of 74 and one of 2 otherwise): a tail of a
+    # few windows gives one noisy step and batch-norm statistics of almost nothing.
+    batches = torch.tensor_split(order, t.plan.steps_per_epoch)[:left]
+    bar = tqdm(batches, desc=f"{t.name} {epoch}/{t.plan.epochs}", unit="batch", leave=False,
+               disable=not t.progress or t.rank != 0)  # fmt: skip
+    for idx in bar:
+        loss, errors = _train_step(t, idx)
+        # Summed on the device: no host synchronisation per step.
+        totals[:2] += torch.stack([loss.detach().double() * len(idx), errors.double()])
+        seen_here += len(idx)
+        if not bar.disable and t.state["step"] % 25 == 0:  # .item() waits for the device
+            bar.set_postfix(loss=f"{totals[0].item() / seen_here:.3f}")
+    totals[2] = seen_here
+    if t.world > 1:
+        torch.distributed.all_reduce(totals)
+    loss_sum, errors, seen = totals.tolist()
+    if not math.isfinite(loss_sum):
+        raise TrainingError(
+            f"{t.name}: the training loss became {loss_sum / seen} in epoch {epoch} of "
+            f"{t.plan.epochs} (after {t.state['step']} steps); lower train.lr={t.s.lr}, set "
+            "train.grad_clip=1.0, or train.amp=false"
+        )
+    return {
+        "epoch": epoch,
+        "lr": t.optimizer.param_groups[0]["lr"],
+        "train_loss": loss_sum / seen,
+        "train_error": errors / seen,
+        "images_per_second": seen / (time.perf_counter() - epoch_start),
+    }
+
+
+def _train_step(t: Trainer, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimizer step on the images ``idx``; the batch's mean loss and its error count."""
+    s = t.s
+    xb = _gather(t.x_source, idx, t.device).contiguous(memory_format=t.memory_format)
+    yb = _gather(t.y_source, idx, t.device)
+    factor = _lr_factor(t.state["step"], steps_per_epoch=t.plan.steps_per_epoch, s=s,
+                        total=t.plan.steps)  # fmt: skip
+    for group, base in zip(t.optimizer.param_groups, t.base_lrs, strict=True):
+        group["lr"] = base * factor
+    if t.augment is not None:
+        xb = t.augment(xb)
+    if s.augment.mixup:
+        xb, yb_other, lam = mixup(xb, yb, s.augment.mixup)
+    with autocast(t.device, s.amp):
+        logits = t.net(xb)
+        loss = F.cross_entropy(logits, yb, weight=t.weight, label_smoothing=s.label_smoothing)
+        if s.augment.mixup:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(
+                logits, yb_other, weight=t.weight, label_smoothing=s.label_smoothing
             )
-            row = {
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_sum / seen,
-                "train_error": errors / seen,
-                "val_loss": val_loss,
-                "val_error": val_error,
-                "images_per_second": ips,
-            }
-            state["history"].append(row)
-            if rank == 0 and (epoch % every == 0 or epoch == plan.epochs):
-                log.info(
-                    "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
-                    "  %.0f img/s",
-                    name, epoch, plan.epochs, row["train_loss"], 1 - row["train_error"],
-                    val_loss, 1 - val_error, row["lr"], ips,
-                )  # fmt: skip
-            if not len(x_val) or plan.monitor == "last":
-                score = [epoch, 0.0]  # keep the last epoch; validation is for the record
-            elif plan.monitor == "val_loss":
-                score = [-val_loss, 1 - val_error]
-            else:
-                score = [1 - val_error, -val_loss]
-            if score > state["best"]:
-                state.update(best=score, best_epoch=epoch, stale=0)
-                state["best_state"] = copy.deepcopy(kept.state_dict())
-            else:
-                state["stale"] += 1
-                if s.patience is not None and state["stale"] >= s.patience:
-                    log.info(
-                        "%s: early stop after %d epochs without improvement", name, state["stale"]
-                    )
-                    state["finished"] = True
-            state["epoch"] = epoch
-            state["seconds"] = time.perf_counter() - start
-            if checkpoint is not None:
-                rng = _rng_states(world)  # every rank's: a collective under torch.distributed
-                if rank == 0:
-                    _save_checkpoint(checkpoint, state, model, optimizer, scaler, rng, ema)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"{name}: stopped by Ctrl-C in epoch {state['epoch'] + 1} of {plan.epochs}",
-            resumable=checkpoint is not None and state["epoch"] > 0,
-        ) from None
-    model.load_state_dict(state["best_state"])
-    log.info("%s: kept epoch %d (%s)", name, state["best_epoch"],
-             _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val)))  # fmt: skip
-    precise = None
-    if s.precise_bn:
-        precise = _precise_bn(model, x_source, x_val, y_val, plan=plan, device=device, s=s,
-                              memory_format=memory_format, seed=seed, name=name)  # fmt: skip
-    return FitResult(
-        history=state["history"],
-        best_epoch=state["best_epoch"],
-        train_seconds=time.perf_counter() - start,
-        plan=plan,
-        precise_bn=precise,
-    )
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    if s.grad_clip is not None:
+        t.scaler.unscale_(t.optimizer)
+        nn.utils.clip_grad_norm_(t.model.parameters(), s.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    if t.ema is not None:
+        t.ema.update(t.model)
+    t.state["step"] += 1
+    return loss, (logits.argmax(1) != yb).sum()
+
+
+def _record(t: Trainer, row: dict) -> None:
+    """Add the epoch's row to the history and log it (about 30 lines a run at most)."""
+    row = {k: row[k] for k in ("epoch", "lr", "train_loss", "train_error", "val_loss",
+                               "val_error", "images_per_second")}  # fmt: skip
+    t.state["history"].append(row)
+    epoch, every = row["epoch"], max(1, t.plan.epochs // 30)
+    if t.rank == 0 and (epoch % every == 0 or epoch == t.plan.epochs):
+        log.info(
+            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
+            "  %.0f img/s",
+            t.name, epoch, t.plan.epochs, row["train_loss"], 1 - row["train_error"],
+            row["val_loss"], 1 - row["val_error"], row["lr"], row["images_per_second"],
+        )  # fmt: skip
+
+
+def select(t: Trainer, row: dict, *, n_val: int) -> None:
+    """Keep the epoch's weights when it scores best (by ``plan.monitor``); count patience."""
+    epoch, val_loss, val_error = row["epoch"], row["val_loss"], row["val_error"]
+    if not n_val or t.plan.monitor == "last":
+        score = [epoch, 0.0]  # keep the last epoch; validation is for the record
+    elif t.plan.monitor == "val_loss":
+        score = [-val_loss, 1 - val_error]
+    else:
+        score = [1 - val_error, -val_loss]
+    state = t.state
+    if score > state["best"]:
+        state.update(best=score, best_epoch=epoch, stale=0)
+        state["best_state"] = copy.deepcopy(t.kept.state_dict())
+        return
+    state["stale"] += 1
+    if t.s.patience is not None and state["stale"] >= t.s.patience:
+        log.info("%s: early stop after %d epochs without improvement", t.name, state["stale"])
+        state["finished"] = True
 
 
 def _kept_phrase(monitor: str, configured: str, *, n_val: int) -> str:
