@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from pipeline import atomic, report
 from pipeline.adapt import ADAPT_BN, Decision, adapted_logits, decide
@@ -583,10 +584,43 @@ def dataset_summary(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray
 def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     """Run the comparison and write its outputs into ``run_dir``.
 
+    Stages: validate the configuration (before any file is read), prepare the data (split,
+    images, normalisation), train and evaluate each model, write the outputs.
+
     Returns:
-        The contents of ``metrics.json``.
+        The contents of ``metrics.json`` (empty on ranks other than 0 under torchrun).
     """
-    progress = cfg.progress
+    job = validate(cfg, run_dir=run_dir)
+    split = prepare(cfg, job)
+    out = Outcome()
+    for name in job.names:
+        train_and_evaluate(cfg, job, split, name, out)
+    if job.rank != 0:
+        return {}
+    metrics = assemble_metrics(cfg, job, split, out)
+    write_outputs(run_dir, metrics, split)
+    return metrics
+
+
+@dataclass
+class Job:
+    """The validated settings of one comparison run."""
+
+    names: list[str]
+    settings: TrainSettings
+    device: torch.device
+    rank: int  # under torchrun only rank 0 writes files
+    adapt_bn: bool | str
+    run_dir: Path
+    checkpoints: Path
+
+
+def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
+    """Check every setting that can be checked before a file is read; join torchrun's group.
+
+    Raises:
+        ConfigError: naming the first bad setting.
+    """
     names = model_names(cfg)
     check_data_settings(cfg.data)
     check_switches(cfg)
@@ -596,6 +630,31 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         chosen = tuple(k for k, v in configured_sizes(cfg).items() if v != AUTO)
         if {"n_fft", "win_length"} & set(chosen):
             params.check_fits(round(d.segment.length_seconds * d.sample_rate), chosen=chosen)
+    adapt_bn = check_grouping(cfg)
+    settings = train_settings(cfg)
+    checkpoints = run_dir / "checkpoints"
+    if isinstance(settings.resume, str):
+        checkpoints = Path(settings.resume) / "checkpoints"
+        if not checkpoints.is_dir():
+            raise ConfigError(
+                f"train.resume={settings.resume!r} holds no checkpoints/ folder; give the run "
+                "folder of the interrupted run, or train.resume=true with its hydra.run.dir"
+            )
+    device = setup_distributed(resolve_device(cfg.device))
+    rank, _ = rank_and_world()
+    for name in names:  # a bad model setting fails now, not after the data is read
+        build(cfg[name], name=name, n_classes=2, in_channels=1, seed=cfg.seed)
+    log.info("device %s (%s), models %s, run folder %s", device,
+             precision(device, settings.amp), names, run_dir)  # fmt: skip
+    return Job(names, settings, device, rank, adapt_bn, run_dir, checkpoints)
+
+
+def check_grouping(cfg: DictConfig) -> bool | str:
+    """``features.per_group`` and ``evaluate.adapt_bn``, checked; returns the latter.
+
+    Raises:
+        ConfigError: a value outside the rule, or one that needs groups the data lacks.
+    """
     per_group = cfg.features.get("per_group", False)
     check_per_group(per_group)
     adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", ADAPT_AUTO)
@@ -613,16 +672,110 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 "data.group_regex, e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav, or give a "
                 "data.manifest with a group column"
             )
-    settings = train_settings(cfg)
-    device = setup_distributed(resolve_device(cfg.device))
-    rank, _ = rank_and_world()  # under torchrun only rank 0 writes files
-    for name in names:  # a bad model setting fails now, not after the data is read
-        build(cfg[name], name=name, n_classes=2, in_channels=1, seed=cfg.seed)
-    log.info("device %s (%s), models %s, run folder %s", device,
-             precision(device, settings.amp), names, run_dir)  # fmt: skip
+    return adapt_bn
 
-    data = prepare_data(cfg, device=device, progress=progress)
-    params = data.params
+
+@dataclass
+class Split:
+    """The prepared data: images by split, labels, and what the outputs need of the test split.
+
+    Attributes:
+        data: the dataset as read (records, classes, raw images, settings).
+        y: class index of every window.
+        masks: {split: (n,) bool}.
+        summary: the dataset section of metrics.json.
+        normalizer: fitted on the training images.
+        images: the normalised images of every window.
+        tensors: {split: (images, labels)}.
+        test_groups: each test window's group ("" for none).
+        decision: whether the networks are also evaluated adapted.
+        data_settings: the bundle's data settings.
+    """
+
+    data: Prepared
+    y: np.ndarray
+    masks: dict[str, np.ndarray]
+    summary: dict
+    normalizer: Normalizer
+    images: np.ndarray
+    tensors: dict[str, tuple[Tensor, Tensor]]
+    test_groups: np.ndarray
+    decision: Decision
+    data_settings: dict
+
+    @property
+    def test_record(self) -> np.ndarray:
+        return self.data.extracted.record[self.masks["test"]]
+
+    @property
+    def test_paths(self) -> list[str]:
+        return [str(self.data.records[i].path) for i in self.test_record]
+
+    @property
+    def test_starts(self) -> np.ndarray:
+        ex = self.data.extracted
+        return ex.start[self.masks["test"]] / self.data.sample_rate
+
+    @property
+    def segmented(self) -> bool:
+        """Whether files were cut into several windows (then files are scored too)."""
+        record = self.data.extracted.record
+        return len(record) > len(set(record.tolist()))
+
+
+def prepare(cfg: DictConfig, job: Job) -> Split:
+    """Read, split and normalise the data; decide the adaptation."""
+    data = prepare_data(cfg, device=job.device, progress=cfg.progress)
+    y, masks, merged = split_masks(data, job.settings)
+    summary = dataset_summary(cfg, data, masks)
+    summary["val_merged_into_train"] = merged
+    ex = data.extracted
+    if job.rank == 0:
+        _write_skipped(job.run_dir / "skipped.csv", ex.skipped)
+    log.info(
+        "%d classes, %d files (%d skipped) -> windows: train %d, val %d, test %d",
+        len(data.classes), len(data.records), len(ex.skipped),
+        *(int(masks[s].sum()) for s in SPLITS),
+    )  # fmt: skip
+    normalizer, images = normalise(cfg, data, masks)
+    log.info(
+        "images %s %s in %.2f s", images.shape[1:],
+        "loaded from the feature cache" if data.cache_hit else "computed", data.seconds,
+    )  # fmt: skip
+    tensors = {
+        s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
+    }
+    records = data.records
+    test_groups = np.array(
+        [records[i].group or "" for i in ex.record[masks["test"]]], dtype=object
+    )  # fmt: skip
+    if job.adapt_bn == "group" and (test_groups == "").all():
+        raise ConfigError(
+            f"evaluate.adapt_bn={job.adapt_bn} needs each test file's group, and none of the "
+            f"{len(test_groups)} test windows has one; set data.group_regex or add a group "
+            "column to data.manifest"
+        )
+    decision = adaptation(cfg, data, masks, test_groups)
+    if decision.apply and (test_groups == "").any():
+        log.warning(
+            "evaluate.adapt_bn: %d test window(s) have no group; they form one group whose "
+            "batch-norm statistics are re-estimated together", int((test_groups == "").sum()),
+        )  # fmt: skip
+    return Split(data, y, masks, summary, normalizer, images, tensors, test_groups, decision,
+                 bundle_data_settings(cfg, data, masks))  # fmt: skip
+
+
+def split_masks(
+    data: Prepared, settings: TrainSettings
+) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Each window's class index and split masks; too small a validation split trains.
+
+    Returns:
+        ``(y, masks, merged)``: merged is the number of validation windows moved to training.
+
+    Raises:
+        ConfigError: a split is empty. DataError: a class has no training window.
+    """
     records, classes, ex = data.records, data.classes, data.extracted
     label_index = {c: i for i, c in enumerate(classes)}
     y = np.array([label_index[records[i].label] for i in ex.record], dtype=np.int64)
@@ -655,23 +808,26 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
                 f"class {c!r} has no usable training window (its files were skipped or all "
                 "went to other splits); see skipped.csv, add files or remove the class"
             )
-    summary = dataset_summary(cfg, data, masks)
-    summary["val_merged_into_train"] = merged
-    if rank == 0:
-        _write_skipped(run_dir / "skipped.csv", ex.skipped)
-    log.info(
-        "%d classes, %d files (%d skipped) -> windows: train %d, val %d, test %d",
-        len(classes), len(records), len(ex.skipped), *(int(masks[s].sum()) for s in SPLITS),
-    )  # fmt: skip
-    raw_images = ex.images
-    feature_seconds = data.seconds
+    return y, masks, merged
+
+
+def normalise(
+    cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]
+) -> tuple[Normalizer, np.ndarray]:
+    """The normaliser fitted on the training images, and every image normalised with it
+    (each group's frequency profile removed for ``features.per_group``).
+
+    Raises:
+        ConfigError: ``features.per_group`` and a file without a group.
+    """
+    records, ex = data.records, data.extracted
     normalizer = Normalizer.fit(
-        raw_images[masks["train"]],
+        ex.images[masks["train"]],
         mode=cfg.features.normalize,
         per_image=cfg.features.get("per_image", False),
         per_group=cfg.features.get("per_group", False),
     )
-    images = normalizer(raw_images)
+    images = normalizer(ex.images)
     if normalizer.per_group:
         groups = np.array([records[i].group for i in ex.record], dtype=object)
         missing = sorted({str(records[i].path) for i in ex.record[groups == None]})  # noqa: E711
@@ -686,12 +842,13 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             "features.per_group: each of %d groups' mean frequency profile removed",
             len(set(groups.tolist())),
         )
-    log.info(
-        "images %s %s in %.2f s", images.shape[1:],
-        "loaded from the feature cache" if data.cache_hit else "computed", feature_seconds,
-    )  # fmt: skip
+    return normalizer, images
 
-    data_settings = {
+
+def bundle_data_settings(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]) -> dict:
+    """What a bundle keeps of the data: rate, reading, windows, and the groups."""
+    records, ex = data.records, data.extracted
+    return {
         "sample_rate": data.sample_rate,
         **data.read,
         "segment_samples": data.seg.length,
@@ -704,145 +861,133 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             {str(records[i].group) for i in ex.record[masks["train"]] if records[i].group}
         ),
     }
-    tensors = {
-        s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
-    }
-    test_paths = [str(records[i].path) for i in ex.record[masks["test"]]]
-    test_groups = np.array(
-        [records[i].group or "" for i in ex.record[masks["test"]]], dtype=object
+
+
+@dataclass
+class Outcome:
+    """What the models gave on the test split, gathered model by model."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+    predicted: dict[str, np.ndarray] = field(default_factory=dict)
+    predicted_files: dict[str, np.ndarray] = field(default_factory=dict)  # files if cut
+    y_files: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=int))
+    adapted: dict[str, np.ndarray] = field(default_factory=dict)  # the networks', adapted
+
+
+def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: Outcome) -> None:
+    """Build, fit and test model ``name``; on rank 0 save its bundle and predictions."""
+    data, classes = split.data, split.data.classes
+    model = build(cfg[name], name=name, n_classes=len(classes),
+                  in_channels=split.images.shape[1], seed=cfg.seed)  # fmt: skip
+    x_te, y_te = split.tensors["test"]
+    ctx = Context(
+        settings=job.settings, device=job.device, seed=cfg.seed, progress=cfg.progress,
+        name=name, checkpoint=job.checkpoints / f"{name}.pt", resume=bool(job.settings.resume),
+        fingerprint=fingerprint(cfg, name, data.records, classes),
     )  # fmt: skip
-    if adapt_bn == "group" and (test_groups == "").all():
-        raise ConfigError(
-            f"evaluate.adapt_bn={adapt_bn} needs each test file's group, and none of the "
-            f"{len(test_groups)} test windows has one; set data.group_regex or add a group "
-            "column to data.manifest"
-        )
-    decision = adaptation(cfg, data, masks, test_groups)
-    if decision.apply and (test_groups == "").any():
-        log.warning(
-            "evaluate.adapt_bn: %d test window(s) have no group; they form one group whose "
-            "batch-norm statistics are re-estimated together", int((test_groups == "").sum()),
-        )  # fmt: skip
-    test_starts = ex.start[masks["test"]] / data.sample_rate
-    segmented = len(ex.record) > len(set(ex.record.tolist()))
+    extra = model.fit(*split.tensors["train"], *split.tensors["val"], ctx=ctx)
+    if model.history:
+        out.histories[name] = model.history
+    t0 = time.perf_counter()
+    scores = model.scores(x_te, ctx=ctx)
+    infer_seconds = time.perf_counter() - t0
+    if split.decision.apply and model.adapts:
+        extra.update(evaluate_adapted(cfg, job, split, name, model, out))
+    m, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes,
+                           files=split.segmented)  # fmt: skip
+    if by_file is not None:
+        out.y_files, out.predicted_files[name] = by_file
+    m.update(
+        n_params=model.n_params(),
+        train_seconds=model.train_seconds,
+        inference_images_per_second=len(x_te) / max(infer_seconds, 1e-9),
+        **extra,
+    )
+    out.results[name] = m
+    out.predicted[name] = scores.argmax(1)
+    log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
+    if job.rank != 0:
+        return
+    save_bundle(
+        job.run_dir / "models" / name, model,
+        classes=classes, data=split.data_settings, features=data.params,
+        normalizer=split.normalizer,
+        extra={"name": name, "seed": cfg.seed, "amp": job.settings.amp},
+    )  # fmt: skip
+    _write_predictions(job.run_dir / "predictions" / f"{name}.csv", split.test_paths,
+                       split.test_starts, y_te.numpy(), scores, classes)  # fmt: skip
 
-    checkpoints = run_dir / "checkpoints"
-    if isinstance(settings.resume, str):
-        checkpoints = Path(settings.resume) / "checkpoints"
-        if not checkpoints.is_dir():
-            raise ConfigError(
-                f"train.resume={settings.resume!r} holds no checkpoints/ folder; give the run "
-                "folder of the interrupted run, or train.resume=true with its hydra.run.dir"
-            )
-    results: dict[str, dict] = {}
-    histories: dict[str, list[dict]] = {}
-    predicted: dict[str, np.ndarray] = {}
-    predicted_files: dict[str, np.ndarray] = {}  # where files were cut into windows
-    y_files = np.empty(0, dtype=int)
-    adapted: dict[str, np.ndarray] = {}  # the networks' adapted predictions (files if cut)
-    for name in names:
-        model = build(cfg[name], name=name, n_classes=len(classes), in_channels=images.shape[1],
-                      seed=cfg.seed)  # fmt: skip
-        x_te, y_te = tensors["test"]
-        ctx = Context(
-            settings=settings, device=device, seed=cfg.seed, progress=progress, name=name,
-            checkpoint=checkpoints / f"{name}.pt", resume=bool(settings.resume),
-            fingerprint=fingerprint(cfg, name, records, classes),
-        )  # fmt: skip
-        extra = model.fit(*tensors["train"], *tensors["val"], ctx=ctx)
-        if model.history:
-            histories[name] = model.history
-        t0 = time.perf_counter()
-        scores = model.scores(x_te, ctx=ctx)
-        infer_seconds = time.perf_counter() - t0
-        if decision.apply and model.adapts:
-            # AdaBN: each test group also classified with batch-norm statistics of its own
-            # images, beside the plain figures.
-            t0 = time.perf_counter()
-            adapted_scores = adapted_logits(
-                model.fitted, x_te, test_groups, batch_size=model.batch_size, device=device,
-                amp=settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
-                regex_key="data.group_regex",
-            ).numpy()  # fmt: skip
-            am, a_by_file = _evaluate(adapted_scores, y_te.numpy(), ex.record[masks["test"]],
-                                      classes, files=segmented)  # fmt: skip
-            extra.update({f"adapted_{k}": am[k] for k in ADAPTED if k in am})
-            extra.update(adapt_bn=adapt_bn, adapt_seconds=time.perf_counter() - t0)
-            adapted[name] = a_by_file[1] if a_by_file is not None else adapted_scores.argmax(1)
-            if rank == 0:
-                _write_predictions(
-                    run_dir / "predictions" / f"{name}_adapted.csv", test_paths, test_starts,
-                    y_te.numpy(), adapted_scores, classes,
-                )  # fmt: skip
-        y_pred = scores.argmax(1)
-        m, by_file = _evaluate(scores, y_te.numpy(), ex.record[masks["test"]], classes,
-                               files=segmented)  # fmt: skip
-        if by_file is not None:
-            y_files, predicted_files[name] = by_file
-        m.update(
-            n_params=model.n_params(),
-            train_seconds=model.train_seconds,
-            inference_images_per_second=len(x_te) / max(infer_seconds, 1e-9),
-            **extra,
-        )
-        results[name] = m
-        predicted[name] = y_pred
-        log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
-        if rank != 0:
-            continue
-        save_bundle(
-            run_dir / "models" / name, model,
-            classes=classes, data=data_settings, features=params, normalizer=normalizer,
-            extra={"name": name, "seed": cfg.seed, "amp": settings.amp},
-        )  # fmt: skip
-        _write_predictions(
-            run_dir / "predictions" / f"{name}.csv",
-            test_paths,
-            test_starts,
-            y_te.numpy(),
-            scores,
-            classes,
-        )
 
-    if rank != 0:
-        return {}
+def evaluate_adapted(
+    cfg: DictConfig, job: Job, split: Split, name: str, model, out: Outcome
+) -> dict:
+    """AdaBN: each test group also classified with batch-norm statistics of its own images,
+    beside the plain figures; returns the adapted figures for metrics.json."""
+    x_te, y_te = split.tensors["test"]
+    classes = split.data.classes
+    t0 = time.perf_counter()
+    scores = adapted_logits(
+        model.fitted, x_te, split.test_groups, batch_size=model.batch_size, device=job.device,
+        amp=job.settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
+        regex_key="data.group_regex",
+    ).numpy()  # fmt: skip
+    am, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes,
+                            files=split.segmented)  # fmt: skip
+    extra = {f"adapted_{k}": am[k] for k in ADAPTED if k in am}
+    extra.update(adapt_bn=job.adapt_bn, adapt_seconds=time.perf_counter() - t0)
+    out.adapted[name] = by_file[1] if by_file is not None else scores.argmax(1)
+    if job.rank == 0:
+        _write_predictions(job.run_dir / "predictions" / f"{name}_adapted.csv", split.test_paths,
+                           split.test_starts, y_te.numpy(), scores, classes)  # fmt: skip
+    return extra
+
+
+def assemble_metrics(cfg: DictConfig, job: Job, split: Split, out: Outcome) -> dict:
+    """The contents of metrics.json, with McNemar's tests between the models."""
     # Windows of one file are not independent: where files were cut into windows, the test
     # compares the models' file-level predictions. Adapted networks are tested as models too.
-    plain = predicted_files if segmented else predicted
+    segmented = split.segmented
+    plain = out.predicted_files if segmented else out.predicted
     significance = pairwise_mcnemar(
-        y_files if segmented else tensors["test"][1].numpy(),
-        {**plain, **{f"{n} adapted": a for n, a in adapted.items()}},
+        out.y_files if segmented else split.tensors["test"][1].numpy(),
+        {**plain, **{f"{n} adapted": a for n, a in out.adapted.items()}},
         unit="files" if segmented else "images",
     )
-    metrics = {
-        "models": results,
-        "dataset": summary,
+    data = split.data
+    return {
+        "models": out.results,
+        "dataset": split.summary,
         "features": {
-            **params.to_dict(),
+            **data.params.to_dict(),
             "auto": auto_keys(cfg),
             "normalize": cfg.features.normalize,
-            "image_shape": list(images.shape[1:]),
-            "seconds": feature_seconds,
+            "image_shape": list(split.images.shape[1:]),
+            "seconds": data.seconds,
             "cache_key": data.cache_key,
             "cache_hit": data.cache_hit,
         },
-        "histories": histories,
+        "histories": out.histories,
         "significance": significance,
-        "adaptation": adaptation_summary(decision, adapt_bn, results, significance),
+        "adaptation": adaptation_summary(split.decision, job.adapt_bn, out.results, significance),
         "run": {
             "seed": cfg.seed,
-            "device": str(device),
-            "precision": precision(device, settings.amp),
+            "device": str(job.device),
+            "precision": precision(job.device, job.settings.amp),
             "command": _command(),
             "versions": package_versions(),
             "git_commit": report.git_commit(),
             "config": OmegaConf.to_container(cfg, resolve=True),
         },
     }
+
+
+def write_outputs(run_dir: Path, metrics: dict, split: Split) -> None:
+    """metrics.json, the figures and the reports; the table and the report's path printed."""
+    ex = split.data.extracted
     atomic.write_json(run_dir / "metrics.json", metrics)
-    report.write_figures(
-        run_dir, metrics, examples=_examples(raw_images, y, masks["train"], len(classes))
-    )
+    examples = _examples(ex.images, split.y, split.masks["train"], len(split.data.classes))
+    report.write_figures(run_dir, metrics, examples=examples)
     report_path = report.write_report(run_dir, metrics)
     print(report.summary_table(metrics))
     if ex.skipped:
@@ -850,7 +995,6 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             f"skipped {len(ex.skipped)} unreadable or unusable file(s): {run_dir / 'skipped.csv'}"
         )
     print(f"report: {report_path} and {report_path.with_suffix('.html')}")
-    return metrics
 
 
 def adaptation(
