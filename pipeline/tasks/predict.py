@@ -483,139 +483,45 @@ def predict_folder(
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
     classify = Classifier(bundle, device=device, amp=amp)
-    classes = bundle.classes
     data = bundle.data
     read = {
         k: data.get(k)
         for k in ("channels", "mat_key", "npz_key", "csv_columns", "channel_axis")
         if k in data
     }
-    length, hop, pad = data["segment_samples"], data["hop_samples"], data["pad"]
-    rate = data["sample_rate"]
-    counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
+    hop = data["hop_samples"]
     start_time = time.perf_counter()
-    reader = WindowReader(rate, read, length, hop, pad, classify.in_channels)
-    profiles = adapted = None
-    if bundle.normalizer.per_group or adapt_bn:
-        # One read of the input before the classifying one gathers what each group needs.
-        files = read_files(source, reader, workers=workers)
-        seen = group_pass(classify, files, group_pattern, keep=ADAPT_WINDOWS if adapt_bn else 0,
-                          progress=progress)  # fmt: skip
-        if bundle.normalizer.per_group:
-            profiles = group_profiles(seen, group_pattern)
-            log.info(
-                "features.per_group: profiles of %d group(s) from the input: %s",
-                len(profiles), ", ".join(repr(g) for g in profiles) or "none",
-            )  # fmt: skip
-        if adapt_bn:
-            adapted = adapt_batchnorm(
-                classify, seen, group_pattern, profiles=profiles, batch_size=batch_size
-            )
-            log.info(
-                "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
-                len(adapted), ", ".join(repr(g) for g in adapted) or "none",
-            )  # fmt: skip
-    trained_bn = batchnorm_state(classify.model) if adapted is not None else None
-    with ExitStack() as stack:
-        tmps = [stack.enter_context(atomic.atomic_path(o)) for o in outputs]
-        # Undecodable bytes of a file name (surrogates) are written escaped: valid UTF-8.
-        handles = [
-            stack.enter_context(
-                open(t, "w", newline="", encoding="utf-8", errors="backslashreplace")
-            )
-            for t in tmps
-        ]
-        files_csv, errors_csv = csv.writer(handles[0]), csv.writer(handles[1])
-        segments_csv = csv.writer(handles[2]) if len(handles) > 2 else None
-        files_csv.writerow(
-            ["path", "predicted", "confidence", "n_segments", "true"]
-            + [f"{k}_{i}" for i in range(1, top_k + 1) for k in ("label", "score")]
-        )
-        errors_csv.writerow(["path", "reason"])
-        if segments_csv:
-            segments_csv.writerow(["path", "segment", "start_seconds", "predicted", *classes])
+    reader = WindowReader(data["sample_rate"], read, data["segment_samples"], hop, data["pad"],
+                          classify.in_channels)  # fmt: skip
+    profiles, adapted = first_pass(
+        classify, source, reader, group_pattern, adapt_bn=adapt_bn, batch_size=batch_size,
+        workers=workers, progress=progress,
+    )  # fmt: skip
+    root = source if source.is_dir() else source.parent
+    with PredictionWriter(outputs, classes=bundle.classes, top_k=top_k, rule=rule,
+                          rate=data["sample_rate"]) as writer:  # fmt: skip
         pending: list[tuple[_File, np.ndarray]] = []
-        n_pending = 0
-
-        def flush() -> None:
-            nonlocal pending, n_pending
-            if not pending:
-                return
-            shift = None
-            if profiles is not None:
-                shift = np.concatenate(
-                    [np.broadcast_to(profiles[f.group], (f.n, *profiles[f.group].shape))
-                     for f, _ in pending]
-                )  # fmt: skip
-            windows = np.concatenate([w for _, w in pending])
-            if adapted is None:
-                probs = classify(windows, shift)
-            else:  # each group's windows with its own batch-norm statistics
-                group_of = np.concatenate([[f.group] * f.n for f, _ in pending])
-                probs = np.empty((len(windows), len(classes)))
-                try:
-                    for g in dict.fromkeys(group_of):
-                        rows = group_of == g
-                        use_batchnorm(classify.model, adapted[g])
-                        probs[rows] = classify(
-                            windows[rows], None if shift is None else shift[rows]
-                        )
-                finally:
-                    use_batchnorm(classify.model, trained_bn)
-            at = 0
-            for f, w in pending:
-                p = probs[at : at + f.n]
-                at += f.n
-                if not np.isfinite(p).all():
-                    errors_csv.writerow([str(f.path), overflow_reason(f.path, w)])
-                    counts["errors"] += 1
-                    continue
-                scores = aggregate(p, rule)
-                order = np.argsort(-scores)[:top_k]
-                predicted = classes[order[0]]
-                files_csv.writerow(
-                    [str(f.path), predicted, f"{scores[order[0]]:.6g}", f.n, f.true or ""]
-                    + [v for i in order for v in (classes[i], f"{scores[i]:.6g}")]
-                )
-                if segments_csv:
-                    for j, (row, s) in enumerate(zip(p, f.starts, strict=True)):
-                        segments_csv.writerow(
-                            [str(f.path), j, f"{s / rate:.6g}", classes[int(row.argmax())],
-                             *(f"{v:.6g}" for v in row)]
-                        )  # fmt: skip
-                counts["classified"] += 1
-                if f.true is not None:
-                    counts["scored"] += 1
-                    counts["correct"] += predicted == f.true
-            pending, n_pending = [], 0
-
-        root = source if source.is_dir() else source.parent
         loaded = read_files(source, reader, workers=workers)
-        bar = tqdm(loaded, desc="predict", unit="file", disable=not progress)
-        for path, windows in bar:
+        for path, windows in tqdm(loaded, desc="predict", unit="file", disable=not progress):
             if isinstance(windows, str):
-                errors_csv.writerow([str(path), windows])
-                counts["errors"] += 1
+                writer.error(path, windows)
                 continue
-            parts = path.relative_to(root).parts
-            true = parts[0] if len(parts) > 1 and parts[0] in classes else None
-            starts = np.arange(len(windows)) * hop
             group = file_group(path, group_pattern)
             if any(d is not None and group not in d for d in (profiles, adapted)):
                 # Listed or readable only since the first pass: the folder changed meanwhile.
-                reason = (f"{path}: its group {group!r} was not in the first pass: the input "
-                          "changed during the run; classify it again")  # fmt: skip
-                errors_csv.writerow([str(path), reason])
-                counts["errors"] += 1
+                writer.error(path, f"{path}: its group {group!r} was not in the first pass: "
+                             "the input changed during the run; classify it again")  # fmt: skip
                 continue
+            parts = path.relative_to(root).parts
+            true = parts[0] if len(parts) > 1 and parts[0] in bundle.classes else None
+            starts = np.arange(len(windows)) * hop
             pending.append((_File(path, true, len(windows), starts, group), windows))
-            n_pending += len(windows)
-            if n_pending >= batch_size:
-                flush()
-        flush()
-        for h in handles:
-            h.flush()
-            os.fsync(h.fileno())
+            if sum(f.n for f, _ in pending) >= batch_size:
+                writer.write(pending, score(classify, pending, profiles, adapted))
+                pending = []
+        if pending:
+            writer.write(pending, score(classify, pending, profiles, adapted))
+    counts = writer.counts
     seconds = time.perf_counter() - start_time
     return {
         **counts,
@@ -623,3 +529,150 @@ def predict_folder(
         "seconds": seconds,
         "files_per_second": (counts["classified"] + counts["errors"]) / max(seconds, 1e-9),
     }
+
+
+def first_pass(
+    classify: Classifier,
+    source: Path,
+    reader: WindowReader,
+    pattern: re.Pattern | None,
+    *,
+    adapt_bn: bool,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[dict | None, dict | None]:
+    """Each group's profile (a bundle with ``features.per_group``) and batch-norm statistics
+    (``adapt_bn``), from one read of the input before the classifying one; Nones otherwise."""
+    per_group = classify.bundle.normalizer.per_group
+    if not (per_group or adapt_bn):
+        return None, None
+    files = read_files(source, reader, workers=workers)
+    seen = group_pass(classify, files, pattern, keep=ADAPT_WINDOWS if adapt_bn else 0,
+                      progress=progress)  # fmt: skip
+    profiles = adapted = None
+    if per_group:
+        profiles = group_profiles(seen, pattern)
+        log.info(
+            "features.per_group: profiles of %d group(s) from the input: %s",
+            len(profiles), ", ".join(repr(g) for g in profiles) or "none",
+        )  # fmt: skip
+    if adapt_bn:
+        adapted = adapt_batchnorm(classify, seen, pattern, profiles=profiles, batch_size=batch_size)
+        log.info(
+            "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
+            len(adapted), ", ".join(repr(g) for g in adapted) or "none",
+        )  # fmt: skip
+    return profiles, adapted
+
+
+def score(
+    classify: Classifier,
+    pending: list[tuple[_File, np.ndarray]],
+    profiles: dict | None,
+    adapted: dict | None,
+) -> np.ndarray:
+    """Probabilities (windows, classes) of the pending files' windows, each group's with its
+    profile removed and its own batch-norm statistics where the first pass gave them."""
+    shift = None
+    if profiles is not None:
+        shift = np.concatenate(
+            [np.broadcast_to(profiles[f.group], (f.n, *profiles[f.group].shape))
+             for f, _ in pending]
+        )  # fmt: skip
+    windows = np.concatenate([w for _, w in pending])
+    if adapted is None:
+        return classify(windows, shift)
+    group_of = np.concatenate([[f.group] * f.n for f, _ in pending])
+    probs = np.empty((len(windows), len(classify.bundle.classes)))
+    trained = batchnorm_state(classify.model)
+    try:
+        for g in dict.fromkeys(group_of):
+            rows = group_of == g
+            use_batchnorm(classify.model, adapted[g])
+            probs[rows] = classify(windows[rows], None if shift is None else shift[rows])
+    finally:
+        use_batchnorm(classify.model, trained)
+    return probs
+
+
+class PredictionWriter:
+    """Owns predict's CSVs (files, errors, optional segments): written to temporary files,
+    flushed to the device and renamed into place when the run completes; counts the rows.
+
+    A file name's undecodable bytes (surrogates) are written escaped, so the CSVs stay UTF-8.
+    """
+
+    def __init__(self, outputs: list[Path], *, classes: list[str], top_k: int, rule: str,
+                 rate: int) -> None:  # fmt: skip
+        self.outputs, self.classes, self.top_k, self.rule, self.rate = (
+            outputs,
+            classes,
+            top_k,
+            rule,
+            rate,
+        )
+        self.counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> PredictionWriter:
+        tmps = [self._stack.enter_context(atomic.atomic_path(o)) for o in self.outputs]
+        self._handles = [
+            self._stack.enter_context(
+                open(t, "w", newline="", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 (closed by the stack)
+            )
+            for t in tmps
+        ]
+        self._files, self._errors = (csv.writer(h) for h in self._handles[:2])
+        self._segments = csv.writer(self._handles[2]) if len(self._handles) > 2 else None
+        self._files.writerow(
+            ["path", "predicted", "confidence", "n_segments", "true"]
+            + [f"{k}_{i}" for i in range(1, self.top_k + 1) for k in ("label", "score")]
+        )
+        self._errors.writerow(["path", "reason"])
+        if self._segments:
+            self._segments.writerow(["path", "segment", "start_seconds", "predicted",
+                                     *self.classes])  # fmt: skip
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            for h in self._handles:
+                h.flush()
+                os.fsync(h.fileno())
+        self._stack.__exit__(*exc)
+
+    def error(self, path: Path, reason: str) -> None:
+        self._errors.writerow([str(path), reason])
+        self.counts["errors"] += 1
+
+    def write(self, pending: list[tuple[_File, np.ndarray]], probs: np.ndarray) -> None:
+        """The rows of the pending files from their windows' probabilities (in order)."""
+        at = 0
+        for f, windows in pending:
+            p = probs[at : at + f.n]
+            at += f.n
+            if not np.isfinite(p).all():
+                self.error(f.path, overflow_reason(f.path, windows))
+                continue
+            self._write_file(f, p)
+
+    def _write_file(self, f: _File, p: np.ndarray) -> None:
+        classes = self.classes
+        scores = aggregate(p, self.rule)
+        order = np.argsort(-scores)[: self.top_k]
+        predicted = classes[order[0]]
+        self._files.writerow(
+            [str(f.path), predicted, f"{scores[order[0]]:.6g}", f.n, f.true or ""]
+            + [v for i in order for v in (classes[i], f"{scores[i]:.6g}")]
+        )
+        if self._segments:
+            for j, (row, s) in enumerate(zip(p, f.starts, strict=True)):
+                self._segments.writerow(
+                    [str(f.path), j, f"{s / self.rate:.6g}", classes[int(row.argmax())],
+                     *(f"{v:.6g}" for v in row)]
+                )  # fmt: skip
+        self.counts["classified"] += 1
+        if f.true is not None:
+            self.counts["scored"] += 1
+            self.counts["correct"] += predicted == f.true
