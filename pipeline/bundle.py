@@ -27,6 +27,7 @@ from torch import nn
 from pipeline import atomic
 from pipeline.errors import BundleError, ConfigError
 from pipeline.features.stft import Normalizer, STFTParams
+from pipeline.values import is_whole
 
 FORMAT_VERSION = 2
 # Version 2 adds features.per_group; bundles without it are still written as version 1,
@@ -163,11 +164,6 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
                   normalizer=normalizer, meta=meta)  # fmt: skip
 
 
-def _is_positive_int(value: object) -> bool:
-    """True for an int >= 1 (JSON's true and false are not counts)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _read_meta(folder: Path, *, key: str) -> dict:
     """``bundle.json`` of ``folder`` as a dict.
 
@@ -236,7 +232,7 @@ def _check_data(data: object, *, file: Path) -> dict:
     channel selection and the reading keys of :func:`pipeline.signals.read_signal`."""
     _require(data, _DATA_KEYS, file=file, prefix="data")
     for key in ("sample_rate", "segment_samples", "hop_samples"):
-        if not _is_positive_int(data[key]):
+        if not is_whole(data[key], minimum=1):
             raise BundleError(
                 f"{file}: data.{key}={data[key]!r} must be a positive integer; {_FIX}"
             )
@@ -349,7 +345,7 @@ def _load_network(folder: Path, meta: dict) -> nn.Module:
     config = meta["model_config"]
     if not isinstance(config, dict):
         raise BundleError(f"{file}: model_config={config!r} must be a JSON object; {_FIX}")
-    if not _is_positive_int(config.get("in_channels")):
+    if not is_whole(config.get("in_channels"), minimum=1):
         raise BundleError(
             f"{file}: model_config.in_channels={config.get('in_channels')!r} must be a positive "
             f"integer; {_FIX}"

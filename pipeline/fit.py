@@ -28,6 +28,7 @@ from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError, Interrupted, TrainingError
 from pipeline.precise_bn import precise_batchnorm
 from pipeline.runtime import amp_dtype, autocast, rank_and_world
+from pipeline.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class TrainSettings:
         if self.monitor not in MONITORS:
             raise ConfigError(f"train.monitor={self.monitor!r} must be one of {list(MONITORS)}")
         if not isinstance(self.milestones, tuple | list) or not all(
-            _is_number(m) for m in self.milestones
+            is_number(m) for m in self.milestones
         ):
             raise ConfigError(
                 f"train.milestones={self.milestones!r} must be a list of fractions of training "
@@ -176,15 +177,11 @@ NUMBERS = {
 FLAGS = ("precise_bn", "channels_last", "amp", "compile")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _check_number(key: str, value, low, high, closed: bool) -> None:
     """``train.<key>`` is a number in its range (``grad_clip`` may be null)."""
     if value is None and key == "grad_clip":
         return
-    above = _is_number(value) and (value >= low if closed else value > low)
+    above = is_number(value) and (value >= low if closed else value > low)
     if not (above and (high is None or value <= high)):
         if high is None:
             rule = "a positive number" if not closed else "0 or a positive number"

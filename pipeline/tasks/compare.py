@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ from pipeline.metrics import classification_metrics, file_level_predictions, pai
 from pipeline.models.base import Context, build
 from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
 from pipeline.signals import AUDIO_SUFFIXES, read_signal
+from pipeline.values import is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +212,10 @@ def check_switches(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be true or false")
     for key in ("seed", "data.split_seed"):
         value = OmegaConf.select(cfg, key)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        if not is_whole(value):
             raise ConfigError(f"{key}={value!r} must be a whole number 0 or above")
     batch = OmegaConf.select(cfg, "features.batch_size")
-    if batch is not None and not (
-        isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1
-    ):
+    if batch is not None and not is_whole(batch, minimum=1):
         raise ConfigError(f"features.batch_size={batch!r} must be a positive number of windows")
 
 
@@ -226,14 +226,14 @@ def check_data_settings(d: DictConfig) -> None:
         ConfigError: naming the key, the value and what it must be.
     """
     rate = d.get("sample_rate")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+    if rate is not None and not is_whole(rate, minimum=1):
         raise ConfigError(
             f"data.sample_rate={rate!r} must be a positive whole number of samples per second "
             "(1 for series without a rate), or null for the rate of the first audio file"
         )
     for key in ("length_seconds", "hop_seconds"):
         value = d.segment.get(key)
-        if value is not None and not (_is_number(value) and value > 0):
+        if value is not None and not (is_number(value) and value > 0):
             raise ConfigError(
                 f"data.segment.{key}={value!r} must be a positive number of seconds (of "
                 "samples with data.sample_rate=1), or null"
@@ -241,12 +241,8 @@ def check_data_settings(d: DictConfig) -> None:
             )
     for key in ("val_fraction", "test_fraction"):
         value = d.get(key)
-        if value is not None and not (_is_number(value) and 0 <= value < 1):
+        if value is not None and not (is_number(value) and 0 <= value < 1):
             raise ConfigError(f"data.{key}={value!r} must be a number in [0, 1), e.g. 0.15")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # Settings that change where or how fast the images are made, not what the weights learn.
@@ -262,7 +258,7 @@ def fingerprint(cfg: DictConfig, name: str, records: list[Record], classes: list
     seed, and every data, feature, model and training setting, so resuming can
     name the first one that differs.
     """
-    files = [[str(r.path), r.label, _size(r.path)] for r in records]
+    files = [[str(r.path), r.label, feature_cache.file_identity(r.path)[1]] for r in records]
     digest = hashlib.sha256(json.dumps(files).encode("utf-8")).hexdigest()[:12]
 
     def settings(prefix: str) -> dict:
@@ -282,13 +278,6 @@ def fingerprint(cfg: DictConfig, name: str, records: list[Record], classes: list
         for k, v in flat.items()
         if k not in UNFINGERPRINTED
     }
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # removed since it was listed (and skipped)
-        return -1
 
 
 def _flatten(node, prefix: str) -> dict:
@@ -340,7 +329,7 @@ def read_settings(d: DictConfig) -> dict:
     channels = OmegaConf.to_object(d.channels) if OmegaConf.is_list(d.channels) else d.channels
     if not (channels in ("mix", "all") or (
         isinstance(channels, list) and channels
-        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)
+        and all(is_whole(c) for c in channels)
     )):  # fmt: skip
         raise ConfigError(
             f"data.channels={channels!r} must be mix (their mean), all, or a non-empty list of "
@@ -703,20 +692,20 @@ class Split:
     decision: Decision
     data_settings: dict
 
-    @property
+    @cached_property
     def test_record(self) -> np.ndarray:
         return self.data.extracted.record[self.masks["test"]]
 
-    @property
+    @cached_property
     def test_paths(self) -> list[str]:
         return [str(self.data.records[i].path) for i in self.test_record]
 
-    @property
+    @cached_property
     def test_starts(self) -> np.ndarray:
         ex = self.data.extracted
         return ex.start[self.masks["test"]] / self.data.sample_rate
 
-    @property
+    @cached_property
     def segmented(self) -> bool:
         """Whether files were cut into several windows (then files are scored too)."""
         record = self.data.extracted.record

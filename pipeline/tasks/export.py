@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.bundle import load_bundle
 from pipeline.errors import BundleError, ConfigError
+from pipeline.values import is_number
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     if not isinstance(e.check, bool):
         raise ConfigError(f"export.check={e.check!r} must be true or false")
     tolerance = e.tolerance
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+    if not (is_number(tolerance) and tolerance > 0):
         raise ConfigError(
             f"export.tolerance={tolerance!r} must be a positive number (the largest absolute "
             "difference between onnxruntime's and PyTorch's logits), e.g. 1e-4"

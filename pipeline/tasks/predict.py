@@ -46,6 +46,7 @@ from pipeline.features.stft import STFTImage, finite_images, overflow_reason
 from pipeline.models.base import wrap
 from pipeline.runtime import precision, resolve_device
 from pipeline.signals import SUFFIXES, read_signal
+from pipeline.values import is_whole
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     workers = reading_workers(p.workers)
     for key in ("top_k", "batch_size"):
         value = p[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole(value, minimum=1):
             raise ConfigError(f"predict.{key}={value!r} must be a positive integer")
     for key in ("segments", "overwrite"):
         if not isinstance(p[key], bool):
@@ -497,6 +498,7 @@ def predict_folder(
         classify, source, reader, group_pattern, adapt_bn=adapt_bn, batch_size=batch_size,
         workers=workers, progress=progress,
     )  # fmt: skip
+    trained = batchnorm_state(classify.model) if adapted is not None else None
     root = source if source.is_dir() else source.parent
     with PredictionWriter(outputs, classes=bundle.classes, top_k=top_k, rule=rule,
                           rate=data["sample_rate"]) as writer:  # fmt: skip
@@ -517,10 +519,10 @@ def predict_folder(
             starts = np.arange(len(windows)) * hop
             pending.append((_File(path, true, len(windows), starts, group), windows))
             if sum(f.n for f, _ in pending) >= batch_size:
-                writer.write(pending, score(classify, pending, profiles, adapted))
+                writer.write(pending, score(classify, pending, profiles, adapted, trained))
                 pending = []
         if pending:
-            writer.write(pending, score(classify, pending, profiles, adapted))
+            writer.write(pending, score(classify, pending, profiles, adapted, trained))
     counts = writer.counts
     seconds = time.perf_counter() - start_time
     return {
@@ -571,9 +573,11 @@ def score(
     pending: list[tuple[_File, np.ndarray]],
     profiles: dict | None,
     adapted: dict | None,
+    trained: dict | None,
 ) -> np.ndarray:
     """Probabilities (windows, classes) of the pending files' windows, each group's with its
-    profile removed and its own batch-norm statistics where the first pass gave them."""
+    profile removed and its own batch-norm statistics where the first pass gave them
+    (``trained``, the network's own, restored after)."""
     shift = None
     if profiles is not None:
         shift = np.concatenate(
@@ -585,7 +589,6 @@ def score(
         return classify(windows, shift)
     group_of = np.concatenate([[f.group] * f.n for f, _ in pending])
     probs = np.empty((len(windows), len(classify.bundle.classes)))
-    trained = batchnorm_state(classify.model)
     try:
         for g in dict.fromkeys(group_of):
             rows = group_of == g
