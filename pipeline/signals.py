@@ -1,9 +1,19 @@
-"""Read one signal file of any supported format into a :class:`Signal`.
+r"""Read one signal file of any supported format into a :class:`Signal`.
 
 Every reader returns float32 samples of shape (channels, samples) and a sample
 rate. Files with no intrinsic rate (NumPy arrays) take the rate the caller
 gives; audio files at another rate are resampled with scipy's polyphase
 filter. Every failure is a :class:`SignalError` naming the file and the fix.
+
+A ``.mat`` file's variable is chosen by ``mat_key``, a regular expression that
+must match exactly one variable name (``re.search``, e.g. ``DE_time``). A key
+of the form ``<regex>.<field>[.<field>...]`` (``bearing.gs``, ``a.b.c``) is a
+field path: the part before the first dot is the regex, matching exactly one
+struct variable, and each later part an exact field name (a letter, then
+letters, digits or ``_``). MATLAB names hold no dots, so in the regex part
+write ``\w`` where "any character" is meant; a key whose dots are not followed
+by a field name (``X.*``) stays a plain regex. v7.3 (HDF5) files are read the
+same way, a struct being a group of datasets.
 """
 
 from __future__ import annotations
@@ -72,13 +82,9 @@ def read_signal(
     csv_columns: list[int | str] | None = None,
     channel_axis: str = "auto",
 ) -> Signal:
-    r"""Read ``path`` and return it at ``sample_rate`` with the chosen channels.
+    """Read ``path`` and return it at ``sample_rate`` with the chosen channels.
 
-    Two-dimensional arrays (``.npy``, ``.npz``, ``.mat``) are oriented by
-    ``channel_axis``; with ``auto`` they are taken as (channels, samples) when
-    they have fewer rows than columns, else as (samples, channels), since a
-    recording usually has more samples than channels. Channels are mixed in
-    float64, and the final float32 samples are checked to be finite.
+    Channels are mixed in float64; the float32 result is checked to be finite.
 
     Args:
         path: a file with one of :data:`SUFFIXES`.
@@ -88,23 +94,17 @@ def read_signal(
         channels: ``"mix"`` averages all channels into one, ``"all"`` keeps
             them, a list of indices keeps those channels in that order.
         mat_key: regular expression that must match exactly one variable name
-            of a ``.mat`` file (``re.search``, e.g. ``DE_time``); None takes the
-            only numeric variable. A key of the form ``<regex>.<field>[.<field>...]``
-            (``bearing.gs``, ``a.b.c``) is a field path: the part before the first
-            dot is the regex, matching exactly one struct variable, and each later
-            part an exact field name (a letter, then letters, digits or ``_``).
-            MATLAB names hold no dots, so in the regex part write ``\w`` where
-            "any character" is meant; a key whose dots are not followed by a field
-            name (``X.*``) stays a plain regex. v7.3 (HDF5) files are read the
-            same way, a struct being a group of datasets.
+            of a ``.mat`` file, or a field path ``<regex>.<field>...`` (see the
+            module docstring); None takes the only numeric variable.
         npz_key: the array of a ``.npz`` file; None takes the only array.
         csv_columns: columns of a ``.csv``/``.txt`` file, by index or header
             name; None takes every column.
         channel_axis: which axis of a 2-D ``.npy``/``.npz``/``.mat`` array
-            holds the channels: ``auto`` (the shorter one), ``first`` (rows are
-            channels: (channels, samples)) or ``last`` (columns are channels:
-            (samples, channels)). It does not apply to text files, whose columns
-            are always channels, nor to audio files, whose format says.
+            holds the channels: ``first`` (rows are channels: (channels, samples)),
+            ``last`` (columns are channels: (samples, channels)) or ``auto``: the
+            shorter axis, since a recording usually has more samples than
+            channels. It does not apply to text files, whose columns are always
+            channels, nor to audio files, whose format says.
 
     Returns:
         The signal, float32 of shape (channels, samples).
@@ -116,18 +116,37 @@ def read_signal(
         ConfigError: ``channel_axis``, ``channels`` or ``mat_key`` is not a
             value this function accepts.
     """
+    _check_channel_axis(channel_axis)
+    path = Path(path)
+    raw, source_rate = _read_file(
+        path,
+        sample_rate=sample_rate,
+        mat_key=mat_key,
+        npz_key=npz_key,
+        csv_columns=csv_columns,
+        channel_axis=channel_axis,
+    )
+    _check_samples(raw, path)
+    samples = select_channels(raw, channels, path=path)
+    if source_rate != sample_rate:
+        samples = resample(samples, source_rate, sample_rate)
+    samples = _as_float32(samples, raw, path, source_rate=source_rate, sample_rate=sample_rate)
+    return Signal(samples, sample_rate, source_rate)
+
+
+def _check_channel_axis(channel_axis: str) -> None:
     if channel_axis not in CHANNEL_AXES:
         raise ConfigError(
             f"data.channel_axis={channel_axis!r} must be one of {', '.join(CHANNEL_AXES)}: "
             "first when the rows of a 2-D array are channels, last when its columns are, "
             "auto to take the shorter axis as channels"
         )
-    path = Path(path)
+
+
+def _read_file(path: Path, **settings) -> tuple[np.ndarray, int]:
+    """:func:`_read_samples`, a parser's own error turned into a :class:`SignalError`."""
     try:
-        samples, source_rate = _read_samples(
-            path, sample_rate=sample_rate, mat_key=mat_key, npz_key=npz_key,
-            csv_columns=csv_columns, channel_axis=channel_axis,
-        )  # fmt: skip
+        return _read_samples(path, **settings)
     except (SignalError, ConfigError):
         raise
     except Exception as err:  # a parser's own error on a damaged file (scipy's MatReadError,
@@ -137,6 +156,10 @@ def read_signal(
             f"{path}: cannot be read as a {path.suffix.lower()} file ({type(err).__name__}: "
             f"{reason}); re-export or remove it"
         ) from err
+
+
+def _check_samples(samples: np.ndarray, path: Path) -> None:
+    """Refuses a file's samples (channels, samples) that are empty, not finite or all zero."""
     if samples.shape[-1] == 0:
         raise SignalError(f"{path}: the file holds no samples; remove it or replace it")
     finite = np.isfinite(samples)
@@ -148,10 +171,15 @@ def read_signal(
         )
     if not samples.any():
         raise SignalError(f"{path}: every sample is zero; a silent file carries no class")
-    raw = samples
-    samples = select_channels(samples, channels, path=path)
-    if source_rate != sample_rate:
-        samples = resample(samples, source_rate, sample_rate)
+
+
+def _as_float32(
+    samples: np.ndarray, raw: np.ndarray, path: Path, *, source_rate: int, sample_rate: int
+) -> np.ndarray:
+    """``samples`` as contiguous float32, refused if a value left float32's range.
+
+    ``raw`` is the file's samples before mixing and resampling, for the message.
+    """
     with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
         samples = np.ascontiguousarray(samples, dtype=np.float32)
     if not np.isfinite(samples).all():
@@ -165,7 +193,7 @@ def read_signal(
             f"(±{float(np.finfo(np.float32).max):.3g}) after {step}; such values are rarely "
             "a signal (bytes of another type read as floats?): check the file, or rescale it"
         )
-    return Signal(samples, sample_rate, source_rate)
+    return samples
 
 
 def _read_samples(
