@@ -59,45 +59,135 @@ def test_train_benchmark_prints_both_rates_and_the_ratio(capsys):
     assert ratio_agrees(ratio, rates["pipeline"], rates["bare"])
 
 
-def _fold(acc: float, file_acc: float, seconds: float = 60.0) -> dict:
-    """The parts of a run's metrics.json that the FSDD tables read."""
-    scores = {"accuracy": acc, "macro_f1": acc - 0.01, "file_accuracy": file_acc,
-              "train_seconds": seconds, "best_epoch": 3}  # fmt: skip
+def _scores(file_acc: float) -> dict:
+    """A model's figures in a run's metrics.json, as the FSDD tables read them."""
     return {
-        "models": {"resnet": dict(scores), "svm": dict(scores, file_accuracy=file_acc - 0.1)},
-        "dataset": {"n_val": 0},
-        "histories": {},
-        "run": {"device": "cpu"},
+        "accuracy": file_acc - 0.01,
+        "macro_f1": file_acc - 0.02,
+        "file_accuracy": file_acc,
+        "train_seconds": 60.0,
     }
 
 
-def test_fsdd_tables_give_mean_and_std_over_seeds():
-    from pipeline.bench.fsdd import merge_seeds, render
+def _fold(speaker: str, seed: int, acc: float, *, counts=(3, 1), adapted=(2, 2)) -> dict:
+    """A leave-one-speaker-out run's metrics.json: resnet scores ``acc``, the SVM 0.1 less;
+    McNemar's discordant counts (resnet only, svm only) plain and adapted."""
+    resnet = dict(_scores(acc), adapted_accuracy=acc + 0.04, adapted_file_accuracy=acc + 0.05)
+    pair = {"n": 50, "p_value": 0.5, "p_holm": 0.5, "unit": "files"}
+    return {
+        "models": {"resnet": resnet, "svm": _scores(acc - 0.1)},
+        "dataset": {"n_val": 0, "groups": {"train": [], "val": [], "test": [speaker]}},
+        "significance": [
+            {"a": "resnet", "b": "svm", **pair, "a_only": counts[0], "b_only": counts[1]},
+            {"a": "svm", "b": "resnet adapted", **pair, "a_only": adapted[0], "b_only": adapted[1]},
+        ],
+        "run": {
+            "device": "cpu",
+            "precision": "bfloat16",
+            "seed": seed,
+            "git_commit": "0123456789abcdef-dirty",
+        },
+    }
 
-    merged = merge_seeds([_fold(0.80, 0.90, 50), _fold(0.70, 0.70, 70)])
-    r = merged["models"]["resnet"]
-    assert r["seeds"] == 2 and r["file_accuracy"] == pytest.approx(0.80)
-    assert r["std"]["file_accuracy"] == pytest.approx(0.1414, abs=1e-4)  # ddof 1
-    assert r["train_seconds"] == pytest.approx(60)
-    assert merge_seeds([_fold(0.8, 0.9)]) == _fold(0.8, 0.9)  # one seed: as it was
 
-    results = {"loso-theo": merged, "loso-lucas": merge_seeds([_fold(1.0, 1.0), _fold(1.0, 1.0)])}
-    text = render(results, {}, models=["resnet", "svm"], commands=[], extra=[], seeds="0,1")
-    assert "Every setting ran once per seed (0, 1)" in text
-    assert "| theo | 0.8000 ± 0.1414 | 0.7000 ± 0.1414 |" in text
-    assert "| lucas | 1.0000 ± 0.0000 | 0.9000 ± 0.0000 |" in text
-    assert "| **mean** | **0.9000** | **0.8000** |" in text
-    assert "only 2 of six speakers so far" in text  # the targets read the means
+def _sweep(folder: Path, runs: list[tuple[str, dict]]) -> Path:
+    """A finished sweep as Hydra and the sweep summary leave it: one run folder per job
+    (metrics.json and .hydra/overrides.yaml, from ``(setting override, metrics)``),
+    multirun.yaml and summary.json."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from pipeline import atomic, summary
+
+    for job, (override, metrics) in enumerate(runs):
+        run = folder / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        overrides = [o for o in (override, f"seed={metrics['run']['seed']}") if o]
+        OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    task = ["+experiment=fsdd", "seed=0,1"]
+    saved = {"task": task, "hydra": [f"hydra.sweep.dir={folder}", "hydra.mode=MULTIRUN"]}
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": saved}}), folder / "multirun.yaml")
+    atomic.write_json(folder / "summary.json", summary.summarise(folder))
+    return folder
 
 
-def test_fsdd_header_names_the_precision_and_the_kind_of_cpu():
+def _loso(folder: Path, **kwargs) -> Path:
+    """Two folds (theo: resnet 0.9 and 0.7 by seed; lucas: 1.0 twice), two seeds each."""
+    runs = [
+        (f"data.test_groups=[{speaker}]", _fold(speaker, seed, acc, **kwargs))
+        for speaker, accs in (("theo", (0.9, 0.7)), ("lucas", (1.0, 1.0)))
+        for seed, acc in enumerate(accs)
+    ]
+    return _sweep(folder, runs)
+
+
+def _render(runs: Path, *args: str) -> str:
+    output = runs / "BENCH.md"
+    argv = ["fsdd", "--render-only", "--runs", str(runs), "--output", str(output), *args]
+    assert main(argv) == 0
+    return output.read_text()
+
+
+def test_fsdd_benchmark_is_two_ordinary_multiruns(tmp_path):
+    from pipeline.bench.fsdd import SPEAKERS, commands
+
+    sweeps = commands(
+        tmp_path / "rec",
+        runs=tmp_path / "runs",
+        seeds="0,1",
+        speakers=SPEAKERS,
+        official=True,
+        overrides=["train.epochs=3"],
+    )
+    assert list(sweeps) == ["official", "loso"]
+    common = [
+        "-m",
+        "pipeline.run",
+        "-m",
+        "+experiment=fsdd",
+        f"data.root={tmp_path / 'rec'}",
+        "seed=0,1",
+        "progress=false",
+        "train.epochs=3",
+    ]
+    assert sweeps["official"][1:] == [*common, f"hydra.sweep.dir={tmp_path / 'runs/official'}"]
+    folds = "data.test_groups=[george],[jackson],[lucas],[nicolas],[theo],[yweweler]"
+    loso = [*common, "data.split=group", folds, f"hydra.sweep.dir={tmp_path / 'runs/loso'}"]
+    assert sweeps["loso"][1:] == loso
+    only = commands(
+        tmp_path, runs=tmp_path, seeds="0", speakers=["theo"], official=False, overrides=[]
+    )
+    assert list(only) == ["loso"] and "data.test_groups=[theo]" in only["loso"]
+
+
+def test_fsdd_tables_give_mean_and_std_over_seeds_from_the_sweep_summary(tmp_path):
+    _loso(tmp_path / "loso")
+    official = [("", _fold("all", seed, acc)) for seed, acc in ((0, 0.99), (1, 0.97))]
+    _sweep(tmp_path / "official", official)
+    text = _render(tmp_path)
+    assert "each score is the mean ± standard deviation over the seeds (0, 1)" in text
+    assert "| held-out speaker | resnet | svm | resnet adapted |" in text
+    assert "| theo | 0.8000 ± 0.1414 | 0.7000 ± 0.1414 | 0.8500 ± 0.1414 |" in text  # ddof 1
+    assert "| lucas | 1.0000 ± 0.0000 | 0.9000 ± 0.0000 | 1.0500 ± 0.0000 |" in text
+    # per seed the mean over the folds (0.95, 0.85), then their mean and std over the seeds
+    assert "| **mean** | **0.9000 ± 0.0707** | **0.8000 ± 0.0707** | **0.9500 ± 0.0707** |" in text
+    # the official split's table is the sweep summary's own (best mean in bold)
+    assert "| resnet | **0.9700 ± 0.0141** |" in text
+    # the commands as Hydra recorded them in each sweep folder, official split first
+    commands = re.findall(r"^python -m pipeline.run -m .*$", text, flags=re.M)
+    assert commands == [
+        f"python -m pipeline.run -m +experiment=fsdd seed=0,1 hydra.sweep.dir={tmp_path / name}"
+        for name in ("official", "loso")
+    ]
+    assert "at commit 0123456-dirty" in text
+
+
+def test_fsdd_header_names_the_precision_and_the_kind_of_cpu(tmp_path):
     """The same seed scores differently on another kind of CPU, so the tables name theirs."""
-    from pipeline.bench.fsdd import render
-
-    fold = _fold(0.9, 0.9)
-    fold["run"]["precision"] = "bfloat16"
-    header = render({"loso-theo": fold}, {}, models=["resnet", "svm"], commands=[], extra=[])
-    line = next(ln for ln in header.splitlines() if "Machine:" in ln)
+    _loso(tmp_path / "loso")
+    line = next(ln for ln in _render(tmp_path, "--no-official").splitlines() if "Machine:" in ln)
     assert "Machine: cpu (bfloat16); " in line
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -106,40 +196,109 @@ def test_fsdd_header_names_the_precision_and_the_kind_of_cpu():
             assert " ".join(names[0].split()) in line
 
 
-def test_fsdd_pools_mcnemar_over_the_folds_files():
+def test_fsdd_pools_mcnemar_over_the_folds_files(tmp_path):
     from scipy.stats import binomtest
 
-    from pipeline.bench.fsdd import merge_seeds, render
+    from pipeline.bench.fsdd import pooled_mcnemar, read_sweep
     from pipeline.metrics import holm
 
-    folds = {}
-    for speaker, (a_only, b_only) in (("theo", (3, 1)), ("lucas", (4, 0))):
-        m = _fold(0.9, 0.9)
-        m["significance"] = [{"a": "resnet", "b": "svm", "n": 50, "a_only": a_only,
-                              "b_only": b_only, "p_value": 0.5, "unit": "files"}]  # fmt: skip
-        # resnet right on files 0-39, svm on 5-44 (theo) or 10-49 (lucas): 5 or 10 each way;
-        # svm's files in the reverse order: they are paired by name
-        shift = 5 if speaker == "theo" else 10
-        m["adapted"] = {"resnet": 0.8, "svm": 0.8}
-        m["adapted_files"] = {
-            "resnet": {f"{i}_{speaker}.wav": i < 40 for i in range(50)},
-            "svm": {f"{i}_{speaker}.wav": shift <= i < 40 + shift for i in reversed(range(50))},
-        }
-        folds[f"loso-{speaker}"] = m
-    text = render(folds, {}, models=["resnet", "svm"], commands=[], extra=[])
-    assert "### McNemar's test over all held-out files" in text
-    # the folds' discordant counts add up: 7 against 1; then 15 against 15 adapted
-    p = holm([binomtest(7, 8, 0.5).pvalue, binomtest(15, 30, 0.5).pvalue])
-    assert f"| resnet vs svm | 100 | 7 | 1 | {p[0]:.3g} |" in text
-    assert f"| resnet vs svm adapted | 100 | 15 | 15 | {p[1]:.3g} |" in text
-    # a pair that one fold did not test is left out, not summed over the others
-    folds["loso-lucas"]["significance"] = []
-    text = render(folds, {}, models=["resnet", "svm"], commands=[], extra=[])
-    assert "| resnet vs svm |" not in text and "| resnet vs svm adapted |" in text
-    # merged over seeds, each file counted once per seed: no pooled test
-    merged = {k: merge_seeds([m, m]) for k, m in folds.items()}
-    text = render(merged, {}, models=["resnet", "svm"], commands=[], extra=[], seeds="0,1")
-    assert "McNemar's test over all held-out files" not in text
+    settings = read_sweep(_loso(tmp_path / "loso", counts=(3, 1), adapted=(1, 4)))["settings"]
+    rows = pooled_mcnemar(settings)
+    # per seed, the two folds' discordant counts add up: 6 against 2, adapted 2 against 8
+    got = [(r["a"], r["b"], r["seed"], r["n"], r["a_only"], r["b_only"]) for r in rows]
+    assert got == [
+        ("resnet", "svm", 0, 100, 6, 2),
+        ("svm", "resnet adapted", 0, 100, 2, 8),
+        ("resnet", "svm", 1, 100, 6, 2),
+        ("svm", "resnet adapted", 1, 100, 2, 8),
+    ]
+    p = holm([binomtest(*c, 0.5).pvalue for c in ((6, 8), (2, 10)) * 2])
+    assert [r["p_holm"] for r in rows] == pytest.approx(p)
+    text = _render(tmp_path, "--no-official")
+    assert "| svm vs resnet adapted | 1 | 100 | 2 | 8 |" in text
+    # a pair that one fold did not test is left out of that seed, not summed over the others
+    settings[1]["metrics"][0]["significance"] = settings[1]["metrics"][0]["significance"][1:]
+    got = [(r["a"], r["b"], r["seed"]) for r in pooled_mcnemar(settings)]
+    assert got == [("svm", "resnet adapted", 0), ("resnet", "svm", 1), ("svm", "resnet adapted", 1)]
+
+
+def test_fsdd_benchmark_rewrites_only_its_own_section(tmp_path):
+    """The development suite's section and hand-written notes outside the markers are kept."""
+    _loso(tmp_path / "loso")
+    old = (
+        "<!-- suite -->\nthe table\n<!-- /suite -->\n\n# FSDD\nhand-written notes\n\n"
+        "<!-- fsdd -->\nold tables\n<!-- /fsdd -->\n\nPublished figures\n"
+    )
+    (tmp_path / "BENCH.md").write_text(old)
+    text = _render(tmp_path, "--no-official")
+    assert "old tables" not in text and "| theo |" in text
+    head, tail = old.split("<!-- fsdd -->")[0], old.split("<!-- /fsdd -->")[1]
+    assert text.startswith(head + "<!-- fsdd -->\n") and text.endswith("<!-- /fsdd -->" + tail)
+    assert _render(tmp_path, "--no-official") == text  # rendering again changes nothing
+
+
+def test_fsdd_render_only_needs_finished_sweeps(tmp_path, capsys):
+    argv = ["fsdd", "--render-only", "--runs", str(tmp_path), "--output", str(tmp_path / "B.md")]
+    assert main(argv) == 2
+    assert f"{tmp_path / 'official' / 'summary.json'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "B.md").exists()
+
+
+def _tones(folder: Path, *, speakers: str, takes: int) -> Path:
+    """FSDD-like files ``<digit>_<speaker>_<take>.wav`` at 8 kHz: digit d is a tone of
+    (d + 2) x 100 Hz, 0.3 s, each speaker a little higher or lower and noisy."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    t = np.arange(2400) / 8000
+    for digit in range(3):
+        for k, speaker in enumerate(speakers.split(",")):
+            for take in range(takes):
+                tone = np.sin(2 * np.pi * (digit + 2) * 100 * (1 + 0.03 * k) * t)
+                noisy = 0.5 * tone + 0.05 * rng.standard_normal(t.size)
+                sf.write(folder / f"{digit}_{speaker}_{take}.wav", noisy.astype(np.float32), 8000)
+    return folder
+
+
+@pytest.mark.slow
+def test_fsdd_benchmark_end_to_end_on_tiny_tones(tmp_path):
+    """python -m pipeline.bench fsdd as a user runs it: two multiruns (SVM only, one seed)."""
+    import subprocess
+    import sys
+
+    from pipeline.bench.fsdd import REPO
+
+    root = _tones(tmp_path / "recordings", speakers="anna,bob,carl", takes=7)
+    output = tmp_path / "BENCH.md"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.bench",
+        "fsdd",
+        "--root",
+        str(root),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--output",
+        str(output),
+        "--speakers",
+        "anna,bob",
+        "--seeds",
+        "0",
+        "models=[svm]",
+        "svm.cv=2",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = output.read_text()
+    assert "### Official split" in text and "one run each, seed 0" in text
+    assert re.search(r"^\| anna \| [\d.]+ \|$", text, flags=re.M), text
+    assert re.search(r"^\| bob \| [\d.]+ \|$", text, flags=re.M), text
+    assert "'data.test_groups=[anna],[bob]'" in text
+    for sweep in ("official", "loso"):
+        assert (tmp_path / "runs" / sweep / "summary.json").is_file()
 
 
 def test_holm_adjusts_in_the_given_order():
@@ -149,25 +308,3 @@ def test_holm_adjusts_in_the_given_order():
     assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
     assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
     assert holm([]) == []
-
-
-def test_fsdd_reuses_a_run_folder_only_with_the_same_config_and_precision(tmp_path):
-    import json
-
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from pipeline.bench.fsdd import REPO, _same_config
-    from pipeline.runtime import precision, resolve_device
-
-    overrides = ["+experiment=fsdd", "data.split=group", "data.test_groups=[theo]"]
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides)
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
-    here = precision(resolve_device(cfg.device), cfg.train.amp)
-    for used, same in ((here, True), (None, True), ("float16", False)):
-        run = {} if used is None else {"precision": used}
-        (tmp_path / "metrics.json").write_text(json.dumps({"run": run}))
-        assert _same_config(tmp_path, overrides) is same
-    assert not _same_config(tmp_path, [*overrides, "train.epochs=3"])

@@ -68,13 +68,23 @@ def test_suite_runs_the_cli_and_writes_its_table_above_what_the_file_held(tmp_pa
     assert output.read_text().count("<!-- suite -->") == 1
 
 
-def test_the_fsdd_benchmark_keeps_the_suite_and_its_notes_when_it_rewrites_the_file():
-    from pipeline.bench.fsdd import keep_sections, kept
+def test_suite_reuses_a_run_folder_only_with_the_same_config_and_precision(tmp_path):
+    import json
 
-    old = ("<!-- suite -->\nthe table\n<!-- /suite -->\n\n<!-- suite-notes -->\nwhy\n"
-           "<!-- /suite-notes -->\n\n# FSDD\n<!-- notes -->\nhand\n<!-- /notes -->\n")  # fmt: skip
-    new = "<!-- suite -->\n<!-- /suite -->\n\n# FSDD, again\n<!-- notes -->\n<!-- /notes -->\n"
-    text = keep_sections(old, new)
-    assert kept(text, "suite") == "the table" and kept(text, "suite-notes") == "why"
-    assert kept(text, "notes") == "hand" and "again" in text
-    assert text.index("suite-notes") < text.index("# FSDD")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline.bench.suite import REPO, _same_config
+    from pipeline.runtime import precision, resolve_device
+
+    overrides = ["+experiment=fsdd", "data.split=group", "data.test_groups=[theo]"]
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    here = precision(resolve_device(cfg.device), cfg.train.amp)
+    for used, same in ((here, True), (None, False), ("float16", False)):
+        run = {} if used is None else {"precision": used}
+        (tmp_path / "metrics.json").write_text(json.dumps({"run": run}))
+        assert _same_config(tmp_path, overrides) is same
+    assert not _same_config(tmp_path, [*overrides, "train.epochs=3"])

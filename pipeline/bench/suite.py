@@ -27,16 +27,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
+import shlex
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.bench.fsdd import REPO, _device_line, run_cli, splice
+from pipeline.bench.fsdd import REPO, _device_line, splice
 from pipeline.bench.traces import write_traces
+from pipeline.runtime import precision, resolve_device
 
 MODELS = ("resnet", "plain_cnn", "svm")
 FSDD_OFFICIAL = ["data.split=regex", "data.test_regex='_[0-4]\\.wav$'"]
@@ -192,6 +198,49 @@ def targets(rows: dict[str, dict]) -> list[str]:
         + ("**met**." if not below else f"**not met** on {', '.join(below)}.")
     )
     return out
+
+
+def run_cli(overrides: list[str], run_dir: Path, *, log) -> dict:
+    """One ``python -m pipeline.run`` with ``overrides``; returns its metrics.json.
+
+    A run folder that already holds a finished run of the same configuration (Hydra's
+    .hydra/config.yaml) is read instead of run again, so an interrupted suite picks
+    up where it stopped.
+    """
+    cmd = [sys.executable, "-m", "pipeline.run", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd.append("progress=false")
+    log(" ".join(shlex.quote(c) for c in cmd[1:]))
+    done, wall = run_dir / "metrics.json", run_dir / "wall_seconds.txt"
+    if done.exists() and _same_config(run_dir, cmd[3:]):
+        metrics = json.loads(done.read_text())
+        if wall.exists():  # the run's own wall time, kept when it was run
+            metrics["_wall_seconds"] = float(wall.read_text())
+        return metrics
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    metrics = json.loads(done.read_text())
+    metrics["_wall_seconds"] = time.perf_counter() - t0
+    atomic.write_text(wall, f"{metrics['_wall_seconds']:.1f}\n")
+    return metrics
+
+
+def _same_config(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``run_dir`` was run with ``overrides``, today's configuration files and the
+    precision the networks would train in here (bf16 or float32 on a CPU, by whether it
+    computes bf16 natively)."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        return False
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        now = compose("config", [o for o in overrides if not o.startswith("hydra.")])
+    if OmegaConf.to_container(OmegaConf.load(saved)) != OmegaConf.to_container(now):
+        return False
+    used = json.loads((run_dir / "metrics.json").read_text())["run"].get("precision")
+    return used == precision(resolve_device(now.device), now.train.amp)
 
 
 def main(argv: list[str]) -> int:
