@@ -261,6 +261,35 @@ def _init_weights(m: nn.Module, generator: torch.Generator) -> None:
         nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
 
+def _check_options(
+    *, stem: str, shortcut: str, residual: bool, zero_init_residual: bool, drop_path: float
+) -> None:
+    """Refuses the :class:`ResNet` options that are unknown or contradict each other."""
+    if stem not in STEMS:
+        raise ConfigError(f"stem={stem!r} must be one of 'imagenet', 'small'")
+    if shortcut not in SHORTCUTS:
+        raise ConfigError(f"shortcut={shortcut!r} must be one of 'A', 'B', 'C'")
+    if zero_init_residual and not residual:
+        raise ConfigError(
+            "zero_init_residual=True needs residual=True: the plain twin has no shortcut, "
+            "so zeroing the last batch norm of every block would zero the whole network; "
+            "set zero_init_residual=False"
+        )
+    if isinstance(drop_path, bool) or not isinstance(drop_path, int | float):
+        raise ConfigError(f"drop_path={drop_path!r} must be a number in [0, 1), e.g. 0.2")
+    if not 0.0 <= drop_path < 1.0:
+        raise ConfigError(
+            f"drop_path={drop_path!r} must be in [0, 1): it is the probability of dropping "
+            "the last block's residual branch; 0.1 to 0.5 are usual"
+        )
+    if drop_path > 0 and not residual:
+        raise ConfigError(
+            f"drop_path={drop_path!r} needs residual=True: stochastic depth drops a block's "
+            "residual branch and keeps its shortcut, and the plain twin has none; "
+            "set drop_path=0"
+        )
+
+
 class ResNet(nn.Module):
     """A residual network, or its plain twin, for images of any size.
 
@@ -277,7 +306,8 @@ class ResNet(nn.Module):
             convolution, no pool).
         shortcut: ``"A"`` zero-padding identity, ``"B"`` projection where the
             dimensions change and identity elsewhere, ``"C"`` projection on
-            every block (paper section 4.1).
+            every block (paper section 4.1); the paper uses A on CIFAR and B on
+            ImageNet.
         residual: ``False`` removes every shortcut (the plain twin).
         zero_init_residual: Start each residual branch at zero; needs
             ``residual=True``.
@@ -312,29 +342,13 @@ class ResNet(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ConfigError(f"stem={stem!r} must be one of 'imagenet', 'small'")
-        if shortcut not in SHORTCUTS:
-            raise ConfigError(f"shortcut={shortcut!r} must be one of 'A', 'B', 'C'")
-        if zero_init_residual and not residual:
-            raise ConfigError(
-                "zero_init_residual=True needs residual=True: the plain twin has no shortcut, "
-                "so zeroing the last batch norm of every block would zero the whole network; "
-                "set zero_init_residual=False"
-            )
-        if isinstance(drop_path, bool) or not isinstance(drop_path, int | float):
-            raise ConfigError(f"drop_path={drop_path!r} must be a number in [0, 1), e.g. 0.2")
-        if not 0.0 <= drop_path < 1.0:
-            raise ConfigError(
-                f"drop_path={drop_path!r} must be in [0, 1): it is the probability of dropping "
-                "the last block's residual branch; 0.1 to 0.5 are usual"
-            )
-        if drop_path > 0 and not residual:
-            raise ConfigError(
-                f"drop_path={drop_path!r} needs residual=True: stochastic depth drops a block's "
-                "residual branch and keeps its shortcut, and the plain twin has none; "
-                "set drop_path=0"
-            )
+        _check_options(
+            stem=stem,
+            shortcut=shortcut,
+            residual=residual,
+            zero_init_residual=zero_init_residual,
+            drop_path=drop_path,
+        )
         self.config: dict | None = None
         self.shortcut_kind = shortcut
         self.residual = residual
@@ -356,7 +370,10 @@ class ResNet(nn.Module):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+        self._init_weights(generator, zero_init_residual=zero_init_residual)
 
+    def _init_weights(self, generator: torch.Generator, *, zero_init_residual: bool) -> None:
+        """Initialise every module from ``generator``, the twins' shared layers first."""
         # Projection shortcuts last, so the layers both twins have get the same draws.
         shortcuts = [m for m in self.modules() if isinstance(m, ProjectionShortcut)]
         in_shortcut = {id(m) for proj in shortcuts for m in proj.modules()}
@@ -447,52 +464,19 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def build_resnet(
-    *,
-    num_classes: int,
-    in_channels: int = 1,
-    arch: str = "cifar",
-    depth: int = 20,
-    width: float = 1.0,
-    shortcut: str = "B",
-    residual: bool = True,
-    zero_init_residual: bool = False,
-    stem: str = "small",
-    drop_path: float = 0.0,
-) -> ResNet:
-    """Build a ResNet (or its plain twin) from keyword arguments.
-
-    Args:
-        num_classes: Number of output logits.
-        in_channels: Channels of the input image.
-        arch: ``"cifar"`` (depth ``6n + 2``, basic blocks, widths 16/32/64) or
-            one of ``"resnet18"``, ``"resnet34"``, ``"resnet50"``,
-            ``"resnet101"``, ``"resnet152"`` (widths 64/128/256/512).
-        depth: Depth of the ``"cifar"`` form; ignored by the others.
-        width: Multiplier of every stage's channels, rounded to an integer.
-        shortcut: ``"A"``, ``"B"`` or ``"C"`` (paper section 4.1); the paper
-            uses A on CIFAR and B on ImageNet.
-        residual: ``False`` builds the plain twin without shortcuts.
-        zero_init_residual: Start every residual branch at zero.
-        stem: ``"small"`` (3x3 stride 1, the CIFAR stem) or ``"imagenet"``
-            (7x7 stride 2 and max pool).
-        drop_path: Stochastic depth, the last block's drop probability in
-            training (see :class:`ResNet`); 0 turns it off.
-
-    Returns:
-        The network, with ``config`` holding these arguments so that
-        ``build_resnet(**model.config)`` rebuilds it.
+def _stages(
+    arch: str, *, depth: int, width: float
+) -> tuple[type[BasicBlock | Bottleneck], list[int], list[int]]:
+    """The block, the blocks per stage and the channels per stage of ``arch``.
 
     Raises:
-        ConfigError: (a ``ValueError``) for a value outside the rules above.
+        ConfigError: for an unknown ``arch``, a ``"cifar"`` depth not of the form
+            ``6n + 2``, or a ``width`` that is not positive or leaves no channel.
     """
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_channels", in_channels)
     if arch not in ARCHS:
         raise ConfigError(f"arch={arch!r} must be one of {', '.join(map(repr, ARCHS))}")
     if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
         raise ConfigError(f"width={width!r} must be a positive number, e.g. 1.0 or 0.5")
-
     if arch == "cifar":
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or depth % 6 != 2:
             raise ConfigError(
@@ -509,7 +493,44 @@ def build_resnet(
             f"width={width!r} leaves {base[0]} * width < 1 channel in the first stage; "
             f"use width >= {1 / base[0]:g}"
         )
+    return block, layers, widths
 
+
+def build_resnet(
+    *,
+    num_classes: int,
+    in_channels: int = 1,
+    arch: str = "cifar",
+    depth: int = 20,
+    width: float = 1.0,
+    shortcut: str = "B",
+    residual: bool = True,
+    zero_init_residual: bool = False,
+    stem: str = "small",
+    drop_path: float = 0.0,
+) -> ResNet:
+    """Build a ResNet (or its plain twin) from keyword arguments.
+
+    ``arch``, ``depth`` and ``width`` choose the stages; the other arguments go
+    to :class:`ResNet` unchanged, which documents them.
+
+    Args:
+        arch: ``"cifar"`` (depth ``6n + 2``, basic blocks, widths 16/32/64) or
+            one of ``"resnet18"``, ``"resnet34"``, ``"resnet50"``,
+            ``"resnet101"``, ``"resnet152"`` (widths 64/128/256/512).
+        depth: Depth of the ``"cifar"`` form; ignored by the others.
+        width: Multiplier of every stage's channels, rounded to an integer.
+
+    Returns:
+        The network, with ``config`` holding these arguments so that
+        ``build_resnet(**model.config)`` rebuilds it.
+
+    Raises:
+        ConfigError: (a ``ValueError``) for a value outside these rules or :class:`ResNet`'s.
+    """
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    block, layers, widths = _stages(arch, depth=depth, width=width)
     model = ResNet(
         block,
         layers,
