@@ -204,26 +204,7 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
         # Never more folds than members of the smallest class; one member: no search.
         self.n_splits_ = int(min(self.cv, counts.min()))
         if self.n_splits_ >= 2:
-            folds = StratifiedKFold(self.n_splits_, shuffle=True, random_state=self.random_state)
-            search = GridSearchCV(
-                self._pipeline(C_grid[0], gamma_grid[0]),
-                {"svc__C": C_grid, "svc__gamma": gamma_grid},
-                cv=folds,
-                n_jobs=self.n_jobs,
-            )
-            search.fit(features, y)
-            self.estimator_ = search.best_estimator_
-            self.best_params_ = {
-                "C": search.best_params_["svc__C"],
-                "gamma": search.best_params_["svc__gamma"],
-            }
-            results = search.cv_results_
-            self.cv_results_ = {
-                "params": [{"C": p["svc__C"], "gamma": p["svc__gamma"]} for p in results["params"]],
-                "mean_test_score": np.asarray(results["mean_test_score"]),
-                "std_test_score": np.asarray(results["std_test_score"]),
-                "rank_test_score": np.asarray(results["rank_test_score"]),
-            }
+            self._search(features, y, C_grid, gamma_grid)
         else:
             self.n_splits_ = 0
             self.estimator_ = self._pipeline(C_grid[0], gamma_grid[0]).fit(features, y)
@@ -232,26 +213,75 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
 
         self.calibrated_ = None
         if self.scores == "calibrated":
-            if self.n_splits_ < 2:
-                smallest = classes[counts.argmin()]
-                raise ValueError(
-                    f"scores='calibrated' needs at least 2 members of every class for its "
-                    f"calibration folds; class {smallest!r} has {counts.min()}; "
-                    "use scores='decision' or add data"
-                )
-            folds = StratifiedKFold(self.n_splits_, shuffle=True, random_state=self.random_state)
-            # Platt scaling ("sigmoid") on held-out folds of the training data, the
-            # method SVC(probability=True) used before its deprecation.
-            self.calibrated_ = CalibratedClassifierCV(
-                self._pipeline(self.best_params_["C"], self.best_params_["gamma"]),
-                method="sigmoid",
-                cv=folds,
-            ).fit(features, y)
+            self.calibrated_ = self._calibrate(features, y, classes, counts)
 
         self.classes_ = self.estimator_.classes_
         self.image_shape_ = tuple(int(d) for d in X.shape[1:])
         self.n_params_ = _count_parameters(self.estimator_)
         return self
+
+    def _search(self, features: np.ndarray, y: np.ndarray, C_grid: list, gamma_grid: list) -> None:
+        """Grid search over ``n_splits_`` stratified folds; sets the best pipeline and results.
+
+        Args:
+            features: Feature vectors of shape (n, n_features).
+            y: Labels of shape (n,).
+            C_grid: ``C`` values to try.
+            gamma_grid: ``gamma`` values to try.
+        """
+        folds = StratifiedKFold(self.n_splits_, shuffle=True, random_state=self.random_state)
+        search = GridSearchCV(
+            self._pipeline(C_grid[0], gamma_grid[0]),
+            {"svc__C": C_grid, "svc__gamma": gamma_grid},
+            cv=folds,
+            n_jobs=self.n_jobs,
+        )
+        search.fit(features, y)
+        self.estimator_ = search.best_estimator_
+        self.best_params_ = {
+            "C": search.best_params_["svc__C"],
+            "gamma": search.best_params_["svc__gamma"],
+        }
+        results = search.cv_results_
+        self.cv_results_ = {
+            "params": [{"C": p["svc__C"], "gamma": p["svc__gamma"]} for p in results["params"]],
+            "mean_test_score": np.asarray(results["mean_test_score"]),
+            "std_test_score": np.asarray(results["std_test_score"]),
+            "rank_test_score": np.asarray(results["rank_test_score"]),
+        }
+
+    def _calibrate(
+        self, features: np.ndarray, y: np.ndarray, classes: np.ndarray, counts: np.ndarray
+    ) -> CalibratedClassifierCV:
+        """The best pipeline, Platt-scaled on ``n_splits_`` folds of the training data.
+
+        Args:
+            features: Feature vectors of shape (n, n_features).
+            y: Labels of shape (n,).
+            classes: The sorted labels of ``y``.
+            counts: Members of each class, in the order of ``classes``.
+
+        Returns:
+            The fitted calibrated classifier.
+
+        Raises:
+            ValueError: If a class has a single member (no folds to calibrate on).
+        """
+        if self.n_splits_ < 2:
+            smallest = classes[counts.argmin()]
+            raise ValueError(
+                f"scores='calibrated' needs at least 2 members of every class for its "
+                f"calibration folds; class {smallest!r} has {counts.min()}; "
+                "use scores='decision' or add data"
+            )
+        folds = StratifiedKFold(self.n_splits_, shuffle=True, random_state=self.random_state)
+        # Platt scaling ("sigmoid") on held-out folds of the training data, the
+        # method SVC(probability=True) used before its deprecation.
+        return CalibratedClassifierCV(
+            self._pipeline(self.best_params_["C"], self.best_params_["gamma"]),
+            method="sigmoid",
+            cv=folds,
+        ).fit(features, y)
 
     def _features(self, X) -> np.ndarray:
         check_is_fitted(self)
