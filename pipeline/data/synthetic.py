@@ -67,6 +67,7 @@ BEARING_6205 = {
 SHAFT_HZ = (20.0, 50.0)
 RESONANCE_HZ = (1000.0, 1700.0)
 DAMPING = (0.02, 0.08)
+BEARING_FAULTS = ("outer_race", "inner_race", "ball")
 
 
 def bearing_frequencies(
@@ -141,52 +142,85 @@ def simulate(
         raise ConfigError(f"label={label!r} must be one of {list(CLASSES)}")
     t = np.arange(n_samples) / sample_rate
     fr0 = rng.uniform(*SHAFT_HZ) if shaft_hz is None else shaft_hz
-    # Slow speed fluctuation of about 1 %; theta is the shaft angle.
-    fr_t = fr0 * (
-        1 + 0.01 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t + rng.uniform(0, 2 * np.pi))
-    )
-    theta = 2 * np.pi * np.cumsum(fr_t) / sample_rate + rng.uniform(0, 2 * np.pi)
+    theta = _shaft_angle(t, fr0, rng=rng, sample_rate=sample_rate)  # (n_samples,)
     b, a = resonance_filter(rng.uniform(*RESONANCE_HZ), rng.uniform(*DAMPING), sample_rate)
-
-    def harmonics(orders, amps):
-        return sum(
-            amp * np.sin(k * theta + rng.uniform(0, 2 * np.pi))
-            for k, amp in zip(orders, amps, strict=True)
-        )
-
     # Every machine: residual unbalance and misalignment, and the structure ringing
     # under random forcing.
-    base = harmonics([1, 2, 3], rng.uniform(0.05, 0.2, 3))
+    base = _harmonics(theta, [1, 2, 3], rng.uniform(0.05, 0.2, 3), rng=rng)
     base = base + scipy.signal.lfilter(b, a, rng.standard_normal(n_samples)) * rng.uniform(
         0.002, 0.01
     )
-
     severity = rng.uniform(0.5, 1.5)
-    if label == "healthy":
-        part = np.zeros(n_samples)
-    elif label == "imbalance":
-        part = harmonics([1], [severity])
-    elif label == "misalignment":
-        part = harmonics(
-            [1, 2, 3], severity * np.array([rng.uniform(0.2, 0.5), 1.0, rng.uniform(0.1, 0.4)])
-        )
-    elif label == "looseness":
-        orders = np.arange(0.5, 10.5, 0.5)
-        amps = severity * rng.uniform(0.3, 1.0, orders.size) / np.sqrt(orders)
-        amps[orders % 1 != 0] *= rng.uniform(
-            0.3, 0.7
-        )  # half-harmonics: rattling once every two turns
-        raw = harmonics(orders, amps)
-        part = np.clip(raw, -0.6 * np.abs(raw).max(), 0.6 * np.abs(raw).max())
-    else:
+    if label in BEARING_FAULTS:
         part = _bearing_fault(
-            label, rng=rng, theta=theta, fr=fr0, sample_rate=sample_rate, filt=(b, a),
-            bearing=bearing or BEARING_6205, severity=severity,
-        )  # fmt: skip
+            label,
+            rng=rng,
+            theta=theta,
+            fr=fr0,
+            sample_rate=sample_rate,
+            filt=(b, a),
+            bearing=bearing or BEARING_6205,
+            severity=severity,
+        )
+    else:
+        part = _shaft_fault(label, rng=rng, theta=theta, severity=severity)
+    return _add_noise(base, part, rng=rng, snr_db=snr_db, healthy=label == "healthy")
+
+
+def _shaft_angle(
+    t: np.ndarray, fr0: float, *, rng: np.random.Generator, sample_rate: int
+) -> np.ndarray:
+    """The shaft angle theta (n_samples,) at speed ``fr0`` with a slow fluctuation of about 1 %."""
+    fr_t = fr0 * (
+        1 + 0.01 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t + rng.uniform(0, 2 * np.pi))
+    )
+    return 2 * np.pi * np.cumsum(fr_t) / sample_rate + rng.uniform(0, 2 * np.pi)
+
+
+def _harmonics(theta: np.ndarray, orders, amps, *, rng: np.random.Generator) -> np.ndarray:
+    """Sum of sines at ``orders`` of the shaft angle, each with its own random phase."""
+    return sum(
+        amp * np.sin(k * theta + rng.uniform(0, 2 * np.pi))
+        for k, amp in zip(orders, amps, strict=True)
+    )
+
+
+def _shaft_fault(
+    label: str, *, rng: np.random.Generator, theta: np.ndarray, severity: float
+) -> np.ndarray:
+    """The component (n_samples,) of a class without a bearing fault: shaft harmonics or none."""
+    if label == "healthy":
+        return np.zeros(theta.size)
+    if label == "imbalance":
+        return _harmonics(theta, [1], [severity], rng=rng)
+    if label == "misalignment":
+        amps = severity * np.array([rng.uniform(0.2, 0.5), 1.0, rng.uniform(0.1, 0.4)])
+        return _harmonics(theta, [1, 2, 3], amps, rng=rng)
+    # looseness: many harmonics and half-harmonics, clipped like a rattling response
+    orders = np.arange(0.5, 10.5, 0.5)
+    amps = severity * rng.uniform(0.3, 1.0, orders.size) / np.sqrt(orders)
+    amps[orders % 1 != 0] *= rng.uniform(0.3, 0.7)  # half-harmonics: rattling once every two turns
+    raw = _harmonics(theta, orders, amps, rng=rng)
+    return np.clip(raw, -0.6 * np.abs(raw).max(), 0.6 * np.abs(raw).max())
+
+
+def _add_noise(
+    base: np.ndarray,
+    part: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    snr_db: Sequence[float],
+    healthy: bool,
+) -> np.ndarray:
+    """``base + part`` with broadband noise at a drawn SNR, at an RMS of about 0.1, float32.
+
+    The SNR is that of the class's own component ``part`` (of ``base`` for a healthy
+    machine, which has none).
+    """
     signal = base + part
-    reference = np.mean(part**2) if label != "healthy" else np.mean(base**2)
+    reference = np.mean(part**2) if not healthy else np.mean(base**2)
     snr = rng.uniform(*snr_db)
-    noise = rng.standard_normal(n_samples) * np.sqrt(reference / 10 ** (snr / 10))
+    noise = rng.standard_normal(base.size) * np.sqrt(reference / 10 ** (snr / 10))
     x = signal + noise
     x *= 0.1 * rng.uniform(0.7, 1.4) / np.sqrt(np.mean(x**2))
     return x.astype(np.float32)
@@ -364,8 +398,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        generate(args.root, n_per_class=args.n_per_class, sample_rate=args.sample_rate,
-                 duration_seconds=args.duration, snr_db=args.snr_db, seed=args.seed)  # fmt: skip
+        generate(
+            args.root,
+            n_per_class=args.n_per_class,
+            sample_rate=args.sample_rate,
+            duration_seconds=args.duration,
+            snr_db=args.snr_db,
+            seed=args.seed,
+        )
     except ConfigError as err:
         parser.error(str(err))
 
