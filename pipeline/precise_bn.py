@@ -84,9 +84,7 @@ def precise_batchnorm(
     """
     t0 = time.perf_counter()
     model.eval()
-    if len(x) > max_windows:
-        pick = np.sort(np.random.default_rng(seed).choice(len(x), max_windows, replace=False))
-        x = x[torch.from_numpy(pick).to(x.device)]
+    x = _sample(x, max_windows=max_windows, seed=seed)
     batches = [b for b in torch.split(x, batch_size) if len(b)]
     if not batches:
         return {"layers": 0, "windows": 0, "seconds": 0.0}
@@ -99,30 +97,57 @@ def precise_batchnorm(
     for layer in layers:
         if layer.running_mean is None:  # track_running_stats=False: batch statistics always
             continue
-        sums = torch.zeros(2, layer.num_features, dtype=torch.float64, device=device)
-        count = 0
-
-        def measure(_mod, inputs, sums=sums, channels=layer.num_features):
-            nonlocal count
-            z = inputs[0].double().transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
-            sums[0] += z.sum(1)
-            sums[1] += (z * z).sum(1)
-            count += z.shape[1]
-            raise _Reached
-
-        hook = layer.register_forward_pre_hook(measure)
-        try:
-            for b in batches:
-                try:
-                    with autocast():
-                        model(on_device(b))
-                except _Reached:
-                    pass
-        finally:
-            hook.remove()
-        mean = sums[0] / count
-        var = (sums[1] / count - mean * mean).clamp(min=0) * count / max(1, count - 1)
+        mean, var = _input_moments(
+            model, layer, batches, on_device=on_device, autocast=autocast, device=device
+        )
         layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
         layer.running_var.copy_(var.to(layer.running_var.dtype))
     seconds = time.perf_counter() - t0
     return {"layers": len(layers), "windows": int(len(x)), "seconds": seconds}
+
+
+def _sample(x: Tensor, *, max_windows: int, seed: int) -> Tensor:
+    """``x``, or a sorted random sample of ``max_windows`` of its images seeded by ``seed``."""
+    if len(x) > max_windows:
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), max_windows, replace=False))
+        x = x[torch.from_numpy(pick).to(x.device)]
+    return x
+
+
+def _input_moments(
+    model: nn.Module,
+    layer: nn.Module,
+    batches: list[Tensor],
+    *,
+    on_device,
+    autocast,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased variance (float64, (C,)) of ``layer``'s input.
+
+    Each batch's forward pass stops at ``layer``, so later layers cost nothing.
+    """
+    sums = torch.zeros(2, layer.num_features, dtype=torch.float64, device=device)
+    count = 0
+
+    def measure(_mod, inputs, sums=sums, channels=layer.num_features):
+        nonlocal count
+        z = inputs[0].double().transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
+        sums[0] += z.sum(1)
+        sums[1] += (z * z).sum(1)
+        count += z.shape[1]
+        raise _Reached
+
+    hook = layer.register_forward_pre_hook(measure)
+    try:
+        for b in batches:
+            try:
+                with autocast():
+                    model(on_device(b))
+            except _Reached:
+                pass
+    finally:
+        hook.remove()
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp(min=0) * count / max(1, count - 1)
+    return mean, var
