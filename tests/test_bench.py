@@ -244,6 +244,16 @@ def test_fsdd_render_only_needs_finished_sweeps(tmp_path, capsys):
     assert not (tmp_path / "B.md").exists()
 
 
+def test_fsdd_refuses_to_run_into_an_existing_sweep_folder(tmp_path, capsys):
+    """Hydra would keep the old jobs beyond the new sweep's last, and the summary count them."""
+    (tmp_path / "loso").mkdir()
+    argv = ["fsdd", "--root", str(tmp_path), "--runs", str(tmp_path), "--no-official"]
+    assert main(argv) == 2
+    assert f"{tmp_path / 'loso'} already exist: render them with --render-only" in (
+        capsys.readouterr().err
+    )
+
+
 def _tones(folder: Path, *, speakers: str, takes: int) -> Path:
     """FSDD-like files ``<digit>_<speaker>_<take>.wav`` at 8 kHz: digit d is a tone of
     (d + 2) x 100 Hz, 0.3 s, each speaker a little higher or lower and noisy."""

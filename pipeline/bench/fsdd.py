@@ -63,7 +63,13 @@ def commands(
 
 
 def run_sweeps(sweeps: dict[str, list[str]], runs: Path) -> int:
-    """Run each multirun in turn, its output streaming through; the first failure's exit code."""
+    """Run each multirun in turn, its output streaming through; the first failure's exit code.
+    An existing sweep folder is refused: Hydra would keep its jobs beyond the new sweep's last."""
+    taken = [str(runs / name) for name in sweeps if (runs / name).exists()]
+    if taken:
+        hint = "render them with --render-only, or give another --runs"
+        print(f"{', '.join(taken)} already exist: {hint}", file=sys.stderr)
+        return 2
     for name, cmd in sweeps.items():
         print("+ python", shlex.join(cmd[1:]), flush=True)
         code = subprocess.run(cmd, cwd=REPO).returncode
@@ -130,10 +136,8 @@ def mean_over_folds(settings: list[dict], name: str, key: str) -> dict | None:
         for seed, value in zip(s["seeds"], s["models"][name][key]["values"], strict=True):
             per_seed.setdefault(seed, []).append(value)
     means = [float(np.mean(v)) for v in per_seed.values()]
-    return {
-        "mean": float(np.mean(means)),
-        "std": float(np.std(means, ddof=1)) if len(means) > 1 else None,
-    }
+    std = float(np.std(means, ddof=1)) if len(means) > 1 else None
+    return {"mean": float(np.mean(means)), "std": std}
 
 
 def pooled_mcnemar(settings: list[dict]) -> list[dict]:
@@ -165,19 +169,16 @@ def render(sweeps: dict[str, dict]) -> str:
     official, loso = sweeps.get("official"), sweeps.get("loso")
     first = next(iter(sweeps.values()))["settings"][0]
     header, rows = summary.table(official["settings"][0]) if official else ([], [])
-    return (
-        templates(html=False)
-        .get_template("bench_fsdd.md.j2")
-        .render(
-            date=time.strftime("%Y-%m-%d"),
-            commit=first["metrics"][0]["run"].get("git_commit") or "unknown",
-            machine=_device_line(first["metrics"][0]),
-            seeds=first["seeds"],
-            commands=[s["command"] for s in sweeps.values()],
-            official={"header": header, "rows": rows} if official else None,
-            loso=loso_table(loso) if loso else None,
-            pooled=pooled_mcnemar(loso["settings"]) if loso else [],
-        )
+    page = templates(html=False).get_template("bench_fsdd.md.j2")
+    return page.render(
+        date=time.strftime("%Y-%m-%d"),
+        commit=first["metrics"][0]["run"].get("git_commit") or "unknown",
+        machine=_device_line(first["metrics"][0]),
+        seeds=first["seeds"],
+        commands=[s["command"] for s in sweeps.values()],
+        official={"header": header, "rows": rows} if official else None,
+        loso=loso_table(loso) if loso else None,
+        pooled=pooled_mcnemar(loso["settings"]) if loso else [],
     )
 
 
