@@ -68,11 +68,10 @@ class GPUUtilisation:
 
     def __enter__(self) -> GPUUtilisation:
         if self.on:
+            query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
             self.proc = subprocess.Popen(
-                ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu",
-                 "--format=csv,noheader,nounits", "-lms", "100"],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
+                ["nvidia-smi", f"--id={self.index}", *query], stdout=subprocess.PIPE, text=True
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -86,7 +85,76 @@ class GPUUtilisation:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def main(argv: list[str]) -> int:
+class Workload:
+    """The same random images, labels and initial weights for both loops.
+
+    Args:
+        args: the parsed command line.
+        device: where both loops train.
+        amp: whether both run under mixed precision.
+    """
+
+    def __init__(self, args: argparse.Namespace, *, device: torch.device, amp: bool) -> None:
+        self.args, self.device, self.amp = args, device, amp
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(args.images, 1, *args.size, generator=g)  # (N, 1, H, W)
+        self.y = torch.randint(0, 10, (args.images,), generator=g)  # (N,)
+        self.init = build_resnet(num_classes=10, depth=args.depth).state_dict()
+        # The loop alone, as the bare loop does it: no recomputed batch-norm statistics after it.
+        self.settings = TrainSettings(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            amp=amp,
+            compile=args.compile,
+            precise_bn=False,
+        )
+
+    def fresh(self) -> torch.nn.Module:
+        model = build_resnet(num_classes=10, depth=self.args.depth)
+        model.load_state_dict(self.init)
+        return model
+
+    def run_bare(self, epochs: int, n: int) -> float:
+        """Images per second of :func:`bare_loop` over the first ``n`` images."""
+        model = self.fresh()
+        if self.args.compile:
+            model = torch.compile(model)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        bare_loop(
+            model,
+            self.x[:n],
+            self.y[:n],
+            epochs=epochs,
+            batch_size=self.args.batch_size,
+            device=self.device,
+            amp=self.amp,
+            seed=0,
+        )
+        _sync(self.device)
+        return epochs * n / (time.perf_counter() - t0)
+
+    def run_pipeline(self, tmp: Path, s: TrainSettings, n: int) -> float:
+        """Images per second of :func:`pipeline.fit.fit` over the first ``n`` images."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        fit(
+            self.fresh(),
+            self.x[:n],
+            self.y[:n],
+            self.x[:0],
+            self.y[:0],
+            settings=s,
+            device=self.device,
+            seed=0,
+            progress=False,
+            checkpoint=tmp / "last.pt",
+        )
+        _sync(self.device)
+        return s.epochs * n / (time.perf_counter() - t0)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.bench train",
         description=__doc__,
@@ -101,58 +169,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; best is kept")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for both")
     parser.add_argument("--no-amp", action="store_true", help="turn mixed precision off")
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    amp = not args.no_amp
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.images, 1, *args.size, generator=g)
-    y = torch.randint(0, 10, (args.images,), generator=g)
-    init = build_resnet(num_classes=10, depth=args.depth).state_dict()
-    # The loop alone, as the bare loop does it: no recomputed batch-norm statistics after it.
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        amp=amp,
-        compile=args.compile,
-        precise_bn=False,
-    )
+    return parser
 
-    def fresh():
-        model = build_resnet(num_classes=10, depth=args.depth)
-        model.load_state_dict(init)
-        return model
 
-    def run_bare(epochs: int = args.epochs, n: int = args.images) -> float:
-        model = fresh()
-        if args.compile:
-            model = torch.compile(model)
-        _sync(device)
-        t0 = time.perf_counter()
-        bare_loop(model, x[:n], y[:n], epochs=epochs, batch_size=args.batch_size,
-                  device=device, amp=amp, seed=0)  # fmt: skip
-        _sync(device)
-        return epochs * n / (time.perf_counter() - t0)
+def measure(work: Workload) -> tuple[dict[str, list[float]], list[float]]:
+    """Both loops' images per second over the rounds after a warm-up, and the GPU's utilisation.
 
-    def run_pipeline(tmp: Path, s: TrainSettings = settings, n: int = args.images) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        fit(fresh(), x[:n], y[:n], x[:0], y[:0], settings=s, device=device, seed=0,
-            progress=False, checkpoint=tmp / "last.pt")  # fmt: skip
-        _sync(device)
-        return s.epochs * n / (time.perf_counter() - t0)
-
+    Returns:
+        ``{"pipeline": [...], "bare": [...]}``, one rate per round, and the mean
+        utilisation (%) of each round of the pipeline's loop (empty off CUDA).
+    """
+    args = work.args
     rates: dict[str, list[float]] = {"pipeline": [], "bare": []}
     utilisation = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        warm = replace(settings, epochs=1)
-        run_pipeline(Path(tmp), warm, n=4 * args.batch_size)
-        run_bare(1, 4 * args.batch_size)
+        warm = replace(work.settings, epochs=1)
+        work.run_pipeline(Path(tmp), warm, n=4 * args.batch_size)
+        work.run_bare(1, 4 * args.batch_size)
         for _ in range(args.repeats):
-            with GPUUtilisation(device) as gpu:
-                rates["pipeline"].append(run_pipeline(Path(tmp)))
+            with GPUUtilisation(work.device) as gpu:
+                rates["pipeline"].append(work.run_pipeline(Path(tmp), work.settings, args.images))
             if gpu.mean is not None:
                 utilisation.append(gpu.mean)
-            rates["bare"].append(run_bare())
+            rates["bare"].append(work.run_bare(args.epochs, args.images))
+    return rates, utilisation
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    amp = not args.no_amp
+    rates, utilisation = measure(Workload(args, device=device, amp=amp))
     best = {k: max(v) for k, v in rates.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
