@@ -82,9 +82,13 @@ class AugmentSettings:
     def any_image(self) -> bool:
         """Whether any per-image transform (masking, shift) is on."""
         return bool(
-            self.freq_mask or self.time_mask or self.time_shift or self.freq_warp
-            or self.time_stretch or self.channel
-        )  # fmt: skip
+            self.freq_mask
+            or self.time_mask
+            or self.time_shift
+            or self.freq_warp
+            or self.time_stretch
+            or self.channel
+        )
 
 
 class SpecAugment(nn.Module):

@@ -97,8 +97,12 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     assert correct_a.shape == correct_b.shape, "both models must be scored on the same items"
     a_only = int((correct_a & ~correct_b).sum())
     b_only = int((~correct_a & correct_b).sum())
-    return {"n": int(correct_a.size), "a_only": a_only, "b_only": b_only,
-            "p_value": mcnemar_p(a_only, b_only)}  # fmt: skip
+    return {
+        "n": int(correct_a.size),
+        "a_only": a_only,
+        "b_only": b_only,
+        "p_value": mcnemar_p(a_only, b_only),
+    }
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:

@@ -60,10 +60,12 @@ def check_overrides(args: list[str]) -> None:
         )
     groups = [o for o in parsed if _is_group(o.key_or_group)]
     keys = [
-        o for o in parsed
-        if not _is_group(o.key_or_group) and not o.is_delete()
+        o
+        for o in parsed
+        if not _is_group(o.key_or_group)
+        and not o.is_delete()
         and o.key_or_group.split(".")[0] != "hydra"
-    ]  # fmt: skip
+    ]
     if not keys and not groups:
         return
     try:
@@ -85,13 +87,27 @@ def check_overrides(args: list[str]) -> None:
 
 # Names other tools give these settings (scikit-learn's test_size, librosa's sr, ...).
 ALIASES = {
-    "test_size": "test_fraction", "val_size": "val_fraction", "valid_size": "val_fraction",
-    "validation_fraction": "val_fraction", "hop": "hop_length", "hop_size": "hop_length",
-    "win": "win_length", "win_size": "win_length", "window_size": "win_length",
-    "nfft": "n_fft", "fft_size": "n_fft", "length": "length_seconds",
-    "learning_rate": "lr", "batch": "batch_size", "epoch": "epochs", "sr": "sample_rate",
-    "fs": "sample_rate", "samplerate": "sample_rate", "mels": "n_mels", "num_mels": "n_mels",
-}  # fmt: skip
+    "test_size": "test_fraction",
+    "val_size": "val_fraction",
+    "valid_size": "val_fraction",
+    "validation_fraction": "val_fraction",
+    "hop": "hop_length",
+    "hop_size": "hop_length",
+    "win": "win_length",
+    "win_size": "win_length",
+    "window_size": "win_length",
+    "nfft": "n_fft",
+    "fft_size": "n_fft",
+    "length": "length_seconds",
+    "learning_rate": "lr",
+    "batch": "batch_size",
+    "epoch": "epochs",
+    "sr": "sample_rate",
+    "fs": "sample_rate",
+    "samplerate": "sample_rate",
+    "mels": "n_mels",
+    "num_mels": "n_mels",
+}
 
 
 def suggest(key: str, known: set[str], *, n: int = 3) -> list[str]:
@@ -133,9 +149,12 @@ def _known_keys(groups) -> set[str]:
     from hydra.core.global_hydra import GlobalHydra
 
     choices = [
-        [_line(o, v) for v in o.sweep_string_iterator()] if o.is_sweep_override()
-        else [o.input_line] for o in groups if not o.key_or_group.startswith("hydra")
-    ]  # fmt: skip
+        [_line(o, v) for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
+        for o in groups
+        if not o.key_or_group.startswith("hydra")
+    ]
     known: set[str] = set()
     GlobalHydra.instance().clear()
     try:

@@ -80,8 +80,9 @@ def _interrupted(err: KeyboardInterrupt, run_dir: Path) -> str:
         for a in sys.argv[1:]
         if a.split("=")[0] not in ("train.resume", "hydra.run.dir")
     ]
-    command = " ".join(["python -m pipeline.run", *args, "train.resume=true",
-                        f"hydra.run.dir={run_dir}"])  # fmt: skip
+    command = " ".join(
+        ["python -m pipeline.run", *args, "train.resume=true", f"hydra.run.dir={run_dir}"]
+    )
     return f"{what}; its last finished epoch is saved: resume with\n  {command}"
 
 

@@ -92,8 +92,10 @@ def setup_distributed(device: torch.device) -> torch.device:
     torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     log.info(
         "distributed: rank %d of %d on %s",
-        torch.distributed.get_rank(), torch.distributed.get_world_size(), device,
-    )  # fmt: skip
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        device,
+    )
     return device
 
 

@@ -72,15 +72,18 @@ def summarise(sweep_dir: Path) -> dict | None:
         rel = run_dir.relative_to(sweep_dir).as_posix()
         overrides = dict(_split(o) for o in read_overrides(run_dir))
         config = metrics.get("run", {}).get("config") or {}
-        runs.append({
-            "dir": rel,
-            "overrides": overrides,
-            "seed": metrics.get("run", {}).get("seed"),
-            "split_seed": config.get("data", {}).get("split_seed"),
-            "reports": [f"{rel}/{n}" for n in ("report.html", "report.md")
-                        if (run_dir / n).is_file()],
-            "metrics": metrics,
-        })  # fmt: skip
+        runs.append(
+            {
+                "dir": rel,
+                "overrides": overrides,
+                "seed": metrics.get("run", {}).get("seed"),
+                "split_seed": config.get("data", {}).get("split_seed"),
+                "reports": [
+                    f"{rel}/{n}" for n in ("report.html", "report.md") if (run_dir / n).is_file()
+                ],
+                "metrics": metrics,
+            }
+        )
     if not runs:
         return None
     keys = list(dict.fromkeys(k for r in runs for k in r["overrides"]))
@@ -124,19 +127,29 @@ def _setting(runs: list[dict]) -> dict:
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             both = [r for r in runs if {a, b} <= set(r["metrics"]["models"])]
-            diff = [r["metrics"]["models"][a]["accuracy"] - r["metrics"]["models"][b]["accuracy"]
-                    for r in both]  # fmt: skip
+            diff = [
+                r["metrics"]["models"][a]["accuracy"] - r["metrics"]["models"][b]["accuracy"]
+                for r in both
+            ]
             tests = [
-                s for r in both for s in r["metrics"].get("significance", [])
+                s
+                for r in both
+                for s in r["metrics"].get("significance", [])
                 if {s["a"], s["b"]} == {a, b}
-            ]  # fmt: skip
+            ]
             a_better = sum(s["p_holm"] < 0.05 and _wins(s, a) for s in tests)
             b_better = sum(s["p_holm"] < 0.05 and _wins(s, b) for s in tests)
-            pairs.append({
-                "a": a, "b": b, "accuracy_difference": _stats(diff), "n_tested": len(tests),
-                "a_better": a_better, "b_better": b_better,
-                "p_values": [s["p_value"] for s in tests],
-            })  # fmt: skip
+            pairs.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "accuracy_difference": _stats(diff),
+                    "n_tested": len(tests),
+                    "a_better": a_better,
+                    "b_better": b_better,
+                    "p_values": [s["p_value"] for s in tests],
+                }
+            )
     return {
         "setting": runs[0]["setting"],
         "n_runs": len(runs),
@@ -177,8 +190,16 @@ def plot_accuracy(summary: dict):
                 continue
             acc = s["models"][name]["accuracy"]
             x = i + (j - (len(names) - 1) / 2) * width
-            ax.bar(x, 100 * acc["mean"], width * 0.9, yerr=100 * (acc["std"] or 0), capsize=3,
-                   color=f"C{j}", alpha=0.75, label=name if i == 0 else None)  # fmt: skip
+            ax.bar(
+                x,
+                100 * acc["mean"],
+                width * 0.9,
+                yerr=100 * (acc["std"] or 0),
+                capsize=3,
+                color=f"C{j}",
+                alpha=0.75,
+                label=name if i == 0 else None,
+            )
             ax.plot([x] * acc["n"], [100 * v for v in acc["values"]], "o", color="black", ms=3)
     ax.set_xticks(range(len(settings)), [s["setting"] or "all runs" for s in settings])
     ax.set_ylabel("test accuracy (%)")

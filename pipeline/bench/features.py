@@ -67,16 +67,24 @@ def references(
                 window="hann",
                 center=True,
                 pad_mode="reflect",
-            )  # fmt: skip
+            )
         )
 
     def with_scipy() -> np.ndarray:
         padded = np.pad(x, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
         _, _, z = scipy.signal.stft(
-            padded, window=window, nperseg=n_fft, noverlap=n_fft - hop_length, nfft=n_fft,
-            detrend=False, return_onesided=True, boundary=None, padded=False, axis=-1,
+            padded,
+            window=window,
+            nperseg=n_fft,
+            noverlap=n_fft - hop_length,
+            nfft=n_fft,
+            detrend=False,
+            return_onesided=True,
+            boundary=None,
+            padded=False,
+            axis=-1,
             scaling="spectrum",
-        )  # fmt: skip
+        )
         return np.abs(z) * window.sum()  # undo scaling="spectrum" (1 / sum(window))
 
     return {"librosa": with_librosa, "scipy": with_scipy}
@@ -86,9 +94,17 @@ def bench_stft(args: argparse.Namespace, device: torch.device) -> None:
     """Time ours, librosa and scipy on the same signals and print the rates and the ratio."""
     x = np.random.default_rng(0).standard_normal((args.n, args.length), dtype=np.float32)
     params = STFTParams(
-        n_fft=args.n_fft, hop_length=args.hop_length, win_length=args.n_fft, window="hann",
-        center=True, pad_mode="reflect", power=1, scale="magnitude", top_db=None, size=None,
-    )  # fmt: skip
+        n_fft=args.n_fft,
+        hop_length=args.hop_length,
+        win_length=args.n_fft,
+        window="hann",
+        center=True,
+        pad_mode="reflect",
+        power=1,
+        scale="magnitude",
+        top_db=None,
+        size=None,
+    )
     x3 = x[:, None]  # (n, channels=1, samples)
     methods = {
         "ours": lambda: compute_images(
@@ -114,8 +130,10 @@ def bench_stft(args: argparse.Namespace, device: torch.device) -> None:
     for name, value in rate.items():
         print(f"  {name:8s} {value:10.0f} signals/s  ({seconds[name]:.3f} s)")
     faster = max(("librosa", "scipy"), key=rate.get)
-    print(f"  max difference to librosa, of the peak: ours {diffs['ours']:.1e}, "
-          f"scipy {diffs['scipy']:.1e}")  # fmt: skip
+    print(
+        f"  max difference to librosa, of the peak: ours {diffs['ours']:.1e}, "
+        f"scipy {diffs['scipy']:.1e}"
+    )
     print(f"  ratio ours/{faster} (the faster reference): {rate['ours'] / rate[faster]:.2f}")
 
 
@@ -147,9 +165,12 @@ def bench_cache(args: argparse.Namespace, device: torch.device) -> None:
         root = Path(tmp)
         write_clips(root / "clips", args.files)
         overrides = [
-            "data=folder", f"data.root={root / 'clips'}", f"data.sample_rate={RATE}",
-            f"features.cache_dir={root / 'cache'}", f"features.batch_size={args.batch_size}",
-        ]  # fmt: skip
+            "data=folder",
+            f"data.root={root / 'clips'}",
+            f"data.sample_rate={RATE}",
+            f"features.cache_dir={root / 'cache'}",
+            f"features.batch_size={args.batch_size}",
+        ]
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         stage, whole = {}, {}

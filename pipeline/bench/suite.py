@@ -68,34 +68,58 @@ def datasets(args, runs: Path) -> list[Dataset]:
     return [
         Dataset("default", "embedded default job (vibration, 7 classes, 1 s at 4 kHz)", []),
         Dataset(
-            "gunpoint", "UCR GunPoint, predefined split (150-sample traces)",
+            "gunpoint",
+            "UCR GunPoint, predefined split (150-sample traces)",
             ["data=folder", f"data.root={gunpoint}", "data.sample_rate=1"],
-            published="1-D ResNet 0.991, 1-NN 0.913 (Fawaz et al. 2019)", needs=gunpoint,
+            published="1-D ResNet 0.991, 1-NN 0.913 (Fawaz et al. 2019)",
+            needs=gunpoint,
         ),
         Dataset(
-            "traces", "generated 3-channel traces, class = a tone's frequency (128 samples)",
-            ["data=folder", f"data.root={runs / 'traces'}", "data.sample_rate=100",
-             "data.channels=all"],
+            "traces",
+            "generated 3-channel traces, class = a tone's frequency (128 samples)",
+            [
+                "data=folder",
+                f"data.root={runs / 'traces'}",
+                "data.sample_rate=100",
+                "data.channels=all",
+            ],
         ),
         Dataset(
-            "fsdd-tiny", "FSDD, 5 training files per class, official test files",
+            "fsdd-tiny",
+            "FSDD, 5 training files per class, official test files",
             ["data=folder", f"data.root={fsdd}", f"data.manifest={runs / 'fsdd-tiny.csv'}"],
             needs=fsdd,
         ),
         Dataset(
-            "fsdd-official", "FSDD official split (whole clips, 8 kHz)",
-            [*fsdd_data, *FSDD_OFFICIAL], slow=True, needs=fsdd,
+            "fsdd-official",
+            "FSDD official split (whole clips, 8 kHz)",
+            [*fsdd_data, *FSDD_OFFICIAL],
+            slow=True,
+            needs=fsdd,
             published="preset: 0.993 (BENCHMARKS.md below)",
         ),
-        Dataset("fsdd-theo", "FSDD, speaker theo held out",
-                [*speakers, "data.test_groups=[theo]"], slow=True, needs=fsdd),
-        Dataset("fsdd-nicolas", "FSDD, speaker nicolas held out",
-                [*speakers, "data.test_groups=[nicolas]"], slow=True, needs=fsdd),
         Dataset(
-            "fsdd-preset", "FSDD official split with the tuned preset (+experiment=fsdd)",
-            ["+experiment=fsdd", f"data.root={fsdd}"], slow=True, needs=fsdd,
+            "fsdd-theo",
+            "FSDD, speaker theo held out",
+            [*speakers, "data.test_groups=[theo]"],
+            slow=True,
+            needs=fsdd,
         ),
-    ]  # fmt: skip
+        Dataset(
+            "fsdd-nicolas",
+            "FSDD, speaker nicolas held out",
+            [*speakers, "data.test_groups=[nicolas]"],
+            slow=True,
+            needs=fsdd,
+        ),
+        Dataset(
+            "fsdd-preset",
+            "FSDD official split with the tuned preset (+experiment=fsdd)",
+            ["+experiment=fsdd", f"data.root={fsdd}"],
+            slow=True,
+            needs=fsdd,
+        ),
+    ]
 
 
 def write_tiny_manifest(fsdd: Path, path: Path, *, per_class: int = 5, seed: int = 0) -> Path:
@@ -130,10 +154,12 @@ def summarise(runs: list[dict]) -> dict:
     lead = [r["models"]["resnet"]["accuracy"] - r["models"]["plain_cnn"]["accuracy"] for r in runs]
     out["lead"] = (float(np.mean(lead)), float(np.std(lead)))
     out["significant"] = sum(
-        any({p["a"], p["b"]} == {"resnet", "plain_cnn"} and p["p_holm"] < 0.05
-            for p in r["significance"])
+        any(
+            {p["a"], p["b"]} == {"resnet", "plain_cnn"} and p["p_holm"] < 0.05
+            for p in r["significance"]
+        )
         for r in runs
-    )  # fmt: skip
+    )
     d = runs[0]["dataset"]
     out["windows"] = (d["n_train"], d["n_val"], d["n_test"])
     out["seconds"] = float(np.mean([r.get("_wall_seconds", np.nan) for r in runs]))
@@ -287,8 +313,12 @@ def main(argv: list[str]) -> int:
         commands.append(" ".join(["python -m pipeline.run", *d.overrides, *args.overrides]))
         rows[name] = summarise(per_seed)
         machine = machine or _device_line(per_seed[0])
-        print(name, {k: round(v[0], 4) for k, v in rows[name]["models"].items()},
-              f"{rows[name]['seconds']:.0f} s", flush=True)  # fmt: skip
+        print(
+            name,
+            {k: round(v[0], 4) for k, v in rows[name]["models"].items()},
+            f"{rows[name]['seconds']:.0f} s",
+            flush=True,
+        )
         output = Path(args.output)
         old = output.read_text() if output.exists() else ""
         text = render(rows, sets, machine=machine, commands=commands)

@@ -296,8 +296,9 @@ def remove_stale(root: Path) -> int:
             freed += size
             log.info(
                 "feature cache: removed %s (%.1f MB), left half-written by a run that ended",
-                folder, size / 1e6,
-            )  # fmt: skip
+                folder,
+                size / 1e6,
+            )
     return freed
 
 
@@ -345,8 +346,10 @@ def prune(root: Path, *, max_bytes: int, keep: str | None = None) -> list[Path]:
         removed.append(folder)
         log.info(
             "feature cache over %.2f GB: removed the least recently used entry %s (%.1f MB)",
-            max_bytes / 1e9, folder, size / 1e6,
-        )  # fmt: skip
+            max_bytes / 1e9,
+            folder,
+            size / 1e6,
+        )
     return removed
 
 
