@@ -52,8 +52,11 @@ def git_commit() -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -116,8 +119,9 @@ def significance_rows(metrics: dict, *, alpha: float = 0.05) -> list[dict]:
         else:
             winner, loser = (s["a"], s["b"]) if s["a_only"] > s["b_only"] else (s["b"], s["a"])
             verdict = f"{winner} better than {loser}"
-        rows.append({**s, "p": format_p(s["p_value"]), "holm": format_p(s["p_holm"]),
-                     "verdict": verdict})  # fmt: skip
+        rows.append(
+            {**s, "p": format_p(s["p_value"]), "holm": format_p(s["p_holm"]), "verdict": verdict}
+        )
     return rows
 
 
@@ -233,29 +237,21 @@ def plot_examples(images: np.ndarray, metrics: dict):
     grows to about square (1 class: one panel, 40 classes: 7 x 6).
     """
     classes = metrics["dataset"]["classes"]
-    rate = metrics["dataset"]["sample_rate"]
-    seconds = metrics["dataset"]["segment_samples"] / rate
     f = metrics["features"]
     unit = "dB" if f["scale"] == "db" else f["scale"]
-    f_min = f.get("f_min") or 0.0
-    f_max = f.get("f_max") or rate / 2
-    if f.get("n_mels"):
-        extent = (0, seconds, 0, f["n_mels"])
-        ylabel = f"mel band ({f_min:g}-{f_max:g} Hz)"
-    else:
-        hz_per_bin = rate / f["n_fft"]
-        # the first and last FFT bins the crop keeps, as in STFTParams.bins
-        lo = np.ceil(f_min / hz_per_bin - 1e-9) * hz_per_bin
-        hi = min(np.floor(f_max / hz_per_bin + 1e-9) * hz_per_bin, rate / 2)
-        extent = (0, seconds, lo, hi)
-        ylabel = "frequency (Hz)"
+    extent, ylabel = _image_extent(metrics)
     n = len(images)
     cols = min(n, max(4, int(np.ceil(np.sqrt(n)))))
     rows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(
-        rows, cols, figsize=(2.6 * cols + 0.8, 2.1 * rows + 0.6), squeeze=False,
-        sharex=True, sharey=True, layout="constrained",
-    )  # fmt: skip
+        rows,
+        cols,
+        figsize=(2.6 * cols + 0.8, 2.1 * rows + 0.6),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
+    )
     first = images[:, 0]
     vmin, vmax = float(first.min()), float(first.max())
     for ax in axes.flat[n:]:
@@ -263,9 +259,15 @@ def plot_examples(images: np.ndarray, metrics: dict):
     im = None
     for i, (ax, image, name) in enumerate(zip(axes.flat, first, classes, strict=False)):
         im = ax.imshow(
-            image, origin="lower", aspect="auto", extent=extent, cmap="magma",
-            vmin=vmin, vmax=vmax, interpolation="nearest",
-        )  # fmt: skip
+            image,
+            origin="lower",
+            aspect="auto",
+            extent=extent,
+            cmap="magma",
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+        )
         ax.set_title(name if len(name) <= 24 else name[:23] + "…", fontsize=8)
         ax.tick_params(labelsize=6)
         if i % cols == 0:
@@ -276,6 +278,22 @@ def plot_examples(images: np.ndarray, metrics: dict):
     fig.colorbar(im, ax=axes, shrink=min(1.0, 0.3 + 0.15 * rows), pad=0.01).set_label(unit)
     fig.suptitle("One training image per class (first channel)", fontsize=10)
     return fig
+
+
+def _image_extent(metrics: dict) -> tuple[tuple[float, float, float, float], str]:
+    """An image's (left, right, bottom, top) in seconds and Hz (or mel bands), and its y label."""
+    rate = metrics["dataset"]["sample_rate"]
+    seconds = metrics["dataset"]["segment_samples"] / rate
+    f = metrics["features"]
+    f_min = f.get("f_min") or 0.0
+    f_max = f.get("f_max") or rate / 2
+    if f.get("n_mels"):
+        return (0, seconds, 0, f["n_mels"]), f"mel band ({f_min:g}-{f_max:g} Hz)"
+    hz_per_bin = rate / f["n_fft"]
+    # the first and last FFT bins the crop keeps, as in STFTParams.bins
+    lo = np.ceil(f_min / hz_per_bin - 1e-9) * hz_per_bin
+    hi = min(np.floor(f_max / hz_per_bin + 1e-9) * hz_per_bin, rate / 2)
+    return (0, seconds, lo, hi), "frequency (Hz)"
 
 
 def templates(*, html: bool) -> jinja2.Environment:

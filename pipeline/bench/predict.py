@@ -40,9 +40,17 @@ RATE = 8000
 N_CLASSES = 10
 # The image settings of conf/features/stft.yaml, written out.
 PARAMS = {
-    "n_fft": 256, "hop_length": 128, "win_length": 256, "window": "hann", "center": True,
-    "pad_mode": "reflect", "power": 2, "scale": "db", "top_db": 80.0, "size": (64, 32),
-}  # fmt: skip
+    "n_fft": 256,
+    "hop_length": 128,
+    "win_length": 256,
+    "window": "hann",
+    "center": True,
+    "pad_mode": "reflect",
+    "power": 2,
+    "scale": "db",
+    "top_db": 80.0,
+    "size": (64, 32),
+}
 
 
 def write_clips(root: Path, n: int, *, seed: int = 0) -> list[Path]:
@@ -66,13 +74,22 @@ def make_bundle(folder: Path, clips: list[Path]) -> Path:
     params = STFTParams(**PARAMS)
     x = np.stack([sf.read(p, dtype="float32")[0][None] for p in clips[:64]])
     normalizer = Normalizer.fit(compute_images(x, params, progress=False), mode="global")
-    data = {"sample_rate": RATE, "channels": "mix", "segment_samples": RATE,
-            "hop_samples": RATE, "pad": True}  # fmt: skip
+    data = {
+        "sample_rate": RATE,
+        "channels": "mix",
+        "segment_samples": RATE,
+        "hop_samples": RATE,
+        "pad": True,
+    }
     model = build_resnet(num_classes=N_CLASSES, in_channels=1, depth=20)
     return save_bundle(
-        folder, model, classes=[str(c) for c in range(N_CLASSES)], data=data,
-        features=params, normalizer=normalizer,
-    )  # fmt: skip
+        folder,
+        model,
+        classes=[str(c) for c in range(N_CLASSES)],
+        data=data,
+        features=params,
+        normalizer=normalizer,
+    )
 
 
 @torch.no_grad()
@@ -95,7 +112,7 @@ def bare_loop(
     return done
 
 
-def main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.bench predict",
         description=__doc__,
@@ -108,10 +125,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", default="auto", help="predict.workers: auto or a count")
     parser.add_argument("--adapt-bn", action="store_true", help="also time predict.adapt_bn=group")
     parser.add_argument("--no-amp", action="store_true", help="float32: predict.amp=false")
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    amp = not args.no_amp
-    workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
+    return parser
+
+
+def measure(
+    args: argparse.Namespace, *, device: torch.device, amp: bool, workers: int
+) -> dict[str, list[float]]:
+    """Seconds of each timed run over the same clips: ``pipeline`` (and ``adapt_bn``), ``bare``.
+
+    Writes the clips and the bundle into a temporary folder, warms both paths up,
+    then alternates them ``args.repeats`` times.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         root = Path(tmp)
         clips = write_clips(root / "clips", args.files)
@@ -128,17 +152,33 @@ def main(argv: list[str]) -> int:
                 outputs = [root / f"{name}{r}.csv", root / f"{name}{r}_errors.csv"]
                 t0 = time.perf_counter()
                 summary = predict_folder(
-                    bundle, root / "clips", outputs=outputs, device=device,
-                    batch_size=args.batch_size, top_k=3, rule="mean", progress=False,
-                    workers=workers, amp=amp, **extra,
-                )  # fmt: skip
+                    bundle,
+                    root / "clips",
+                    outputs=outputs,
+                    device=device,
+                    batch_size=args.batch_size,
+                    top_k=3,
+                    rule="mean",
+                    progress=False,
+                    workers=workers,
+                    amp=amp,
+                    **extra,
+                )
                 times[name].append(time.perf_counter() - t0)
                 assert summary["classified"] == args.files, summary
             t0 = time.perf_counter()
-            done = bare_loop(bundle_path, clips, device=device, batch_size=args.batch_size,
-                             amp=amp)  # fmt: skip
+            done = bare_loop(bundle_path, clips, device=device, batch_size=args.batch_size, amp=amp)
             times["bare"].append(time.perf_counter() - t0)
             assert done == args.files
+    return times
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
+    amp = not args.no_amp
+    workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
+    times = measure(args, device=device, amp=amp, workers=workers)
     rate = {k: args.files / min(v) for k, v in times.items()}
     print(
         f"predict: {args.files} clips (1 s, 8 kHz, 16-bit WAV), ResNet-20, images "
