@@ -25,14 +25,12 @@ import torch
 from torch import nn
 
 from pipeline import atomic
-from pipeline.errors import BundleError, ConfigError
+from pipeline.errors import BundleError, ConfigError, config_keys
 from pipeline.features.stft import Normalizer, STFTParams
 from pipeline.values import is_whole
 
-FORMAT_VERSION = 2
-# Version 2 adds features.per_group; bundles without it are still written as version 1,
-# so releases that read only version 1 keep reading them and refuse the others.
-READS = (1, 2)
+# The one format this version writes and reads; an older bundle is refused (retrain it).
+FORMAT_VERSION = 3
 _PACKAGES = (
     "stft-resnet-pipeline",
     "torch",
@@ -95,7 +93,7 @@ def save_bundle(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {
-        "format_version": FORMAT_VERSION if normalizer.per_group else 1,
+        "format_version": FORMAT_VERSION,
         "classes": list(classes),
         "data": data,
         "features": asdict(features),
@@ -111,7 +109,7 @@ def save_bundle(
 # Keys every bundle.json holds; ``model_config`` too for a network.
 _META_KEYS = ("kind", "classes", "data", "features", "normalizer")
 _DATA_KEYS = ("sample_rate", "segment_samples", "hop_samples", "pad")
-_NORMALIZER_KEYS = ("mode", "mean", "std")
+_NORMALIZER_KEYS = ("mode", "mean", "std", "per_image", "per_group")
 # What a damaged or edited bundle can do about it.
 _FIX = "restore the bundle's files from the run that saved it, or retrain the model"
 
@@ -134,13 +132,13 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     Raises:
         BundleError: a file is missing, unreadable or tampered with, a key is
             missing or holds a value outside its rule, the parts disagree, or
-            the format version is not one this release reads; the message names
-            the file and the key.
+            the format is not :data:`FORMAT_VERSION` (an older bundle: retrain it);
+            the message names the file and the key.
     """
     folder = Path(path)
     meta_file = folder / "bundle.json"
     meta = _read_meta(folder, key=key)
-    _check_version(meta, folder=folder)
+    _check_version(meta, file=meta_file)
     _require(meta, _META_KEYS, file=meta_file)
     kind = meta["kind"]
     if kind not in ("network", "svm"):
@@ -160,8 +158,15 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     _check_class_count(classes, outputs=outputs, source=source, file=meta_file)
     _check_channels(data.get("channels", "mix"), channels_in=channels, file=meta_file)
     _check_normalizer_shape(normalizer, image=(channels, height, width), file=meta_file)
-    return Bundle(kind=kind, model=model, classes=classes, data=data, features=features,
-                  normalizer=normalizer, meta=meta)  # fmt: skip
+    return Bundle(
+        kind=kind,
+        model=model,
+        classes=classes,
+        data=data,
+        features=features,
+        normalizer=normalizer,
+        meta=meta,
+    )
 
 
 def _read_meta(folder: Path, *, key: str) -> dict:
@@ -188,17 +193,23 @@ def _read_meta(folder: Path, *, key: str) -> dict:
     return meta
 
 
-def _check_version(meta: dict, *, folder: Path) -> None:
-    """``format_version`` is one this release reads."""
+def _check_version(meta: dict, *, file: Path) -> None:
+    """``format_version`` is :data:`FORMAT_VERSION`: older bundles are retrained, not read."""
     version = meta.get("format_version")
-    if version not in READS:
-        versions = meta.get("versions")
-        written = versions.get("stft-resnet-pipeline", "?") if isinstance(versions, dict) else "?"
+    if version == FORMAT_VERSION:
+        return
+    if is_whole(version, minimum=1) and version < FORMAT_VERSION:
         raise BundleError(
-            f"{folder}: bundle format_version={version!r}, but this release reads versions "
-            f"{list(READS)}; retrain the model, or install the release that wrote it "
-            f"(it was written with {written})"
+            f"{file}: bundle format {version} is from an older version of this tool; retrain "
+            "the model with this version"
         )
+    versions = meta.get("versions")
+    written = versions.get("stft-resnet-pipeline", "?") if isinstance(versions, dict) else "?"
+    raise BundleError(
+        f"{file}: bundle format_version={version!r}, but this release reads format "
+        f"{FORMAT_VERSION}; retrain the model, or install the release that wrote it (it was "
+        f"written with {written})"
+    )
 
 
 def _require(d: object, keys: tuple[str, ...], *, file: Path, prefix: str = "") -> None:
@@ -248,7 +259,7 @@ def _check_data(data: object, *, file: Path) -> dict:
             f"{file}: data.channels={channels!r} must be 'mix', 'all' or a list of channel "
             f"indices; {_FIX}"
         )
-    axis = data.get("channel_axis", "auto")  # bundles before data.channel_axis: auto
+    axis = data.get("channel_axis", "auto")  # the reading keys are optional: read_signal's defaults
     if axis not in ("auto", "first", "last"):
         raise BundleError(f"{file}: data.channel_axis={axis!r} must be auto, first or last; {_FIX}")
     for key in ("mat_key", "npz_key", "group_regex"):
@@ -266,11 +277,12 @@ def _check_data(data: object, *, file: Path) -> dict:
 
 
 def _read_features(features: object, *, data: dict, file: Path) -> STFTParams:
-    """The image settings, checked by :class:`STFTParams`, at the data's sample rate."""
+    """The image settings, checked by :class:`STFTParams` (its messages name ``features.<key>``)."""
     if not isinstance(features, dict):
         raise BundleError(f"{file}: features={features!r} must be a JSON object; {_FIX}")
     try:
-        params = STFTParams.from_dict(features, sample_rate=data["sample_rate"])
+        with config_keys("features.", names={"sample_rate": "data.sample_rate"}):
+            params = STFTParams.from_dict(features)
     except (ConfigError, TypeError, ValueError) as err:
         raise BundleError(f"{file}: features do not describe an image: {err}; {_FIX}") from None
     if params.sample_rate is not None and params.sample_rate != data["sample_rate"]:
@@ -300,11 +312,11 @@ def _read_normalizer(d: object, *, file: Path) -> Normalizer:
         raise BundleError(
             f"{file}: normalizer.mode={d['mode']!r} must be 'global' or 'per_freq'; {_FIX}"
         )
-    if d.get("per_image", False) not in (True, False, "freq"):
+    if d["per_image"] not in (True, False, "freq"):
         raise BundleError(
             f"{file}: normalizer.per_image={d['per_image']!r} must be false, true or 'freq'; {_FIX}"
         )
-    if d.get("per_group", False) not in (False, None, "freq"):
+    if d["per_group"] not in (False, None, "freq"):
         raise BundleError(
             f"{file}: normalizer.per_group={d['per_group']!r} must be false or 'freq'; {_FIX}"
         )

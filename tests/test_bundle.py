@@ -6,16 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bundle import load_bundle, save_bundle
+from pipeline.bundle import FORMAT_VERSION, load_bundle, save_bundle
 from pipeline.errors import BundleError
 from pipeline.features.stft import Normalizer, STFTParams
 from pipeline.models.resnet import build_resnet
 from pipeline.models.svm import SVMClassifier
 
 PARAMS = STFTParams(
-    n_fft=64, hop_length=16, win_length=64, window="hann", center=True, pad_mode="reflect",
-    power=2, scale="db", top_db=80.0, size=(16, 12),
-)  # fmt: skip
+    n_fft=64,
+    hop_length=16,
+    win_length=64,
+    window="hann",
+    center=True,
+    pad_mode="reflect",
+    power=2,
+    scale="db",
+    top_db=80.0,
+    size=(16, 12),
+)
 DATA = {
     "sample_rate": 1000,
     "channels": "mix",
@@ -36,9 +44,14 @@ def images(n=24, seed=0):
 
 def save(path, model, x):
     return save_bundle(
-        path, model, classes=["a", "b", "c"], data=DATA, features=PARAMS,
-        normalizer=Normalizer.fit(x, mode="per_freq"), extra={"name": "m"},
-    )  # fmt: skip
+        path,
+        model,
+        classes=["a", "b", "c"],
+        data=DATA,
+        features=PARAMS,
+        normalizer=Normalizer.fit(x, mode="per_freq"),
+        extra={"name": "m"},
+    )
 
 
 def test_network_bundle_round_trip(tmp_path):
@@ -53,17 +66,36 @@ def test_network_bundle_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(torch.from_numpy(x)), model(torch.from_numpy(x)))
     meta = json.loads((tmp_path / "net" / "bundle.json").read_text())
-    assert meta["format_version"] == 1 and "torch" in meta["versions"]
+    assert meta["format_version"] == FORMAT_VERSION == 3 and "torch" in meta["versions"]
 
 
-def test_a_per_group_bundle_is_version_2_which_releases_reading_only_1_refuse(tmp_path):
+def test_a_per_group_bundle_round_trips_in_the_one_format(tmp_path):
     x, _ = images()
     save_bundle(
-        tmp_path / "net", build_resnet(num_classes=3, depth=8), classes=["a", "b", "c"],
-        data=DATA, features=PARAMS, normalizer=Normalizer.fit(x, mode="global", per_group="freq"),
-    )  # fmt: skip
-    assert json.loads((tmp_path / "net" / "bundle.json").read_text())["format_version"] == 2
+        tmp_path / "net",
+        build_resnet(num_classes=3, depth=8),
+        classes=["a", "b", "c"],
+        data=DATA,
+        features=PARAMS,
+        normalizer=Normalizer.fit(x, mode="global", per_group="freq"),
+    )
+    assert json.loads((tmp_path / "net" / "bundle.json").read_text())["format_version"] == 3
     assert load_bundle(tmp_path / "net").normalizer.per_group == "freq"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_bundle_of_an_older_format_is_refused_with_one_sentence(tmp_path, version):
+    x, _ = images()
+    save(tmp_path / "net", build_resnet(num_classes=3, depth=8), x)
+    meta_path = tmp_path / "net" / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": version}))
+    with pytest.raises(BundleError) as err:
+        load_bundle(tmp_path / "net")
+    assert str(err.value) == (
+        f"{meta_path}: bundle format {version} is from an older version of this tool; retrain "
+        "the model with this version"
+    )
 
 
 def test_svm_bundle_round_trip(tmp_path):
@@ -83,9 +115,7 @@ def test_incomplete_or_foreign_bundles_are_refused(tmp_path):
     meta_path = tmp_path / "net" / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(
-        BundleError, match=r"format_version=99, but this release reads versions \[1, 2\]"
-    ):
+    with pytest.raises(BundleError, match=r"format_version=99, but this release reads format 3"):
         load_bundle(tmp_path / "net")
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "net" / "weights.pt").unlink()

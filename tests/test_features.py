@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, config_keys
 from pipeline.features.stft import (
     Normalizer,
     STFTImage,
@@ -93,8 +93,16 @@ def test_a_batch_equals_its_items():
     ],
 )
 def test_bad_settings_name_the_key(kw, match):
-    with pytest.raises(ConfigError, match=match):
-        params(**kw)
+    check_names(lambda: params(**kw), match)
+
+
+def check_names(make, match: str) -> None:
+    """``make()`` names the fields (a notebook's STFTParams(n_fft=0)); under the task
+    layer's ``config_keys`` the same error names the config keys (``features.n_fft=0``)."""
+    with pytest.raises(ConfigError, match="^" + match.replace("features.", "")):
+        make()
+    with pytest.raises(ConfigError, match="^" + match), config_keys("features."):
+        make()
 
 
 def test_normalizer_uses_training_statistics():
@@ -108,7 +116,10 @@ def test_normalizer_uses_training_statistics():
     assert np.allclose(per(train).mean(axis=(0, 3)), 0, atol=1e-4)
     again = Normalizer.from_dict(per.to_dict())
     np.testing.assert_array_equal(again(train), per(train))
-    with pytest.raises(ConfigError, match="features.normalize='minmax'"):
+    with pytest.raises(ConfigError, match="^mode='minmax'"):
+        Normalizer.fit(train, mode="minmax")
+    normalize = config_keys("features.", names={"mode": "features.normalize"})
+    with pytest.raises(ConfigError, match="^features.normalize='minmax'"), normalize:
         Normalizer.fit(train, mode="minmax")
 
 
@@ -150,14 +161,17 @@ def test_a_linear_frequency_range_crops_the_bins():
         ({"n_mels": 128, "sample_rate": 4000}, "features.n_mels=128 is too many for n_fft=256"),
         ({"f_max": 5000.0, "sample_rate": 8000}, "features.f_max=5000.0 is above the Nyquist"),
         ({"f_min": 300.0, "f_max": 200.0}, "features.f_max=200.0 must be above features.f_min"),
-        ({"f_min": 100.0, "f_max": 110.0, "sample_rate": 8000}, "holds no FFT bin"),
+        (
+            {"f_min": 100.0, "f_max": 110.0, "sample_rate": 8000},
+            r"features.f_min=100.0 to f_max=110.0 Hz holds no FFT bin .* at n_fft=256\); widen "
+            "the range or raise n_fft",
+        ),
         ({"mel_scale": "bark"}, "features.mel_scale='bark' must be one of"),
         ({"norm": "area"}, "features.norm='area' must be null or 'slaney'"),
     ],
 )
 def test_bad_band_settings_name_the_key(kw, match):
-    with pytest.raises(ConfigError, match=match):
-        params(**kw)
+    check_names(lambda: params(**kw), match)
 
 
 def test_every_setting_is_written_in_each_preset():
@@ -188,17 +202,6 @@ def test_a_bundle_rebuilds_the_training_front_end(tmp_path):
     assert bundle.features == p
     front = STFTImage(bundle.features)
     np.testing.assert_array_equal(front(torch.from_numpy(x)).numpy(), train)
-    # features saved before the mel settings existed load as the linear, uncropped image
-    # (load_bundle itself now refuses these: the SVM was fitted on other images)
-    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
-    legacy = {k: v for k, v in meta["features"].items() if k in LEGACY_KEYS}
-    legacy.update(n_fft=256, hop_length=64, win_length=256, size=None)
-    old = STFTParams.from_dict(legacy, sample_rate=8000)
-    assert old.n_mels is None and old.sample_rate == 8000 and old.image_shape(4000) == (129, 63)
-
-
-LEGACY_KEYS = ("n_fft", "hop_length", "win_length", "window", "center", "pad_mode", "power",
-               "scale", "top_db", "size")  # fmt: skip
 
 
 # --- automatic sizes ---------------------------------------------------------------------------
@@ -449,7 +452,7 @@ def test_per_image_freq_mode_removes_a_fixed_channel_response():
     assert Normalizer.from_dict(norm.to_dict()).per_image == "freq"
     whole = Normalizer.fit(images, mode="global", per_image=True)
     assert not np.allclose(whole(images), whole(coloured), atol=1e-2)
-    with pytest.raises(ConfigError, match=r"features.per_image='rows' must be false, true"):
+    with pytest.raises(ConfigError, match=r"^per_image='rows' must be false, true"):
         Normalizer.fit(images, mode="global", per_image="rows")
 
 
@@ -507,7 +510,7 @@ def test_per_group_centring_removes_each_groups_channel_and_keeps_the_classes():
     norm = Normalizer.fit(images, mode="global", per_image=True, per_group="freq")
     assert Normalizer.from_dict(norm.to_dict()).per_group == "freq"
     assert Normalizer.from_dict({**norm.to_dict(), "per_group": False}).per_group is False
-    with pytest.raises(ConfigError, match=r"features.per_group='speaker' must be false or freq"):
+    with pytest.raises(ConfigError, match=r"^per_group='speaker' must be false or freq"):
         Normalizer.fit(images, mode="global", per_group="speaker")
 
 
@@ -563,17 +566,17 @@ def test_lifter_removes_pitch_harmonics_and_keeps_the_formants():
 
 
 def test_lifter_settings_are_checked_and_round_trip():
-    with pytest.raises(ConfigError, match=r"features.lifter=0 must be a positive integer"):
-        params(scale="db", power=2, lifter=0)
-    with pytest.raises(ConfigError, match=r"features.lifter=20 smooths a log spectrum"):
-        params(lifter=20)  # magnitude scale
-    with pytest.raises(ConfigError, match=r"features.lifter=129 keeps every one of the 129"):
+    check_names(lambda: params(scale="db", power=2, lifter=0), "features.lifter=0 must be a")
+    check_names(
+        lambda: params(lifter=20),  # magnitude scale
+        "features.lifter=20 smooths a log spectrum, but features.scale='magnitude'; set scale "
+        "to db or log1p, or lifter to null",
+    )
+    with pytest.raises(ConfigError, match=r"^lifter=129 keeps every one of the 129"):
         params(scale="db", power=2, lifter=129, sample_rate=8000)
     # Before the data is read (no rate), a linear axis's height may still change (auto sizes).
     assert params(scale="db", power=2, lifter=129).lifter == 129
-    with pytest.raises(ConfigError, match=r"features.lifter=40 keeps every one of the 40"):
+    with pytest.raises(ConfigError, match=r"^lifter=40 keeps every one of the 40"):
         params(scale="db", power=2, lifter=40, n_mels=40)
     p = params(scale="db", power=2, lifter=20)
     assert STFTParams.from_dict(p.to_dict()) == p
-    old = {k: v for k, v in p.to_dict().items() if k != "lifter"}  # a bundle from before
-    assert STFTParams.from_dict(old).lifter is None

@@ -74,8 +74,11 @@ class STFTParams:
             (formants, channel) stays and the pitch harmonics go, as MFCCs keep 13 to 20
             coefficients. None leaves the image as it is.
 
-    The fields after ``size`` default to a linear axis over the whole band, which is
-    what images were before they existed; ``conf/features/*.yaml`` writes them all out.
+    The fields after ``size`` default to a linear axis over the whole band;
+    ``conf/features/*.yaml`` writes them all out.
+
+    Errors name the fields as written here (``n_fft=0``); the task layer renames them
+    to config keys (:func:`pipeline.errors.config_keys`).
     """
 
     n_fft: int
@@ -100,31 +103,36 @@ class STFTParams:
         for key in ("n_fft", "hop_length", "win_length"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"features.{key}={value!r} must be a positive integer")
+                raise ConfigError(f"{key}={value!r} must be a positive integer", keys=(key,))
         if self.win_length > self.n_fft:
             raise ConfigError(
-                f"features.win_length={self.win_length} must not exceed features.n_fft={self.n_fft}"
+                f"win_length={self.win_length} must not exceed n_fft={self.n_fft}",
+                keys=("win_length", "n_fft"),
             )
         if not isinstance(self.center, bool):
-            raise ConfigError(f"features.center={self.center!r} must be true or false")
-        if self.window not in WINDOWS:
-            raise ConfigError(f"features.window={self.window!r} must be one of {sorted(WINDOWS)}")
-        if self.pad_mode not in PAD_MODES:
-            raise ConfigError(
-                f"features.pad_mode={self.pad_mode!r} must be one of {list(PAD_MODES)}"
-            )
+            raise ConfigError(f"center={self.center!r} must be true or false", keys=("center",))
+        for key, allowed in (("window", sorted(WINDOWS)), ("pad_mode", list(PAD_MODES))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"{key}={getattr(self, key)!r} must be one of {allowed}", keys=(key,)
+                )
         if self.power not in (1, 2):
-            raise ConfigError(f"features.power={self.power!r} must be 1 (magnitude) or 2 (power)")
+            raise ConfigError(
+                f"power={self.power!r} must be 1 (magnitude) or 2 (power)", keys=("power",)
+            )
         if self.scale not in SCALES:
-            raise ConfigError(f"features.scale={self.scale!r} must be one of {list(SCALES)}")
+            raise ConfigError(
+                f"scale={self.scale!r} must be one of {list(SCALES)}", keys=("scale",)
+            )
         if self.top_db is not None and not self.top_db > 0:
-            raise ConfigError(f"features.top_db={self.top_db!r} must be positive or null")
+            raise ConfigError(f"top_db={self.top_db!r} must be positive or null", keys=("top_db",))
         if self.size is not None and (
             len(self.size) != 2 or any(not isinstance(s, int) or s < 1 for s in self.size)
         ):
             raise ConfigError(
-                f"features.size={list(self.size)!r} must be [height, width] in pixels, or null for "
-                "the native size"
+                f"size={list(self.size)!r} must be [height, width] in pixels, or null for the "
+                "native size",
+                keys=("size",),
             )
         self._check_band()
         self._check_lifter()
@@ -135,30 +143,34 @@ class STFTParams:
         Args:
             samples: the window length.
             chosen: the sizes the user set (not ``auto``): the one named when both are too long.
+            where: what the windows are, for the message.
 
         Raises:
-            ConfigError: ``n_fft`` or ``win_length`` exceeds ``samples``, naming it and the fix.
+            ConfigError: ``n_fft`` or ``win_length`` exceeds ``samples``, naming it and the fix
+                (``length_seconds``: the window length of ``segmenting``).
         """
         if self.hop_length > samples:
             raise ConfigError(
-                f"features.hop_length={self.hop_length} is longer than the {samples}-sample "
-                f"{where}, so every image would have one frame; lower it, or set "
-                "features.hop_length=auto"
+                f"hop_length={self.hop_length} is longer than the {samples}-sample {where}, so "
+                "every image would have one frame; lower it, or set hop_length=auto",
+                keys=("hop_length",),
             )
         long = [k for k in ("n_fft", "win_length") if getattr(self, k) > samples]
         if long and not set(long) & set(chosen):  # auto sizes at their smallest
             raise ConfigError(
                 f"the {samples}-sample {where} are shorter than the smallest STFT the automatic "
-                f"sizes take ({self.n_fft} samples); lengthen data.segment.length_seconds or use "
-                "longer recordings"
+                f"sizes take ({self.n_fft} samples); lengthen length_seconds or use longer "
+                "recordings",
+                keys=("length_seconds",),
             )
         if long:
             key = next(k for k in long if k in chosen)
             value = getattr(self, key)
             raise ConfigError(
-                f"features.{key}={value} is longer than the {samples}-sample {where}; lower it "
-                f"to at most {samples}, set features.{key}=auto (sizes that fit the window), or "
-                "lengthen data.segment.length_seconds"
+                f"{key}={value} is longer than the {samples}-sample {where}; lower it to at most "
+                f"{samples}, set {key}=auto (sizes that fit the window), or lengthen "
+                "length_seconds",
+                keys=(key, "length_seconds"),
             )
 
     def _check_lifter(self) -> None:
@@ -166,21 +178,24 @@ class STFTParams:
             return
         if not isinstance(self.lifter, int) or isinstance(self.lifter, bool) or self.lifter < 1:
             raise ConfigError(
-                f"features.lifter={self.lifter!r} must be a positive integer (cepstral "
-                "coefficients kept, e.g. 20), or null for no smoothing"
+                f"lifter={self.lifter!r} must be a positive integer (cepstral coefficients kept, "
+                "e.g. 20), or null for no smoothing",
+                keys=("lifter",),
             )
         if self.scale not in ("db", "log1p"):
             raise ConfigError(
-                f"features.lifter={self.lifter} smooths a log spectrum, but features.scale="
-                f"{self.scale!r}; set scale to db or log1p, or lifter to null"
+                f"lifter={self.lifter} smooths a log spectrum, but scale={self.scale!r}; set "
+                "scale to db or log1p, or lifter to null",
+                keys=("lifter", "scale"),
             )
         if self.sample_rate is None and self.n_mels is None:
             return  # checked again once the data is read: auto sizes and crops need the rate
         if self.lifter >= self.n_freq():
             raise ConfigError(
-                f"features.lifter={self.lifter} keeps every one of the {self.n_freq()} frequency "
-                "rows, so it would change nothing; lower it below the image height before "
-                "resizing, or set it to null"
+                f"lifter={self.lifter} keeps every one of the {self.n_freq()} frequency rows, so "
+                "it would change nothing; lower it below the image height before resizing, or "
+                "set it to null",
+                keys=("lifter",),
             )
 
     def _check_band(self) -> None:
@@ -189,53 +204,66 @@ class STFTParams:
             not isinstance(self.n_mels, int) or isinstance(self.n_mels, bool) or self.n_mels < 1
         ):
             raise ConfigError(
-                f"features.n_mels={self.n_mels!r} must be a positive integer, or null for a "
-                "linear frequency axis"
+                f"n_mels={self.n_mels!r} must be a positive integer, or null for a linear "
+                "frequency axis",
+                keys=("n_mels",),
             )
         if self.mel_scale not in MEL_SCALES:
             raise ConfigError(
-                f"features.mel_scale={self.mel_scale!r} must be one of {list(MEL_SCALES)}"
+                f"mel_scale={self.mel_scale!r} must be one of {list(MEL_SCALES)}",
+                keys=("mel_scale",),
             )
         if self.norm not in MEL_NORMS:
-            raise ConfigError(f"features.norm={self.norm!r} must be null or 'slaney'")
+            raise ConfigError(f"norm={self.norm!r} must be null or 'slaney'", keys=("norm",))
         if not self.f_min >= 0:
-            raise ConfigError(f"features.f_min={self.f_min!r} must be 0 or more (Hz)")
+            raise ConfigError(f"f_min={self.f_min!r} must be 0 or more (Hz)", keys=("f_min",))
         if self.f_max is not None and not self.f_max > self.f_min:
             raise ConfigError(
-                f"features.f_max={self.f_max!r} must be above features.f_min={self.f_min!r} (Hz), "
-                "or null for the Nyquist frequency"
+                f"f_max={self.f_max!r} must be above f_min={self.f_min!r} (Hz), or null for the "
+                "Nyquist frequency",
+                keys=("f_max", "f_min"),
             )
         if self.sample_rate is None:
             return
         if not isinstance(self.sample_rate, int) or self.sample_rate < 1:
-            raise ConfigError(f"data.sample_rate={self.sample_rate!r} must be a positive integer")
+            raise ConfigError(
+                f"sample_rate={self.sample_rate!r} must be a positive integer",
+                keys=("sample_rate",),
+            )
+        self._check_rate_band()
+
+    def _check_rate_band(self) -> None:
+        """The frequency range and mel bands fit below the Nyquist frequency and the FFT bins."""
         nyquist = self.sample_rate / 2
         if self.f_max is not None and self.f_max > nyquist:
             raise ConfigError(
-                f"features.f_max={self.f_max!r} is above the Nyquist frequency {nyquist:g} Hz of "
-                f"the {self.sample_rate} Hz working rate; lower it or set it to null"
+                f"f_max={self.f_max!r} is above the Nyquist frequency {nyquist:g} Hz of the "
+                f"{self.sample_rate} Hz working rate; lower it or set it to null",
+                keys=("f_max",),
             )
         if self.f_min >= nyquist:
             raise ConfigError(
-                f"features.f_min={self.f_min!r} is not below the Nyquist frequency {nyquist:g} Hz "
-                f"of the {self.sample_rate} Hz working rate; lower it"
+                f"f_min={self.f_min!r} is not below the Nyquist frequency {nyquist:g} Hz of the "
+                f"{self.sample_rate} Hz working rate; lower it",
+                keys=("f_min",),
             )
         if self.n_mels is None:
             lo, hi = self.bins()
             if hi < lo:
                 raise ConfigError(
-                    f"features.f_min={self.f_min!r} to f_max={self.f_max!r} Hz holds no FFT bin "
-                    f"(bins are {self.sample_rate / self.n_fft:g} Hz apart at n_fft={self.n_fft}); "
-                    "widen the range or raise n_fft"
+                    f"f_min={self.f_min!r} to f_max={self.f_max!r} Hz holds no FFT bin (bins are "
+                    f"{self.sample_rate / self.n_fft:g} Hz apart at n_fft={self.n_fft}); widen "
+                    "the range or raise n_fft",
+                    keys=("f_min",),
                 )
             return
         empty = int((mel_filters(self).max(dim=0).values == 0).sum())
         if empty:
             raise ConfigError(
-                f"features.n_mels={self.n_mels} is too many for n_fft={self.n_fft} at "
-                f"{self.sample_rate} Hz between {self.f_min:g} and {self.top_hz():g} Hz: {empty} "
-                "mel filter(s) fall between FFT bins and would be empty; lower n_mels or raise "
-                "n_fft"
+                f"n_mels={self.n_mels} is too many for n_fft={self.n_fft} at {self.sample_rate} "
+                f"Hz between {self.f_min:g} and {self.top_hz():g} Hz: {empty} mel filter(s) fall "
+                "between FFT bins and would be empty; lower n_mels or raise n_fft",
+                keys=("n_mels",),
             )
 
     @property
@@ -274,16 +302,10 @@ class STFTParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, *, sample_rate: int | None = None) -> STFTParams:
-        """Rebuild from :meth:`to_dict`.
-
-        Settings saved before the mel and frequency-range fields existed lack those keys
-        and were computed with a linear axis over the whole band, which is what the
-        field defaults give; ``sample_rate`` fills in their missing rate.
-        """
+    def from_dict(cls, d: dict) -> STFTParams:
+        """Rebuild from :meth:`to_dict` (``size`` as a list)."""
         d = dict(d)
         d["size"] = tuple(d["size"]) if d.get("size") else None
-        d.setdefault("sample_rate", sample_rate)
         return cls(**d)
 
     def n_frames(self, n_samples: int) -> int:
@@ -421,8 +443,9 @@ def stft_image(
     """
     if not params.center and x.shape[-1] < params.n_fft:
         raise ConfigError(
-            f"features.n_fft={params.n_fft} is longer than the {x.shape[-1]}-sample windows and "
-            "features.center=false; lower n_fft or set center=true"
+            f"n_fft={params.n_fft} is longer than the {x.shape[-1]}-sample windows and "
+            "center=false; lower n_fft or set center=true",
+            keys=("n_fft", "center"),
         )
     spec = AF.spectrogram(
         x,
@@ -439,28 +462,8 @@ def stft_image(
     ).abs()  # (..., channels, n_fft // 2 + 1, time), magnitude
     if params.power == 2:
         spec.square_()  # in place: torchaudio's abs().pow(2) allocates another image
-    if params.n_mels is not None:
-        if mel_fb is None:
-            mel_fb = mel_filters(params, device=spec.device)
-        # (..., time, freq) @ (freq, n_mels) -> (..., n_mels, time), as torchaudio's MelScale
-        spec = torch.matmul(spec.transpose(-1, -2), mel_fb).transpose(-1, -2)
-    elif params.uses_band:
-        lo, hi = params.bins()
-        spec = spec[..., lo : hi + 1, :]  # (..., channels, n_freq, time)
-    if params.scale == "db":
-        multiplier = 10.0 if params.power == 2 else 20.0
-        lead = spec.shape[:-3]
-        spec = AF.amplitude_to_DB(
-            spec.reshape(
-                -1, *spec.shape[-3:]
-            ),  # top_db floors per item over (channels, freq, time)
-            multiplier=multiplier,
-            amin=1e-10,
-            db_multiplier=0.0,
-            top_db=params.top_db,
-        ).reshape(*lead, *spec.shape[-3:])
-    elif params.scale == "log1p":
-        spec = torch.log1p(spec)
+    spec = _band(spec, params, mel_fb)
+    spec = _scale(spec, params)
     if params.lifter is not None:
         if smoother is None:
             smoother = cepstral_smoother(spec.shape[-2], params.lifter, device=spec.device)
@@ -469,6 +472,38 @@ def stft_image(
         lead = spec.shape[:-3]
         spec = F.adaptive_avg_pool2d(spec.reshape(-1, *spec.shape[-3:]), params.size)
         spec = spec.reshape(*lead, *spec.shape[-3:])
+    return spec
+
+
+def _band(spec: Tensor, params: STFTParams, mel_fb: Tensor | None) -> Tensor:
+    """(..., channels, n_fft // 2 + 1, time) -> (..., channels, n_freq, time): the mel
+    filterbank, or the crop to ``f_min``..``f_max``, or the spectrum as it is."""
+    if params.n_mels is not None:
+        if mel_fb is None:
+            mel_fb = mel_filters(params, device=spec.device)
+        # (..., time, freq) @ (freq, n_mels) -> (..., n_mels, time), as torchaudio's MelScale
+        return torch.matmul(spec.transpose(-1, -2), mel_fb).transpose(-1, -2)
+    if params.uses_band:
+        lo, hi = params.bins()
+        return spec[..., lo : hi + 1, :]  # (..., channels, n_freq, time)
+    return spec
+
+
+def _scale(spec: Tensor, params: STFTParams) -> Tensor:
+    """``params.scale`` applied to (..., channels, freq, time); ``top_db`` floors each item
+    over its (channels, freq, time)."""
+    if params.scale == "db":
+        multiplier = 10.0 if params.power == 2 else 20.0
+        lead = spec.shape[:-3]
+        return AF.amplitude_to_DB(
+            spec.reshape(-1, *spec.shape[-3:]),
+            multiplier=multiplier,
+            amin=1e-10,
+            db_multiplier=0.0,
+            top_db=params.top_db,
+        ).reshape(*lead, *spec.shape[-3:])
+    if params.scale == "log1p":
+        return torch.log1p(spec)
     return spec
 
 
@@ -610,8 +645,9 @@ class Normalizer:
         """Fit on (n, channels, height, width) training images."""
         if per_image not in (True, False, "freq"):
             raise ConfigError(
-                f"features.per_image={per_image!r} must be false, true (each image by its own "
-                "mean and std) or freq (each frequency row's mean removed)"
+                f"per_image={per_image!r} must be false, true (each image by its own mean and "
+                "std) or freq (each frequency row's mean removed)",
+                keys=("per_image",),
             )
         check_per_group(per_group)
         per_group = per_group or False
@@ -622,7 +658,7 @@ class Normalizer:
         elif mode == "per_freq":
             axes = (0, 3)
         else:
-            raise ConfigError(f"features.normalize={mode!r} must be 'global' or 'per_freq'")
+            raise ConfigError(f"mode={mode!r} must be 'global' or 'per_freq'", keys=("mode",))
         mean = images.mean(axis=axes, dtype=np.float64)
         std = images.std(axis=axes, dtype=np.float64)
         shape = (1, 1, 1) if mode == "global" else (images.shape[1], images.shape[2], 1)
@@ -649,8 +685,13 @@ class Normalizer:
         return (images - mean) / std
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "per_image": self.per_image, "per_group": self.per_group}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "per_image": self.per_image,
+            "per_group": self.per_group,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
@@ -658,17 +699,18 @@ class Normalizer:
             d["mode"],
             np.asarray(d["mean"], np.float32),
             np.asarray(d["std"], np.float32),
-            d.get("per_image", False),
-            d.get("per_group", False),
+            d["per_image"],
+            d["per_group"],
         )
 
 
 def check_per_group(value) -> None:
-    """``features.per_group`` is false (or null) or freq."""
+    """``per_group`` (of :meth:`Normalizer.fit`) is false (or null) or freq."""
     if value not in (False, None, "freq"):
         raise ConfigError(
-            f"features.per_group={value!r} must be false or freq (each group's mean "
-            "frequency profile removed from its images)"
+            f"per_group={value!r} must be false or freq (each group's mean frequency profile "
+            "removed from its images)",
+            keys=("per_group",),
         )
 
 
