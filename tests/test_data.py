@@ -10,7 +10,7 @@ from pipeline.data.dataset import FileWindows, Skipped, iter_windows, segmenting
 from pipeline.data.records import find_records
 from pipeline.data.segments import segment
 from pipeline.data.split import split_records, stratified_split
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, config_keys
 
 
 def tone(path, freq, n=500, rate=1000):
@@ -33,9 +33,13 @@ def test_split_is_a_stratified_seeded_partition():
 
 
 def test_split_refuses_bad_fractions_and_tiny_classes():
-    with pytest.raises(ConfigError, match=r"data.test_fraction=1.5 must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"^test_fraction=1.5 must be in \[0, 1\)"):
         stratified_split(["a", "b"], val_fraction=0.1, test_fraction=1.5, seed=0)
-    with pytest.raises(ConfigError, match="must be below 1"):
+    with pytest.raises(ConfigError, match=r"^val_fraction \+ test_fraction = 1.0 must be below 1"):
+        stratified_split(["a", "b"], val_fraction=0.5, test_fraction=0.5, seed=0)
+    # The task layer names the config keys (compare wraps split_records so).
+    full = r"^data.val_fraction \+ data.test_fraction = 1.0 must be below 1"
+    with pytest.raises(ConfigError, match=full), config_keys("data."):
         stratified_split(["a", "b"], val_fraction=0.5, test_fraction=0.5, seed=0)
     with pytest.raises(DataError, match="class 'b' has 1 recording"):
         stratified_split(["a"] * 5 + ["b"], val_fraction=0.2, test_fraction=0.2, seed=0)
@@ -225,7 +229,9 @@ def test_group_split_takes_named_validation_groups_or_none(tmp_path):
     # No validation at all: every remaining group trains (the last epoch is kept).
     none = split_records(found.records, val_fraction=0, **common)
     assert groups_of(none) == {"test": {"cy"}, "train": {"ann", "bob", "dee"}}
-    with pytest.raises(DataError, match=r"data.val_groups=\['cy'\]: \['cy'\] not among the"):
+    with pytest.raises(DataError, match=r"^val_groups=\['cy'\]: \['cy'\] not among the"):
+        split_records(found.records, val_fraction=0.3, val_groups=["cy"], **common)
+    with pytest.raises(DataError, match=r"^data.val_groups=\['cy'\]: "), config_keys("data."):
         split_records(found.records, val_fraction=0.3, val_groups=["cy"], **common)
     with pytest.raises(DataError, match="leaves no group for training"):
         split_records(found.records, val_fraction=0.3, val_groups=["ann", "bob", "dee"], **common)
