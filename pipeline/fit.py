@@ -5,6 +5,17 @@ weight decay 1e-4, learning rate 0.1 divided by 10 at fixed milestones, batch
 size 128. On CUDA the loop runs under automatic mixed precision (bf16 where
 supported, else fp16 with a gradient scaler); channels_last memory format is
 used on every device (about 2x faster convolutions on a 2-core CPU, measured).
+
+Under ``torch.distributed`` (started by torchrun) the model is wrapped in
+DistributedDataParallel, every rank draws its share of each epoch's batches from a
+DistributedSampler, the global batch stays ``batch_size``, the epoch's loss and error
+are summed over ranks, and only rank 0 writes the checkpoint.
+
+The loop is small stages over one :class:`Trainer` (what training holds from step to
+step): :func:`train_one_epoch` (of :func:`_train_step`), validation, :func:`select` (the
+kept epoch, early stopping) and :func:`write_checkpoint`. Errors name the settings as
+:class:`TrainSettings` and :func:`fit` call them (``lr=0``); the task layer renames them
+to config keys (:func:`pipeline.errors.config_keys`).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError, Interrupted, TrainingError
 from pipeline.precise_bn import precise_batchnorm
 from pipeline.runtime import amp_dtype, autocast, rank_and_world
-from pipeline.values import is_number
+from pipeline.values import is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -79,106 +90,138 @@ class TrainSettings:
     compile: bool = False
     resume: bool | str = False
 
+    def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_lengths()
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._read_augment()
+        _check_choice("monitor", self.monitor, MONITORS)
+        self._check_recipe()
+        self._check_stopping()
+
     def _check_numbers(self) -> None:
         """The recipe's numbers are numbers in range, and its switches true or false."""
         for key, (low, high, closed) in NUMBERS.items():
             _check_number(key, getattr(self, key), low, high, closed)
         for key in FLAGS:
             if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be true or false")
+                raise ConfigError(
+                    f"{key}={getattr(self, key)!r} must be true or false", keys=(key,)
+                )
 
-    def __post_init__(self) -> None:
-        self._check_numbers()
+    def _check_lengths(self) -> None:
+        """Epochs and batch are positive counts, the step floor and ceiling whole numbers."""
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
             if key == "batch_size" and value == AUTO:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole(value, minimum=1):
                 extra = " or auto" if key == "batch_size" else ""
-                raise ConfigError(f"train.{key}={value!r} must be a positive integer{extra}")
+                raise ConfigError(f"{key}={value!r} must be a positive integer{extra}", keys=(key,))
         for key in ("min_steps", "max_steps"):
             value = getattr(self, key)
             if value is None and key == "max_steps":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_whole(value, minimum=0):
                 raise ConfigError(
-                    f"train.{key}={value!r} must be a whole number of optimizer steps"
-                    + (", or null for no ceiling" if key == "max_steps" else " (0: no floor)")
+                    f"{key}={value!r} must be a whole number of optimizer steps"
+                    + (", or null for no ceiling" if key == "max_steps" else " (0: no floor)"),
+                    keys=(key,),
                 )
         if self.max_steps is not None and self.max_steps < max(1, self.min_steps):
             raise ConfigError(
-                f"train.max_steps={self.max_steps} must be at least train.min_steps="
-                f"{self.min_steps} (and at least 1); raise it or set it to null"
+                f"max_steps={self.max_steps} must be at least min_steps={self.min_steps} (and "
+                "at least 1); raise it or set it to null",
+                keys=("max_steps", "min_steps"),
             )
-        if self.optimizer not in OPTIMIZERS:
+
+    def _read_augment(self) -> None:
+        """``augment`` given as a dict (the config's form) becomes :class:`AugmentSettings`."""
+        if not isinstance(self.augment, dict):
+            return
+        known = AugmentSettings.__dataclass_fields__
+        unknown = sorted(set(self.augment) - set(known))
+        if unknown:
             raise ConfigError(
-                f"train.optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}"
+                f"augment.{unknown[0]} is not an augmentation; known: {sorted(known)}",
+                keys=("augment",),
             )
-        if isinstance(self.augment, dict):
-            unknown = sorted(set(self.augment) - set(AugmentSettings.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(
-                    f"train.augment.{unknown[0]} is not an augmentation; known: "
-                    f"{sorted(AugmentSettings.__dataclass_fields__)}"
-                )
-            object.__setattr__(self, "augment", AugmentSettings(**self.augment))
-        if self.monitor not in MONITORS:
-            raise ConfigError(f"train.monitor={self.monitor!r} must be one of {list(MONITORS)}")
+        object.__setattr__(self, "augment", AugmentSettings(**self.augment))
+
+    def _check_recipe(self) -> None:
+        """Milestones, class weights, schedule and label smoothing."""
         if not isinstance(self.milestones, tuple | list) or not all(
             is_number(m) for m in self.milestones
         ):
             raise ConfigError(
-                f"train.milestones={self.milestones!r} must be a list of fractions of training "
-                "in (0, 1), e.g. [0.5,0.75]"
+                f"milestones={self.milestones!r} must be a list of fractions of training in "
+                "(0, 1), e.g. [0.5,0.75]",
+                keys=("milestones",),
             )
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(
-                f"train.class_weights={self.class_weights!r} must be null or 'balanced'"
+                f"class_weights={self.class_weights!r} must be null or 'balanced'",
+                keys=("class_weights",),
             )
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule={self.schedule!r} must be one of {list(SCHEDULES)}")
+        _check_choice("schedule", self.schedule, SCHEDULES)
         if any(not 0 < m < 1 for m in self.milestones):
             raise ConfigError(
-                f"train.milestones={list(self.milestones)} must be fractions of training in (0, 1)"
+                f"milestones={list(self.milestones)} must be fractions of training in (0, 1)",
+                keys=("milestones",),
             )
         if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"train.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+            raise ConfigError(
+                f"label_smoothing={self.label_smoothing!r} must be in [0, 1)",
+                keys=("label_smoothing",),
+            )
+
+    def _check_stopping(self) -> None:
+        """Resuming, weight averaging and early stopping."""
         if not isinstance(self.resume, bool | str):
             raise ConfigError(
-                f"train.resume={self.resume!r} must be true, false or the run folder to resume"
+                f"resume={self.resume!r} must be true, false or the run folder to resume",
+                keys=("resume",),
             )
-        if (
-            not isinstance(self.ema_epochs, int | float)
-            or isinstance(self.ema_epochs, bool)
-            or not self.ema_epochs >= 0
-        ):
+        if not is_number(self.ema_epochs) or not self.ema_epochs >= 0:
             raise ConfigError(
-                f"train.ema_epochs={self.ema_epochs!r} must be 0 (off) or a positive number of "
-                "epochs, e.g. 2"
+                f"ema_epochs={self.ema_epochs!r} must be 0 (off) or a positive number of epochs, "
+                "e.g. 2",
+                keys=("ema_epochs",),
             )
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ConfigError(
-                f"train.patience={self.patience!r} must be a positive integer or null"
+                f"patience={self.patience!r} must be a positive integer or null", keys=("patience",)
             )
         if self.patience is not None and self.monitor == "last":
             raise ConfigError(
-                f"train.patience={self.patience} stops on a monitored value, but "
-                "train.monitor=last keeps the last epoch whatever the validation says; set "
-                "monitor to val_accuracy or val_loss, or patience to null"
+                f"patience={self.patience} stops on a monitored value, but monitor=last keeps "
+                "the last epoch whatever the validation says; set monitor to val_accuracy or "
+                "val_loss, or patience to null",
+                keys=("patience", "monitor"),
             )
 
 
 # Numbers of the recipe and the ranges they must lie in: (low, high, low included); a
 # negative gradient-clipping norm reverses the gradients, a momentum above 1 diverges.
 NUMBERS = {
-    "lr": (0, None, False), "momentum": (0, 1, True), "weight_decay": (0, None, True),
-    "gamma": (0, 1, False), "warmup_epochs": (0, None, True), "grad_clip": (0, None, False),
-}  # fmt: skip
+    "lr": (0, None, False),
+    "momentum": (0, 1, True),
+    "weight_decay": (0, None, True),
+    "gamma": (0, 1, False),
+    "warmup_epochs": (0, None, True),
+    "grad_clip": (0, None, False),
+}
 FLAGS = ("precise_bn", "channels_last", "amp", "compile")
 
 
+def _check_choice(key: str, value, allowed: tuple) -> None:
+    """``value`` of setting ``key`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} must be one of {list(allowed)}", keys=(key,))
+
+
 def _check_number(key: str, value, low, high, closed: bool) -> None:
-    """``train.<key>`` is a number in its range (``grad_clip`` may be null)."""
+    """Setting ``key`` is a number in its range (``grad_clip`` may be null)."""
     if value is None and key == "grad_clip":
         return
     above = is_number(value) and (value >= low if closed else value > low)
@@ -188,7 +231,7 @@ def _check_number(key: str, value, low, high, closed: bool) -> None:
         else:
             rule = f"a number in {'[' if closed else '('}{low}, {high}]"
         extra = ", or null for none" if key == "grad_clip" else ""
-        raise ConfigError(f"train.{key}={value!r} must be {rule}{extra}")
+        raise ConfigError(f"{key}={value!r} must be {rule}{extra}", keys=(key,))
 
 
 @dataclass
@@ -366,13 +409,8 @@ def fit(
     resume: bool = False,
     fingerprint: dict[str, str] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place and leave it holding the weights of its best validation epoch.
-
-    Under ``torch.distributed`` (started by torchrun) the model is wrapped in
-    DistributedDataParallel, every rank draws its share of each epoch's batches
-    from a DistributedSampler, the global batch stays ``settings.batch_size``,
-    the epoch's loss and error are summed over ranks, and only rank 0 writes
-    the checkpoint.
+    """Train ``model`` in place and leave it holding the weights of its best validation epoch
+    (on several processes under ``torch.distributed``, as the module's docstring says).
 
     Args:
         model: a network returning logits (N, n_classes).
@@ -385,12 +423,11 @@ def fit(
         seed: seeds the batch order.
         progress: show a progress bar per epoch.
         name: used in log lines.
-        checkpoint: where the last state (model, optimizer, scaler, epoch, best
-            weights, history) is written atomically after every epoch.
+        checkpoint: where the last state (model, optimizer, scaler, epoch, best weights,
+            history) is written atomically after every epoch.
         resume: continue from ``checkpoint`` when it exists.
-        fingerprint: what the weights are trained on ({setting: JSON value}: classes,
-            files, data, feature, model and training settings), stored in the checkpoint;
-            resuming refuses a checkpoint whose fingerprint differs.
+        fingerprint: what the weights are trained on ({setting: JSON value}), stored in the
+            checkpoint; resuming refuses a checkpoint whose fingerprint differs.
 
     Raises:
         ConfigError: the checkpoint to resume is unreadable or was trained otherwise.
@@ -400,45 +437,93 @@ def fit(
     Returns:
         The per-epoch history, the best epoch and the wall time.
     """
-    t = _setup(model, x_train, y_train, x_val, settings=settings, device=device, seed=seed,
-               name=name, progress=progress)  # fmt: skip
+    t = _setup(model, x_train, y_train, x_val, settings, device, seed, name, progress)
     if resume and checkpoint is not None and checkpoint.is_file():
-        t.state = _load_checkpoint(
-            checkpoint, model, t.optimizer, t.scaler, t.ema, rank=t.rank, world=t.world,
-            fingerprint=fingerprint,
-        )  # fmt: skip
-        log.info("%s: resumed from %s after epoch %d", name, checkpoint, t.state["epoch"])
+        _resume(t, checkpoint, fingerprint)
     t.state["fingerprint"] = fingerprint
     start = time.perf_counter() - t.state["seconds"]
+    _train_epochs(t, x_val, y_val, start=start, checkpoint=checkpoint)
+    return _finish(t, x_val, y_val, start=start, seed=seed)
+
+
+def _resume(t: Trainer, path: Path, fingerprint: dict[str, str] | None) -> None:
+    """Restore ``t`` from the checkpoint ``path`` (checked against ``fingerprint``)."""
+    t.state = _load_checkpoint(
+        path,
+        t.model,
+        t.optimizer,
+        t.scaler,
+        t.ema,
+        rank=t.rank,
+        world=t.world,
+        fingerprint=fingerprint,
+    )
+    log.info("%s: resumed from %s after epoch %d", t.name, path, t.state["epoch"])
+
+
+def _train_epochs(
+    t: Trainer, x_val: Tensor, y_val: Tensor, *, start: float, checkpoint: Path | None
+) -> None:
+    """The epochs left, each checkpointed, until the plan's last or an early stop.
+
+    Raises:
+        Interrupted: Ctrl-C, naming the epoch; resumable once an epoch is checkpointed.
+    """
     try:
         for epoch in range(t.state["epoch"] + 1, t.plan.epochs + 1):
             if t.state["finished"]:
                 break
-            row = train_one_epoch(t, epoch)
-            row["val_loss"], row["val_error"] = evaluate_loss(
-                t.kept, x_val, y_val, device=device, s=settings, batch_size=2 * t.plan.batch_size
-            )
-            _record(t, row)
-            select(t, row, n_val=len(x_val))
-            t.state["epoch"] = epoch
-            t.state["seconds"] = time.perf_counter() - start
+            run_epoch(t, epoch, x_val, y_val, start=start)
             if checkpoint is not None:
-                rng = _rng_states(t.world)  # every rank's: a collective under torch.distributed
-                if t.rank == 0:
-                    _save_checkpoint(checkpoint, t.state, model, t.optimizer, t.scaler, rng, t.ema)
+                write_checkpoint(t, checkpoint)
     except KeyboardInterrupt:
         raise Interrupted(
-            f"{name}: stopped by Ctrl-C in epoch {t.state['epoch'] + 1} of {t.plan.epochs}",
+            f"{t.name}: stopped by Ctrl-C in epoch {t.state['epoch'] + 1} of {t.plan.epochs}",
             resumable=checkpoint is not None and t.state["epoch"] > 0,
         ) from None
+
+
+def run_epoch(t: Trainer, epoch: int, x_val: Tensor, y_val: Tensor, *, start: float) -> None:
+    """Train one epoch, validate the kept weights, record the row and select; ``start`` is
+    the loop's start on the :func:`time.perf_counter` clock (less the resumed seconds)."""
+    row = train_one_epoch(t, epoch)
+    row["val_loss"], row["val_error"] = evaluate_loss(
+        t.kept, x_val, y_val, device=t.device, s=t.s, batch_size=2 * t.plan.batch_size
+    )
+    _record(t, row)
+    select(t, row, n_val=len(x_val))
+    t.state["epoch"] = epoch
+    t.state["seconds"] = time.perf_counter() - start
+
+
+def write_checkpoint(t: Trainer, path: Path) -> None:
+    """Write ``t``'s training state to ``path`` (on rank 0; every rank gives its random states)."""
+    rng = _rng_states(t.world)  # every rank's: a collective under torch.distributed
+    if t.rank == 0:
+        _save_checkpoint(path, t.state, t.model, t.optimizer, t.scaler, rng, t.ema)
+
+
+def _finish(t: Trainer, x_val: Tensor, y_val: Tensor, *, start: float, seed: int) -> FitResult:
+    """Load the kept weights into the model, recompute its batch-norm statistics where
+    ``precise_bn`` is on, and gather the result."""
+    s, model = t.s, t.model
     model.load_state_dict(t.state["best_state"])
-    log.info("%s: kept epoch %d (%s)", name, t.state["best_epoch"],
-             _kept_phrase(t.plan.monitor, settings.monitor, n_val=len(x_val)))  # fmt: skip
+    kept = _kept_phrase(t.plan.monitor, s.monitor, n_val=len(x_val))
+    log.info("%s: kept epoch %d (%s)", t.name, t.state["best_epoch"], kept)
     precise = None
-    if settings.precise_bn:
-        precise = _precise_bn(model, t.x_source, x_val, y_val, plan=t.plan, device=device,
-                              s=settings, memory_format=t.memory_format, seed=seed,
-                              name=name)  # fmt: skip
+    if s.precise_bn:
+        precise = _precise_bn(
+            model,
+            t.x_source,
+            x_val,
+            y_val,
+            plan=t.plan,
+            device=t.device,
+            s=s,
+            memory_format=t.memory_format,
+            seed=seed,
+            name=t.name,
+        )
     return FitResult(
         history=t.state["history"],
         best_epoch=t.state["best_epoch"],
@@ -479,7 +564,7 @@ class Trainer:
     state: dict
 
 
-def _setup(model, x_train, y_train, x_val, *, settings, device, seed, name, progress) -> Trainer:
+def _setup(model, x_train, y_train, x_val, settings, device, seed, name, progress) -> Trainer:
     """The model on its device (DDP, compile), the plan, optimizer, scaler, sampler, average."""
     s = settings
     rank, world = rank_and_world()
@@ -487,28 +572,21 @@ def _setup(model, x_train, y_train, x_val, *, settings, device, seed, name, prog
     # restored from the checkpoint on resume.
     torch.manual_seed(seed * 1009 + rank)
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    net = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if s.compile:
-        net = torch.compile(net)
+    net = _place(model, s, device=device, memory_format=memory_format, world=world)
     augment = SpecAugment(s.augment) if s.augment.any_image else None
     n_classes = int(getattr(model, "config", {}).get("num_classes", int(y_train.max()) + 1))
-    plan = plan_training(s, n_train=len(x_train), n_val=len(x_val), n_classes=n_classes,
-                         world=world)  # fmt: skip
-    if s.monitor == AUTO and s.patience is not None and plan.monitor == "last":
-        plan = replace(plan, monitor="val_accuracy")  # patience stops on validation
+    plan = _plan(s, n_train=len(x_train), n_val=len(x_val), n_classes=n_classes, world=world)
     if rank == 0:
+        kept = _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val))
         log.info(
-            "%s: %d optimizer steps (%s), %d epochs; keeps %s", name, plan.steps, plan.why,
-            plan.epochs, _kept_phrase(plan.monitor, s.monitor, n_val=len(x_val)),
-        )  # fmt: skip
-    weight = None
-    if s.class_weights == "balanced":
-        counts = torch.bincount(y_train, minlength=n_classes).double()
-        weight = (len(y_train) / (n_classes * counts.clamp(min=1))).float().to(device)
+            "%s: %d optimizer steps (%s), %d epochs; keeps %s",
+            name,
+            plan.steps,
+            plan.why,
+            plan.epochs,
+            kept,
+        )
+    weight = _class_weight(s, y_train, n_classes=n_classes, device=device)
     x_source = _stage(x_train, device)
     optimizer = _make_optimizer(model, s)
     use_scaler = amp_dtype(device, s.amp) == torch.float16  # bf16 needs no loss scaling
@@ -517,21 +595,77 @@ def _setup(model, x_train, y_train, x_val, *, settings, device, seed, name, prog
         if s.ema_epochs
         else None
     )
-    state = {
-        "epoch": 0, "step": 0, "best": [-math.inf, -math.inf], "best_epoch": 0, "stale": 0,
-        "history": [], "seconds": 0.0, "finished": False,
-        "best_state": copy.deepcopy(model.state_dict()),
-    }  # fmt: skip
     return Trainer(
-        model=model, net=net, kept=ema.model if ema is not None else model, optimizer=optimizer,
+        model=model,
+        net=net,
+        kept=ema.model if ema is not None else model,
+        optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
-        sampler=DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank,
-                                   shuffle=True, seed=seed),  # the same draw on every rank
-        ema=ema, augment=augment, weight=weight, plan=plan, s=s, device=device,
-        memory_format=memory_format, x_source=x_source, y_source=y_train.to(x_source.device),
-        base_lrs=[g["lr"] for g in optimizer.param_groups], name=name, progress=progress,
-        rank=rank, world=world, state=state,
-    )  # fmt: skip
+        sampler=DistributedSampler(
+            range(len(x_train)), num_replicas=world, rank=rank, shuffle=True, seed=seed
+        ),  # the same draw on every rank
+        ema=ema,
+        augment=augment,
+        weight=weight,
+        plan=plan,
+        s=s,
+        device=device,
+        memory_format=memory_format,
+        x_source=x_source,
+        y_source=y_train.to(x_source.device),
+        base_lrs=[g["lr"] for g in optimizer.param_groups],
+        name=name,
+        progress=progress,
+        rank=rank,
+        world=world,
+        state=_fresh_state(model),
+    )
+
+
+def _place(model: nn.Module, s: TrainSettings, *, device, memory_format, world: int) -> nn.Module:
+    """Move ``model`` to ``device`` in ``memory_format``; the module as trained (wrapped in
+    DistributedDataParallel on several processes, compiled with ``compile``)."""
+    model.to(device=device, memory_format=memory_format)
+    net = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if s.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _plan(s: TrainSettings, *, n_train: int, n_val: int, n_classes: int, world: int) -> Plan:
+    """:func:`plan_training`, where early stopping makes ``monitor=auto`` watch validation."""
+    plan = plan_training(s, n_train=n_train, n_val=n_val, n_classes=n_classes, world=world)
+    if s.monitor == AUTO and s.patience is not None and plan.monitor == "last":
+        plan = replace(plan, monitor="val_accuracy")  # patience stops on validation
+    return plan
+
+
+def _class_weight(
+    s: TrainSettings, y_train: Tensor, *, n_classes: int, device: torch.device
+) -> Tensor | None:
+    """The loss's class weights for ``class_weights=balanced`` (on ``device``), else None."""
+    if s.class_weights != "balanced":
+        return None
+    counts = torch.bincount(y_train, minlength=n_classes).double()
+    return (len(y_train) / (n_classes * counts.clamp(min=1))).float().to(device)
+
+
+def _fresh_state(model: nn.Module) -> dict:
+    """The training state before the first epoch (``Trainer.state``)."""
+    return {
+        "epoch": 0,
+        "step": 0,
+        "best": [-math.inf, -math.inf],
+        "best_epoch": 0,
+        "stale": 0,
+        "history": [],
+        "seconds": 0.0,
+        "finished": False,
+        "best_state": copy.deepcopy(model.state_dict()),
+    }
 
 
 def train_one_epoch(t: Trainer, epoch: int) -> dict:
@@ -553,8 +687,13 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
     # Equal batches (742 windows at 74 are ten of 74 and one of 2 otherwise): a tail of a
     # few windows gives one noisy step and batch-norm statistics of almost nothing.
     batches = torch.tensor_split(order, t.plan.steps_per_epoch)[:left]
-    bar = tqdm(batches, desc=f"{t.name} {epoch}/{t.plan.epochs}", unit="batch", leave=False,
-               disable=not t.progress or t.rank != 0)  # fmt: skip
+    bar = tqdm(
+        batches,
+        desc=f"{t.name} {epoch}/{t.plan.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not t.progress or t.rank != 0,
+    )
     for idx in bar:
         loss, errors = _train_step(t, idx)
         # Summed on the device: no host synchronisation per step.
@@ -569,8 +708,9 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
     if not math.isfinite(loss_sum):
         raise TrainingError(
             f"{t.name}: the training loss became {loss_sum / seen} in epoch {epoch} of "
-            f"{t.plan.epochs} (after {t.state['step']} steps); lower train.lr={t.s.lr}, set "
-            "train.grad_clip=1.0, or train.amp=false"
+            f"{t.plan.epochs} (after {t.state['step']} steps); lower lr={t.s.lr}, set "
+            "grad_clip=1.0, or amp=false",
+            keys=("lr", "grad_clip", "amp"),
         )
     return {
         "epoch": epoch,
@@ -586,8 +726,9 @@ def _train_step(t: Trainer, idx: Tensor) -> tuple[Tensor, Tensor]:
     s = t.s
     xb = _gather(t.x_source, idx, t.device).contiguous(memory_format=t.memory_format)
     yb = _gather(t.y_source, idx, t.device)
-    factor = _lr_factor(t.state["step"], steps_per_epoch=t.plan.steps_per_epoch, s=s,
-                        total=t.plan.steps)  # fmt: skip
+    factor = _lr_factor(
+        t.state["step"], steps_per_epoch=t.plan.steps_per_epoch, s=s, total=t.plan.steps
+    )
     for group, base in zip(t.optimizer.param_groups, t.base_lrs, strict=True):
         group["lr"] = base * factor
     if t.augment is not None:
@@ -616,17 +757,33 @@ def _train_step(t: Trainer, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 def _record(t: Trainer, row: dict) -> None:
     """Add the epoch's row to the history and log it (about 30 lines a run at most)."""
-    row = {k: row[k] for k in ("epoch", "lr", "train_loss", "train_error", "val_loss",
-                               "val_error", "images_per_second")}  # fmt: skip
+    row = {
+        k: row[k]
+        for k in (
+            "epoch",
+            "lr",
+            "train_loss",
+            "train_error",
+            "val_loss",
+            "val_error",
+            "images_per_second",
+        )
+    }
     t.state["history"].append(row)
     epoch, every = row["epoch"], max(1, t.plan.epochs // 30)
     if t.rank == 0 and (epoch % every == 0 or epoch == t.plan.epochs):
         log.info(
-            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g"
-            "  %.0f img/s",
-            t.name, epoch, t.plan.epochs, row["train_loss"], 1 - row["train_error"],
-            row["val_loss"], 1 - row["val_error"], row["lr"], row["images_per_second"],
-        )  # fmt: skip
+            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  lr %.4g  %.0f img/s",
+            t.name,
+            epoch,
+            t.plan.epochs,
+            row["train_loss"],
+            1 - row["train_error"],
+            row["val_loss"],
+            1 - row["val_error"],
+            row["lr"],
+            row["images_per_second"],
+        )
 
 
 def select(t: Trainer, row: dict, *, n_val: int) -> None:
@@ -664,16 +821,30 @@ def _kept_phrase(monitor: str, configured: str, *, n_val: int) -> str:
 
 
 def _precise_bn(
-    model: nn.Module, x_train: Tensor, x_val: Tensor, y_val: Tensor, *, plan: Plan,
-    device: torch.device, s: TrainSettings, memory_format, seed: int, name: str,
-) -> dict | None:  # fmt: skip
+    model: nn.Module,
+    x_train: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    plan: Plan,
+    device: torch.device,
+    s: TrainSettings,
+    memory_format,
+    seed: int,
+    name: str,
+) -> dict | None:
     """Recompute the kept weights' batch-norm statistics over the training windows
     (:func:`pipeline.precise_bn.precise_batchnorm`) and log what it did to validation."""
     before = evaluate_loss(model, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size)
     done = precise_batchnorm(
-        model, x_train, batch_size=2 * plan.batch_size, device=device,
-        autocast=lambda: autocast(device, s.amp), memory_format=memory_format, seed=seed,
-    )  # fmt: skip
+        model,
+        x_train,
+        batch_size=2 * plan.batch_size,
+        device=device,
+        autocast=lambda: autocast(device, s.amp),
+        memory_format=memory_format,
+        seed=seed,
+    )
     if not done["layers"]:
         return None
     after = evaluate_loss(model, x_val, y_val, device=device, s=s, batch_size=2 * plan.batch_size)
@@ -681,10 +852,15 @@ def _precise_bn(
     if rank_and_world()[0] == 0:
         log.info(
             "%s: batch-norm statistics of %d layers recomputed over %d training windows in "
-            "%.1f s%s", name, done["layers"], done["windows"], done["seconds"],
-            f" (validation accuracy {1 - before[1]:.3f} -> {1 - after[1]:.3f})" if len(x_val)
+            "%.1f s%s",
+            name,
+            done["layers"],
+            done["windows"],
+            done["seconds"],
+            f" (validation accuracy {1 - before[1]:.3f} -> {1 - after[1]:.3f})"
+            if len(x_val)
             else "",
-        )  # fmt: skip
+        )
     return done
 
 
@@ -729,6 +905,10 @@ def _rng_states(world: int) -> list[dict]:
     return every
 
 
+# What every checkpoint this version writes holds besides the training state.
+CHECKPOINT_KEYS = {"model", "optimizer", "scaler", "rng"}
+
+
 def _save_checkpoint(
     path: Path, state: dict, model, optimizer, scaler, rng: list[dict], ema=None
 ) -> None:
@@ -760,24 +940,19 @@ def _load_checkpoint(
     """Restore the training state of ``path`` into the model, optimizer, scaler and average.
 
     Raises:
-        ConfigError: ``path`` is unreadable, or its fingerprint differs from ``fingerprint``.
+        ConfigError: ``path`` is unreadable, was written by an older version of this tool
+            (another layout), or its fingerprint differs from ``fingerprint``.
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated: RuntimeError, EOFError; not a checkpoint: Unpickling
-        raise ConfigError(
-            f"train.resume: {path} cannot be read as a checkpoint (torch.load raised "
-            f"{type(err).__name__}: it is truncated, damaged or another kind of file); delete "
-            "it to train this model from the start"
-        ) from None
+    payload = _read_checkpoint(path)
     if fingerprint is not None:
         check_fingerprint(path, payload.get("fingerprint"), fingerprint)
     try:
         model.load_state_dict(payload.pop("model"))
     except (KeyError, RuntimeError) as err:
         raise ConfigError(
-            f"train.resume: {path} holds weights of another network ({str(err).splitlines()[0]}); "
-            "resume with the settings it was trained with, or start a new run"
+            f"resume: {path} holds weights of another network ({str(err).splitlines()[0]}); "
+            "resume with the settings it was trained with, or start a new run",
+            keys=("resume",),
         ) from None
     averaged = payload.pop("ema", None)
     if ema is not None:
@@ -788,22 +963,49 @@ def _load_checkpoint(
             ema.model.load_state_dict(model.state_dict())
     optimizer.load_state_dict(payload.pop("optimizer"))
     scaler.load_state_dict(payload.pop("scaler"))
-    rng = payload.pop("rng", None)
-    if rng is None:  # an older checkpoint holds rank 0's states alone
-        rng = [{"torch": payload.pop("torch_rng")}]
-        if "cuda_rng" in payload:
-            rng[0]["cuda"] = payload.pop("cuda_rng")
+    _restore_rng(path, payload.pop("rng"), rank=rank, world=world)
+    return payload
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The contents of checkpoint ``path``, read with ``weights_only=True``.
+
+    Raises:
+        ConfigError: it cannot be read, or holds another layout than this version writes.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated: RuntimeError, EOFError; not a checkpoint: Unpickling
+        raise ConfigError(
+            f"resume: {path} cannot be read as a checkpoint (torch.load raised "
+            f"{type(err).__name__}: it is truncated, damaged or another kind of file); delete "
+            "it to train this model from the start",
+            keys=("resume",),
+        ) from None
+    if not isinstance(payload, dict) or not payload.keys() >= CHECKPOINT_KEYS:
+        raise ConfigError(
+            f"resume: {path} is not a checkpoint of this version of the tool (an older version "
+            "wrote it, or it is another file); delete it to train this model from the start",
+            keys=("resume",),
+        )
+    return payload
+
+
+def _restore_rng(path: Path, rng: list[dict], *, rank: int, world: int) -> None:
+    """This rank's random states from :func:`_rng_states`; with another number of processes
+    than saved them, each keeps its fresh seed (logged)."""
     if len(rng) != world:
         log.warning(
             "%s holds the random states of %d process(es), and %d resume it: each keeps its "
             "fresh seed, so augmentation draws differ from an uninterrupted run",
-            path, len(rng), world,
-        )  # fmt: skip
-        return payload
+            path,
+            len(rng),
+            world,
+        )
+        return
     torch.set_rng_state(rng[rank]["torch"])
     if "cuda" in rng[rank] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng[rank]["cuda"])
-    return payload
 
 
 def check_fingerprint(path: Path, saved: dict | None, current: dict[str, str]) -> None:
@@ -814,17 +1016,18 @@ def check_fingerprint(path: Path, saved: dict | None, current: dict[str, str]) -
     """
     if saved is None:
         raise ConfigError(
-            f"train.resume: {path} carries no record of the data and settings it was trained "
-            "with (an older release wrote it), so it cannot be checked; delete it, or start a "
-            "new run without train.resume"
+            f"resume: {path} carries no record of the data and settings it was trained with, "
+            "so it cannot be checked; delete it, or start a new run without resume",
+            keys=("resume",),
         )
     for key in [*current, *(k for k in saved if k not in current)]:
         then, now = saved.get(key, "(unset)"), current.get(key, "(unset)")
         if then != now:
             raise ConfigError(
-                f"train.resume: {path} was trained with {key}={then}, and this run has "
-                f"{key}={now}; resume with the settings it was trained with, or start a new "
-                "run without train.resume"
+                f"resume: {path} was trained with {key}={then}, and this run has {key}={now}; "
+                "resume with the settings it was trained with, or start a new run without "
+                "resume",
+                keys=("resume",),
             )
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, config_keys
 from pipeline.fit import TrainSettings, WeightAverage, _lr_factor, fit, predict_logits
 from pipeline.runtime import autocast, resolve_device
 
@@ -78,9 +78,16 @@ def test_monitor_last_keeps_the_last_epoch_and_still_records_validation():
         model = TinyNet()
         settings = TrainSettings(epochs=5, batch_size=16, lr=0.5, monitor=monitor)
         result = fit(
-            model, x, y, xv, yv, settings=settings, device=torch.device("cpu"), seed=0,
+            model,
+            x,
+            y,
+            xv,
+            yv,
+            settings=settings,
+            device=torch.device("cpu"),
+            seed=0,
             progress=False,
-        )  # fmt: skip
+        )
         kept[monitor] = (model, result)
     model, result = kept["last"]
     assert result.best_epoch == 5
@@ -120,7 +127,10 @@ def test_multistep_schedule_divides_by_ten_at_milestones():
     ],
 )
 def test_bad_settings(kw, match):
-    with pytest.raises(ConfigError, match=match):
+    # A notebook reads the field's name; the task layer's config_keys gives the config key.
+    with pytest.raises(ConfigError, match="^" + match.removeprefix("train.")):
+        TrainSettings(**kw)
+    with pytest.raises(ConfigError, match="^" + match), config_keys("train."):
         TrainSettings(**kw)
 
 
@@ -155,11 +165,21 @@ def test_amp_training_on_the_cpu_learns_as_float32_does_and_keeps_float32_weight
     for native in (False, True):  # bf16 is emulated on a CPU without it: slower, but bf16
         monkeypatch.setattr("pipeline.runtime.cpu_bf16", lambda native=native: native)
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(4 * 64, 3))  # fmt: skip
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)
+        )
         settings = TrainSettings(epochs=4, batch_size=16, lr=0.05)
-        result = fit(model, x, y, xv, yv, settings=settings, device=torch.device("cpu"), seed=0,
-                     progress=False)  # fmt: skip
+        result = fit(
+            model,
+            x,
+            y,
+            xv,
+            yv,
+            settings=settings,
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+        )
         assert all(p.dtype == torch.float32 for p in model.parameters())
         histories.append(result.history)
     fp32, bf16 = histories
@@ -171,8 +191,18 @@ def test_without_validation_images_the_last_epoch_is_kept_and_the_log_says_why(c
     x, y = blobs(48, 0)
     settings = TrainSettings(epochs=3, batch_size=16, lr=0.05)
     with caplog.at_level("INFO", logger="pipeline.fit"):
-        result = fit(TinyNet(), x, y, x[:0], y[:0], settings=settings, device=torch.device("cpu"),
-                     seed=0, progress=False, name="net")  # fmt: skip
+        result = fit(
+            TinyNet(),
+            x,
+            y,
+            x[:0],
+            y[:0],
+            settings=settings,
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+            name="net",
+        )
     assert result.best_epoch == 3
     assert "net: kept epoch 3 (the last epoch: no validation images)" in caplog.text
 
@@ -193,10 +223,12 @@ def test_balanced_class_weights_weight_the_loss():
     model = TinyNet()
     initial = TinyNet()
     initial.load_state_dict(model.state_dict())
-    s = TrainSettings(epochs=1, batch_size=len(y), class_weights="balanced", channels_last=False,
-                      amp=False)  # fmt: skip
-    result = fit(model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0,
-                 progress=False)  # fmt: skip
+    s = TrainSettings(
+        epochs=1, batch_size=len(y), class_weights="balanced", channels_last=False, amp=False
+    )
+    result = fit(
+        model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0, progress=False
+    )
     counts = torch.bincount(y, minlength=3).float()
     weight = len(y) / (3 * counts)
     with torch.no_grad():
@@ -215,8 +247,17 @@ def test_augmented_training_is_seeded_and_changes_the_result():
         torch.manual_seed(0)
         model = TinyNet()
         s = TrainSettings(epochs=2, batch_size=16, lr=0.05, augment=augment)
-        fit(model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0,
-            progress=False)  # fmt: skip
+        fit(
+            model,
+            x,
+            y,
+            x[:0],
+            y[:0],
+            settings=s,
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+        )
         weights[key] = model.conv.weight.detach().clone()
     assert torch.equal(weights["a"], weights["b"])
     assert not torch.equal(weights["a"], weights["none"])
@@ -229,15 +270,23 @@ def test_augmented_training_is_seeded_and_changes_the_result():
         ({"augment": {"freq_mask": -1}}, "train.augment.freq_mask=-1 must be a whole number"),
         ({"augment": {"time_shift": 2}}, r"train.augment.time_shift=2 must be a fraction"),
         ({"monitor": "f1"}, "train.monitor='f1' must be one of"),
-        ({"monitor": "last", "patience": 3}, "train.patience=3 stops on a monitored value"),
+        (
+            {"monitor": "last", "patience": 3},
+            "train.patience=3 stops on a monitored value, but train.monitor=last keeps the last "
+            "epoch whatever the validation says; set monitor to",
+        ),
         ({"class_weights": "inverse"}, "train.class_weights='inverse' must be null or"),
         ({"schedule": "step"}, "train.schedule='step' must be one of"),
         ({"ema_epochs": -1}, "train.ema_epochs=-1 must be 0 .off. or a positive number"),
         ({"ema_epochs": None}, "train.ema_epochs=None must be 0 .off. or a positive number"),
+        (
+            {"max_steps": 5, "min_steps": 10},
+            "train.max_steps=5 must be at least train.min_steps=10",
+        ),
     ],
 )
 def test_bad_train_settings_name_the_key(kw, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match="^" + match), config_keys("train."):
         TrainSettings(**kw)
 
 
@@ -273,8 +322,17 @@ def test_fit_with_a_weight_average_validates_and_keeps_the_average():
         torch.manual_seed(0)
         models[ema] = TinyNet()
         s = TrainSettings(epochs=5, batch_size=16, lr=0.05, ema_epochs=ema)
-        result = fit(models[ema], x, y, xv, yv, settings=s, device=torch.device("cpu"), seed=0,
-                     progress=False)  # fmt: skip
+        result = fit(
+            models[ema],
+            x,
+            y,
+            xv,
+            yv,
+            settings=s,
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+        )
     for a, b in zip(models[0.0].parameters(), models[1e-9].parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(models[0.0].conv.weight, models[2.0].conv.weight)
@@ -298,3 +356,20 @@ def test_resuming_a_checkpoint_without_an_average_starts_it_from_the_resumed_wei
     assert state["epoch"] == 3
     for a, b in zip(ema.model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_with_one_sentence(tmp_path):
+    from pipeline.fit import _load_checkpoint, _make_optimizer
+
+    model, s = TinyNet(), TrainSettings()
+    path = tmp_path / "old.pt"
+    # the layout of an older version: the random state under "torch_rng", no "rng"
+    torch.save({"epoch": 1, "model": model.state_dict(), "torch_rng": torch.get_rng_state()}, path)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    with pytest.raises(
+        ConfigError, match=r"^resume: .*old\.pt is not a checkpoint of this version"
+    ):
+        _load_checkpoint(path, model, _make_optimizer(model, s), scaler)
+    train_resume = r"^train\.resume: .*delete it to train this model from"
+    with pytest.raises(ConfigError, match=train_resume), config_keys("train."):
+        _load_checkpoint(path, model, _make_optimizer(model, s), scaler)

@@ -35,8 +35,11 @@ def overrides(tmp: Path, run: str, *extra: str) -> list[str]:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.run", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -49,8 +52,10 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
     checkpoint = tmp_path / "interrupted" / "checkpoints" / "resnet.pt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", *overrides(tmp_path, "interrupted", ema)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -79,12 +84,29 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
 def test_torchrun_trains_with_ddp_on_two_cpu_processes(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run",
-         *overrides(tmp_path, "ddp", "models=[resnet,svm]", "train.epochs=2", "train.min_steps=0",
-         "device=cpu",
-                    "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipeline.run",
+            *overrides(
+                tmp_path,
+                "ddp",
+                "models=[resnet,svm]",
+                "train.epochs=2",
+                "train.min_steps=0",
+                "device=cpu",
+                "svm.C=[1.0]",
+                "svm.gamma=[scale]",
+                "svm.cv=2",
+            ),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (tmp_path / "ddp" / "run.log").read_text()
     assert "distributed: rank 0 of 2 on cpu" in log and "distributed: rank 1 of 2 on cpu" in log
@@ -121,18 +143,31 @@ def test_a_killed_torchrun_resumes_every_ranks_augmentation(tmp_path):
 
     def launch(run: str, *extra: str) -> list[str]:
         # Each rank masks its own images: its random draws must resume where they stopped.
-        settings = ["train.epochs=4", "train.min_steps=0",
-        "device=cpu", "train.augment.freq_mask=4",
-                    "train.augment.time_mask=4", *extra]  # fmt: skip
-        return [torchrun, "--standalone", "--nproc_per_node=2", "-m", "pipeline.run",
-                *overrides(tmp_path, run, *settings)]  # fmt: skip
+        settings = [
+            "train.epochs=4",
+            "train.min_steps=0",
+            "device=cpu",
+            "train.augment.freq_mask=4",
+            "train.augment.time_mask=4",
+            *extra,
+        ]
+        return [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipeline.run",
+            *overrides(tmp_path, run, *settings),
+        ]
 
-    reference = subprocess.run(launch("reference"), cwd=REPO, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
+    reference = subprocess.run(
+        launch("reference"), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert reference.returncode == 0, reference.stdout + reference.stderr
     checkpoint = tmp_path / "interrupted" / "checkpoints" / "resnet.pt"
-    proc = subprocess.Popen(launch("interrupted"), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        launch("interrupted"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -141,11 +176,17 @@ def test_a_killed_torchrun_resumes_every_ranks_augmentation(tmp_path):
     proc.wait()
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] < 4, "the run ended before it could be interrupted"
-    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"],
-                                                      saved["rng"][1]["torch"])  # fmt: skip
+    assert len(saved["rng"]) == 2 and not torch.equal(
+        saved["rng"][0]["torch"], saved["rng"][1]["torch"]
+    )
 
-    resumed = subprocess.run(launch("interrupted", "train.resume=true"), cwd=REPO,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        launch("interrupted", "train.resume=true"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {checkpoint} after epoch {saved['epoch']}" in resumed.stdout
     ref = json.loads((tmp_path / "reference" / "metrics.json").read_text())
