@@ -96,8 +96,12 @@ def enough_windows(key: str, group: str, n: int, *, regex_key: str) -> bool:
     if n < FEW_ADAPT_WINDOWS:
         log.warning(
             "%s: group %r has only %d windows, so its batch-norm statistics are noisy; group "
-            "more files together (%s)", key, group, n, regex_key,
-        )  # fmt: skip
+            "more files together (%s)",
+            key,
+            group,
+            n,
+            regex_key,
+        )
     return True
 
 
@@ -162,13 +166,22 @@ def adapted_logits(
     """
     rng = np.random.default_rng(seed)
     index = {g: np.flatnonzero(groups == g) for g in sorted(set(groups.tolist()))}
-    samples = {
-        g: x[torch.from_numpy(i if len(i) <= ADAPT_WINDOWS else
-                              np.sort(rng.choice(i, ADAPT_WINDOWS, replace=False)))]
-        for g, i in index.items()
-    }  # fmt: skip
-    states = group_states(model, samples, batch_size=batch_size, device=device, amp=amp,
-                          seed=seed, key=key, regex_key=regex_key)  # fmt: skip
+    samples = {}
+    for g, i in index.items():
+        pick = (
+            i if len(i) <= ADAPT_WINDOWS else np.sort(rng.choice(i, ADAPT_WINDOWS, replace=False))
+        )
+        samples[g] = x[torch.from_numpy(pick)]
+    states = group_states(
+        model,
+        samples,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        seed=seed,
+        key=key,
+        regex_key=regex_key,
+    )
     trained = batchnorm_state(model)
     logits = torch.empty(len(x), 0)
     try:
@@ -231,16 +244,21 @@ def decide(
     test, train = test_groups - {""}, train_groups - {""}
     if not grouped or not test:
         suggestion = suggest_groups(split, test_regex=test_regex, names=names or {})
-        return Decision(False, "the files carry no groups (data.group_regex or a manifest's "
-                        "group column), so no test group can be told from the training ones",
-                        suggestion=suggestion)  # fmt: skip
+        why = (
+            "the files carry no groups (data.group_regex or a manifest's group column), so no "
+            "test group can be told from the training ones"
+        )
+        return Decision(False, why, suggestion=suggestion)
     shared = sorted(test & train)
     if shared:
-        return Decision(False, f"the test groups also occur in training ({_listed(shared)}), "
-                        "so the test split holds no condition the networks never saw")  # fmt: skip
+        why = (
+            f"the test groups also occur in training ({_listed(shared)}), so the test split "
+            "holds no condition the networks never saw"
+        )
+        return Decision(False, why)
     unseen = tuple(sorted(test))
-    return Decision(True, f"the test split holds groups never seen in training ({_listed(unseen)})",
-                    unseen)  # fmt: skip
+    why = f"the test split holds groups never seen in training ({_listed(unseen)})"
+    return Decision(True, why, unseen)
 
 
 def _listed(groups, most: int = 6) -> str:

@@ -81,8 +81,15 @@ def test_trained_statistics_come_back_after_an_error(monkeypatch):
 
     monkeypatch.setattr(adapt, "predict_logits", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        adapted_logits(model, torch.randn(5, 1, 12, 12), np.array(["a"] * 5, dtype=object),
-                       batch_size=4, device=CPU, amp=False, **KEYS)  # fmt: skip
+        adapted_logits(
+            model,
+            torch.randn(5, 1, 12, 12),
+            np.array(["a"] * 5, dtype=object),
+            batch_size=4,
+            device=CPU,
+            amp=False,
+            **KEYS,
+        )
     torch.testing.assert_close(first_bn_mean(model), before, rtol=0, atol=0)
 
 
@@ -99,8 +106,9 @@ def test_a_large_group_is_sampled(monkeypatch, caplog):
 
     monkeypatch.setattr(adapt, "group_states", spy)
     with caplog.at_level("WARNING", logger="pipeline.adapt"):
-        adapted_logits(model, x, np.array(["a"] * 6, dtype=object), batch_size=8, device=CPU,
-                       amp=False, **KEYS)  # fmt: skip
+        adapted_logits(
+            model, x, np.array(["a"] * 6, dtype=object), batch_size=8, device=CPU, amp=False, **KEYS
+        )
     sample = captured["a"]
     assert len(sample) == 3
     assert any(torch.equal(sample, x[list(c)]) for c in combinations(range(6), 3))
