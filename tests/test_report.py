@@ -38,7 +38,7 @@ def metrics_for(n_classes: int, **features) -> dict:
             "f_min": 0.0,
             "f_max": None,
             **features,
-        },  # fmt: skip
+        },
     }
 
 
@@ -73,19 +73,33 @@ MODELS = ["resnet", "plain_cnn", "svm"]
 # Half-second tones cut into 0.25 s windows every 0.125 s: three windows per file, so the
 # headline table has its file-level column; small images and grids keep a run to seconds.
 TINY = [
-    "data=folder", "data.sample_rate=1000", "data.segment.length_seconds=0.25",
-    "data.segment.hop_seconds=0.125", f"models=[{','.join(MODELS)}]", "train.epochs=2",
-    "train.min_steps=0", "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
-    "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
-    "svm.cv=2", "progress=false",
-]  # fmt: skip
+    "data=folder",
+    "data.sample_rate=1000",
+    "data.segment.length_seconds=0.25",
+    "data.segment.hop_seconds=0.125",
+    f"models=[{','.join(MODELS)}]",
+    "train.epochs=2",
+    "train.min_steps=0",
+    "train.batch_size=8",
+    "features.n_fft=64",
+    "features.hop_length=16",
+    "features.win_length=64",
+    "features.size=[16,16]",
+    "svm.C=[1.0]",
+    "svm.gamma=[scale]",
+    "svm.cv=2",
+    "progress=false",
+]
 
 
 def cli(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.run", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +116,15 @@ def tiny_sweep(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
     data = write_tone_dataset(tmp / "tones")
     proc = cli(
-        "-m", "seed=0,1", *TINY, "models=[resnet,svm]", "train.epochs=1", "train.min_steps=0",
-        f"data.root={data}", f"hydra.sweep.dir={tmp / 'sweep'}",
-    )  # fmt: skip
+        "-m",
+        "seed=0,1",
+        *TINY,
+        "models=[resnet,svm]",
+        "train.epochs=1",
+        "train.min_steps=0",
+        f"data.root={data}",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"sweep summary: {tmp / 'sweep' / 'summary.md'}" in proc.stdout
     return tmp / "sweep"
@@ -191,8 +211,15 @@ def assert_cell_shows(cell: str, value: float) -> None:
 def check_headline(rows: list[list[str]], metrics: dict, best: set[tuple[int, int]]) -> None:
     header, body = rows[0], rows[1:]
     assert header[0] == "model" and [r[0] for r in body] == list(metrics["models"])
-    assert {"accuracy", "balanced acc.", "macro-F1", "file acc.", "parameters", "train s",
-            "inference img/s"} == set(header[1:])  # fmt: skip
+    assert {
+        "accuracy",
+        "balanced acc.",
+        "macro-F1",
+        "file acc.",
+        "parameters",
+        "train s",
+        "inference img/s",
+    } == set(header[1:])
     for j, title in enumerate(header[1:], start=1):
         key = COLUMNS[title]
         values = [metrics["models"][r[0]][key] for r in body]
@@ -205,17 +232,28 @@ def check_headline(rows: list[list[str]], metrics: dict, best: set[tuple[int, in
 
 @pytest.mark.slow
 def test_a_run_writes_both_reports_beside_its_files(tiny_run):
-    for name in ["report.md", "report.html", "metrics.json", "figures/learning_curves.png",
-                 "figures/examples.png", *(f"figures/confusion_{m}.png" for m in MODELS),
-                 *(f"predictions/{m}.csv" for m in MODELS)]:  # fmt: skip
+    for name in [
+        "report.md",
+        "report.html",
+        "metrics.json",
+        "figures/learning_curves.png",
+        "figures/examples.png",
+        *(f"figures/confusion_{m}.png" for m in MODELS),
+        *(f"predictions/{m}.csv" for m in MODELS),
+    ]:
         assert (tiny_run / name).is_file(), name
     assert not list(tiny_run.glob(".*.tmp"))  # both written through temporary files
     md = (tiny_run / "report.md").read_text()
     html = (tiny_run / "report.html").read_text()
     sections = [
-        "Results on the test split", "Significance", "Per-class precision", "Learning curves",
-        "Dataset", "Features", "Environment and reproduction",
-    ]  # fmt: skip
+        "Results on the test split",
+        "Significance",
+        "Per-class precision",
+        "Learning curves",
+        "Dataset",
+        "Features",
+        "Environment and reproduction",
+    ]
     for text, mark in ((md, "## "), (html, "<h2>")):
         where = [text.index(mark + s) for s in sections]
         assert where == sorted(where)  # the order
@@ -308,18 +346,20 @@ def test_task_report_renders_the_same_report_again(tiny_run, tmp_path):
     check_headline(page.tables["headline"], metrics, page.best["headline"])
 
 
-@pytest.mark.slow
-def test_an_older_run_gets_its_tests_from_the_prediction_files(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    metrics = json.loads((run / "metrics.json").read_text())
-    expected = metrics.pop("significance")
-    del metrics["run"]["config"]
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    rendered = report_task.rerender_run(run)
-    assert rendered["significance"] == expected
-    md = (run / "report.md").read_text()
-    assert "## Significance" in md and "task: compare" in md  # .hydra/config.yaml as saved
+@pytest.mark.parametrize("missing", ["significance", "config"])
+def test_a_run_of_an_older_version_is_refused_with_one_sentence(tmp_path, missing):
+    from pipeline.errors import ConfigError
+
+    metrics = {"models": {"resnet": {}}, "significance": [], "run": {"config": {}}}
+    metrics.pop(missing, None)
+    metrics["run"].pop(missing, None)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ConfigError) as err:
+        report_task.rerender_run(tmp_path)
+    assert str(err.value) == (
+        f"run_dir={str(tmp_path)!r}: {tmp_path / 'metrics.json'} is from an older version of "
+        "this tool; run it again with this version"
+    )
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "broken"])
@@ -401,11 +441,22 @@ window.addEventListener("load", () => {
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tempfile.mkdtemp(dir=tmp_path, prefix="profile-")
     return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
