@@ -14,12 +14,6 @@ BEING_SPLIT = {
     "data/dataset.py",
     "features/extract.py",
     "models/base.py",
-    "fit.py",
-    "data/split.py",
-    "adapt.py",
-    "features/stft.py",
-    "bundle.py",
-    "tasks/report.py",
     "bench/fsdd.py",
 }
 
