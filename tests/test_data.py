@@ -6,11 +6,27 @@ import pytest
 import scipy.io
 import soundfile as sf
 
-from pipeline.data.dataset import FileWindows, Skipped, iter_windows, segmenting, time_regions
+from pipeline.data.dataset import FileWindows, Skipped, iter_windows, time_regions
 from pipeline.data.records import find_records
 from pipeline.data.segments import segment
 from pipeline.data.split import split_records, stratified_split
 from pipeline.errors import ConfigError, DataError, config_keys
+from pipeline.features.stft import STFTParams
+from pipeline.frontend import Frontend, segmenting
+
+# Reading and cutting need no image; any valid settings do.
+PARAMS = STFTParams(
+    n_fft=64,
+    hop_length=16,
+    win_length=64,
+    window="hann",
+    center=True,
+    pad_mode="reflect",
+    power=1,
+    scale="db",
+    top_db=None,
+    size=None,
+)
 
 
 def tone(path, freq, n=500, rate=1000):
@@ -142,17 +158,9 @@ def windows_by_split(records, splits, *, length, hop, val=0.2, test=0.2):
     seg = segmenting(
         sample_rate=1000, length_seconds=length / 1000, hop_seconds=hop / 1000, pad=False
     )
+    front = Frontend(sample_rate=1000, segmenting=seg, params=PARAMS, read={"channels": "mix"})
     items = list(
-        iter_windows(
-            records,
-            splits,
-            sample_rate=1000,
-            read={"channels": "mix"},
-            seg=seg,
-            val_fraction=val,
-            test_fraction=test,
-            progress=False,
-        )  # fmt: skip
+        iter_windows(records, splits, front, val_fraction=val, test_fraction=test, progress=False)
     )
     covered: dict[str, set] = {"train": set(), "val": set(), "test": set()}
     for item in items:
@@ -170,9 +178,14 @@ def test_no_source_sample_lands_in_two_splits(tmp_path, strategy):
         tone(tmp_path / f"{digit}_{speaker}_{i}.wav", 100 + 200 * int(digit), n=2000)
     found = find_records(tmp_path, label_regex=r"^(\d)_", group_regex=r"^\d_([a-z]+)_")
     splits = split_records(
-        found.records, strategy=strategy, val_fraction=0.2, test_fraction=0.25, seed=1,
-        test_regex=r"_3\.wav$", test_groups=None,
-    )  # fmt: skip
+        found.records,
+        strategy=strategy,
+        val_fraction=0.2,
+        test_fraction=0.25,
+        seed=1,
+        test_regex=r"_3\.wav$",
+        test_groups=None,
+    )
     covered = windows_by_split(found.records, splits, length=200, hop=100)
     assert all(covered[s] for s in ("train", "test"))
     for a, b in itertools.combinations(covered, 2):
@@ -258,9 +271,13 @@ def test_long_multichannel_mat_recordings_split_by_time(tmp_path):
         found.records, strategy="time", val_fraction=0.1, test_fraction=0.2, seed=0
     )
     seg = segmenting(sample_rate=1000, length_seconds=0.5, hop_seconds=0.25, pad=False)
-    items = list(iter_windows(found.records, splits, sample_rate=1000,
-                              read={"channels": "all", "mat_key": "DE_time"}, seg=seg,
-                              val_fraction=0.1, test_fraction=0.2, progress=False))  # fmt: skip
+    read = {"channels": "all", "mat_key": "DE_time"}
+    front = Frontend(sample_rate=1000, segmenting=seg, params=PARAMS, read=read)
+    items = list(
+        iter_windows(
+            found.records, splits, front, val_fraction=0.1, test_fraction=0.2, progress=False
+        )
+    )
     for item in items:
         assert item.x.shape[1:] == (2, 500)
         ranges = {
@@ -281,19 +298,13 @@ def test_broken_short_and_odd_files_are_skipped_with_reasons(tone_dataset):
     found = find_records(tone_dataset)
     splits = np.full(len(found.records), "train")
     seg = segmenting(sample_rate=1000, length_seconds=0.2, hop_seconds=0.1, pad=False)
-    items = list(
-        iter_windows(
-            found.records,
-            splits,
-            sample_rate=1000,
-            read={"channels": "all"},
-            seg=seg,
-            progress=False,
-        )
-    )
+    front = Frontend(sample_rate=1000, segmenting=seg, params=PARAMS, read={"channels": "all"})
+    items = list(iter_windows(found.records, splits, front, progress=False))
     skipped = {s.path.name: s.reason for s in items if isinstance(s, Skipped)}
     assert set(skipped) == {"broken.wav", "silent.wav", "short.wav", "stereo.wav", "nan.npy"}
-    assert "shorter than one window" in skipped["short.wav"]
+    assert (
+        "shorter than one window of 200 samples; set data.segment.pad=true" in skipped["short.wav"]
+    )
     assert "has 2 channel(s)" in skipped["stereo.wav"]
     assert "NaN" in skipped["nan.npy"]
     assert sum(len(i.x) for i in items if isinstance(i, FileWindows)) == 18 * 4

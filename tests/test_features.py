@@ -23,9 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def params(**kw):
     base = dict(
-        n_fft=256, hop_length=64, win_length=200, window="hann", center=True, pad_mode="reflect",
-        power=1, scale="magnitude", top_db=None, size=None,
-    )  # fmt: skip
+        n_fft=256,
+        hop_length=64,
+        win_length=200,
+        window="hann",
+        center=True,
+        pad_mode="reflect",
+        power=1,
+        scale="magnitude",
+        top_db=None,
+        size=None,
+    )
     return STFTParams(**{**base, **kw})
 
 
@@ -130,15 +138,31 @@ def test_normalizer_uses_training_statistics():
 def test_mel_matches_librosa_melspectrogram(mel_scale, norm):
     x = np.random.default_rng(4).standard_normal(4001).astype(np.float32)
     p = params(
-        power=2, sample_rate=8000, n_mels=40, f_min=30.0, f_max=3800.0, mel_scale=mel_scale,
+        power=2,
+        sample_rate=8000,
+        n_mels=40,
+        f_min=30.0,
+        f_max=3800.0,
+        mel_scale=mel_scale,
         norm=norm,
-    )  # fmt: skip
+    )
     ours = compute_images(x[None, None], p, progress=False)[0, 0]
     ref = librosa.feature.melspectrogram(
-        y=x, sr=8000, n_fft=256, hop_length=64, win_length=200, window="hann", center=True,
-        pad_mode="reflect", power=2.0, n_mels=40, fmin=30.0, fmax=3800.0,
-        htk=mel_scale == "htk", norm=norm,
-    )  # fmt: skip
+        y=x,
+        sr=8000,
+        n_fft=256,
+        hop_length=64,
+        win_length=200,
+        window="hann",
+        center=True,
+        pad_mode="reflect",
+        power=2.0,
+        n_mels=40,
+        fmin=30.0,
+        fmax=3800.0,
+        htk=mel_scale == "htk",
+        norm=norm,
+    )
     assert ours.shape == ref.shape == (40, p.n_frames(4001)) == p.image_shape(4001)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.max())
 
@@ -189,15 +213,34 @@ def test_a_bundle_rebuilds_the_training_front_end(tmp_path):
 
     x = np.random.default_rng(6).standard_normal((6, 1, 4000)).astype(np.float32)
     p = params(
-        power=2, scale="db", top_db=80.0, sample_rate=8000, n_mels=32, f_min=50.0, f_max=3500.0,
-        mel_scale="slaney", norm="slaney", size=(24, 16),
-    )  # fmt: skip
+        power=2,
+        scale="db",
+        top_db=80.0,
+        sample_rate=8000,
+        n_mels=32,
+        f_min=50.0,
+        f_max=3500.0,
+        mel_scale="slaney",
+        norm="slaney",
+        size=(24, 16),
+    )
     train = compute_images(x, p, progress=False)
-    data = {"sample_rate": 8000, "channels": "mix", "segment_samples": 4000,
-            "hop_samples": 4000, "pad": True}  # fmt: skip
+    data = {
+        "sample_rate": 8000,
+        "channels": "mix",
+        "segment_samples": 4000,
+        "hop_samples": 4000,
+        "pad": True,
+    }
     model = SVMClassifier(C=[1.0], gamma=["scale"], cv=2).fit(train, np.arange(6) % 2)
-    save_bundle(tmp_path / "b", model, classes=["a", "b"], data=data, features=p,
-                normalizer=Normalizer.fit(train, mode="per_freq"))  # fmt: skip
+    save_bundle(
+        tmp_path / "b",
+        model,
+        classes=["a", "b"],
+        data=data,
+        features=p,
+        normalizer=Normalizer.fit(train, mode="per_freq"),
+    )
     bundle = load_bundle(tmp_path / "b")
     assert bundle.features == p
     front = STFTImage(bundle.features)
@@ -294,11 +337,24 @@ def test_a_second_lookup_loads_the_entry_without_extracting(tmp_path, files, cap
 
 
 ALTERED = {
-    "n_fft": 512, "hop_length": 32, "win_length": 128, "window": "hamming", "center": False,
-    "pad_mode": "constant", "power": 2, "scale": "db", "top_db": 60.0, "size": [32, 16],
-    "sample_rate": 8000, "n_mels": 20, "f_min": 20.0, "f_max": 3000.0, "mel_scale": "slaney",
-    "norm": "slaney", "lifter": 12,
-}  # fmt: skip
+    "n_fft": 512,
+    "hop_length": 32,
+    "win_length": 128,
+    "window": "hamming",
+    "center": False,
+    "pad_mode": "constant",
+    "power": 2,
+    "scale": "db",
+    "top_db": 60.0,
+    "size": [32, 16],
+    "sample_rate": 8000,
+    "n_mels": 20,
+    "f_min": 20.0,
+    "f_max": 3000.0,
+    "mel_scale": "slaney",
+    "norm": "slaney",
+    "lifter": 12,
+}
 
 
 def test_every_feature_and_data_setting_changes_the_key(files):
@@ -374,12 +430,17 @@ def test_prepare_data_reuses_the_images_and_applies_the_current_split(
     import pipeline.tasks.compare as compare
 
     overrides = (
-        "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000",
-        "features.n_fft=auto", "features.hop_length=auto", "features.win_length=auto",
+        "data=folder",
+        f"data.root={tone_dataset}",
+        "data.sample_rate=1000",
+        "features.n_fft=auto",
+        "features.hop_length=auto",
+        "features.win_length=auto",
         f"features.cache_dir={tmp_path / 'cache'}",
-    )  # fmt: skip
+    )
     first = compare.prepare_data(compose(*overrides), device="cpu", progress=False)
-    assert not first.cache_hit and (first.params.n_fft, first.params.hop_length) == (32, 16)
+    params = first.frontend.params
+    assert not first.cache_hit and (params.n_fft, params.hop_length) == (32, 16)
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("the second run must load the images from the cache")
@@ -388,7 +449,7 @@ def test_prepare_data_reuses_the_images_and_applies_the_current_split(
     monkeypatch.setattr(compare, "probe_length", no_extraction)  # a hit opens no file
     second = compare.prepare_data(compose(*overrides), device="cpu", progress=False)
     assert second.cache_hit and second.cache_key == first.cache_key
-    assert second.params == first.params and second.seg == first.seg
+    assert second.frontend == first.frontend
     np.testing.assert_array_equal(second.extracted.images, first.extracted.images)
     np.testing.assert_array_equal(second.extracted.split, first.extracted.split)
     # another split seed gives other splits from the same entry
@@ -407,8 +468,9 @@ def test_the_benchmark_runs_and_prints_its_ratios(capsys):
 
     from pipeline.bench.__main__ import main
 
-    assert main(["features", "--n", "12", "--length", "1000", "--repeats", "1",
-                 "--files", "6"]) == 0  # fmt: skip
+    assert (
+        main(["features", "--n", "12", "--length", "1000", "--repeats", "1", "--files", "6"]) == 0
+    )
     out = capsys.readouterr().out
     rates = {k: float(v) for k, v in re.findall(r"(ours|librosa|scipy)\s+([\d.]+) signals/s", out)}
     assert set(rates) == {"ours", "librosa", "scipy"} and all(v > 0 for v in rates.values())
@@ -465,8 +527,9 @@ def test_a_size_limit_evicts_the_least_recently_used_entries(tmp_path, files, ca
 
     def lookup(n, **kw):
         settings = {**SETTINGS, "n": n}
-        return cached(lambda: (extracted(seed=n), {}), root=root, files=files, settings=settings,
-                      **kw)  # fmt: skip
+        return cached(
+            lambda: (extracted(seed=n), {}), root=root, files=files, settings=settings, **kw
+        )
 
     keys = [lookup(n).key for n in range(3)]
     size = entries(root)[0][1]

@@ -7,15 +7,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 MAX_LINES = 60
 
 # issue 25: being split; remove when done
-BEING_SPLIT = {
-    "tasks/compare.py",
-    "tasks/predict.py",
-    "tasks/export.py",
-    "data/dataset.py",
-    "features/extract.py",
-    "models/base.py",
-    "bench/fsdd.py",
-}
+BEING_SPLIT = {}
 
 
 def function_lengths(path):

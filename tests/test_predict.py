@@ -25,8 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 def cli(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,22 @@ def trained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("trained")
     data = write_tone_dataset(tmp / "tones")
     proc = cli(
-        "data=folder", f"data.root={data}", "models=[resnet,svm]", "train.epochs=2",
-        "train.min_steps=0", "train.batch_size=8", "features.n_fft=64", "features.hop_length=16",
-        "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
-        "svm.cv=2", "train.amp=false", f"hydra.run.dir={tmp / 'run'}",
-    )  # fmt: skip
+        "data=folder",
+        f"data.root={data}",
+        "models=[resnet,svm]",
+        "train.epochs=2",
+        "train.min_steps=0",
+        "train.batch_size=8",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "train.amp=false",
+        f"hydra.run.dir={tmp / 'run'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp
 
@@ -53,9 +67,11 @@ def read_csv(path: Path) -> list[dict]:
 def test_predictions_equal_the_evaluation_inside_training(trained, tmp_path, model):
     run = trained / "run"
     proc = cli(
-        "task=predict", f"predict.model={run / 'models' / model}",
-        f"predict.input={trained / 'tones'}", f"hydra.run.dir={tmp_path}",
-    )  # fmt: skip
+        "task=predict",
+        f"predict.model={run / 'models' / model}",
+        f"predict.input={trained / 'tones'}",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "accuracy" in proc.stdout  # class folders name the bundle's classes
     rows = {r["path"]: r for r in read_csv(tmp_path / "predictions.csv")}
@@ -82,10 +98,13 @@ def test_a_messy_folder_is_classified_and_its_bad_files_reported(trained, tmp_pa
     (folder / "notes.txt.bak").write_text("ignored")
     out = tmp_path / "out" / "labels.csv"
     args = [
-        "task=predict", f"predict.model={trained / 'run' / 'models' / 'resnet'}",
-        f"predict.input={folder}", f"predict.output={out}", "predict.segments=true",
+        "task=predict",
+        f"predict.model={trained / 'run' / 'models' / 'resnet'}",
+        f"predict.input={folder}",
+        f"predict.output={out}",
+        "predict.segments=true",
         f"hydra.run.dir={tmp_path / 'hydra'}",
-    ]  # fmt: skip
+    ]
     proc = cli(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = read_csv(out)
@@ -111,9 +130,11 @@ def test_nothing_classifiable_exits_non_zero(trained, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.wav").write_bytes(b"junk")
     proc = cli(
-        "task=predict", f"predict.model={trained / 'run' / 'models' / 'resnet'}",
-        f"predict.input={tmp_path / 'in'}", f"hydra.run.dir={tmp_path / 'h'}",
-    )  # fmt: skip
+        "task=predict",
+        f"predict.model={trained / 'run' / 'models' / 'resnet'}",
+        f"predict.input={tmp_path / 'in'}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    )
     assert proc.returncode == 2
     assert "could be classified" in proc.stdout + proc.stderr
 
@@ -121,8 +142,10 @@ def test_nothing_classifiable_exits_non_zero(trained, tmp_path):
 def peak_rss_mb(*overrides: str) -> float:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return usage.ru_maxrss / 1024  # kilobytes on Linux
@@ -145,7 +168,7 @@ def test_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
             f"predict.input={tmp_path / name}",
             f"predict.output={tmp_path / name}.csv",
             f"hydra.run.dir={tmp_path / 'h' / name}",
-        )  # fmt: skip
+        )
         for name in sizes
     }
     with open(tmp_path / "large.csv") as f:
@@ -166,8 +189,17 @@ def test_memory_does_not_grow_with_the_number_of_files(trained, tmp_path):
     for name in ("tiny", "small"):
         out = [tmp_path / f"t_{name}.csv", tmp_path / f"t_{name}_errors.csv"]
         tracemalloc.start()
-        predict_folder(bundle, tmp_path / name, outputs=out, device=torch.device("cpu"),
-                       batch_size=256, top_k=3, rule="mean", progress=False, workers=0)  # fmt: skip
+        predict_folder(
+            bundle,
+            tmp_path / name,
+            outputs=out,
+            device=torch.device("cpu"),
+            batch_size=256,
+            top_k=3,
+            rule="mean",
+            progress=False,
+            workers=0,
+        )
         traced[name] = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
     assert traced["small"] - traced["tiny"] < 0.15, traced
@@ -178,22 +210,27 @@ def test_export_to_onnx_matches_pytorch(trained, tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "resnet.onnx"
     proc = cli(
-        "task=export", f"export.model={trained / 'run' / 'models' / 'resnet'}",
-        f"export.output={out}", f"hydra.run.dir={tmp_path / 'h'}",
-    )  # fmt: skip
+        "task=export",
+        f"export.model={trained / 'run' / 'models' / 'resnet'}",
+        f"export.output={out}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checked with onnxruntime" in proc.stdout
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["classes"] == ["high", "low", "mid"]
     assert sidecar["input"]["shape"] == ["batch", 1, 16, 16]
     svm = cli(
-        "task=export", f"export.model={trained / 'run' / 'models' / 'svm'}",
+        "task=export",
+        f"export.model={trained / 'run' / 'models' / 'svm'}",
         f"hydra.run.dir={tmp_path / 'h2'}",
-    )  # fmt: skip
+    )
     assert svm.returncode == 2 and "is an SVM bundle" in svm.stdout + svm.stderr
 
 
 def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
+    from pipeline.features.stft import STFTParams
+    from pipeline.frontend import Frontend, Segmenting
     from pipeline.tasks.predict import WindowReader, read_files, reading_workers
 
     for i in range(23):
@@ -201,13 +238,26 @@ def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
         folder.mkdir(exist_ok=True)
         n = 3 if i == 7 else 400  # one file too short for a window
         np.save(folder / f"{i:02d}.npy", np.full(n, i + 1, np.float32))  # not all zero
-    reader = WindowReader(rate=100, read={}, length=100, hop=100, pad=False, channels=1)
+    params = STFTParams(
+        n_fft=32,
+        hop_length=8,
+        win_length=32,
+        window="hann",
+        center=True,
+        pad_mode="reflect",
+        power=1,
+        scale="db",
+        top_db=None,
+        size=None,
+    )
+    front = Frontend(sample_rate=100, segmenting=Segmenting(100, 100, pad=False), params=params)
+    reader = WindowReader(front, channels=1)
     inline = list(read_files(tmp_path, reader, workers=0))
     parallel = list(read_files(tmp_path, reader, workers=2, chunk=4))
     assert [p for p, _ in parallel] == [p for p, _ in inline] and len(inline) == 23
     for (_, a), (path, b) in zip(inline, parallel, strict=True):
         if path.name == "07.npy":
-            assert a == b and "shorter than the model's window of 100 samples" in b
+            assert a == b and "3 samples is shorter than one window of 100 samples" in b
         else:
             assert np.array_equal(a, b) and b.shape == (4, 1, 100)
             assert b[0, 0, 0] == int(path.stem) + 1
@@ -227,8 +277,12 @@ def write_speaker_dataset(root: Path, *, rate: int = 1000) -> Path:
             for i in range(4):
                 x = np.sin(2 * np.pi * (freq + rng.uniform(-10, 10)) * t)
                 x += 0.8 * np.sin(2 * np.pi * hum * t) + 0.3 * rng.standard_normal(t.size)
-                sf.write(root / speaker / f"{label}_{speaker}_{i}.wav",
-                         (0.3 * x).astype(np.float32), rate, subtype="FLOAT")  # fmt: skip
+                sf.write(
+                    root / speaker / f"{label}_{speaker}_{i}.wav",
+                    (0.3 * x).astype(np.float32),
+                    rate,
+                    subtype="FLOAT",
+                )
     return root
 
 
@@ -239,14 +293,30 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     data = write_speaker_dataset(tmp_path / "speakers")
     run = tmp_path / "run"
     # Batches larger than a speaker's 12 windows: both adapt each group in one batch.
-    proc = cli("data=folder", f"data.root={data}", "data.label_regex='^([a-z]+)_'",
-               "data.group_regex='^[a-z]+_([a-z]+)_'", "data.split=group",
-               "data.test_groups=[bob,cy]", "data.val_fraction=0", "features.n_fft=64",
-               "features.hop_length=16", "features.win_length=64", "features.size=[16,16]",
-               "models=[resnet,svm]", "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2",
-               "train.epochs=2", "train.min_steps=0",
-               "train.batch_size=64", "evaluate.adapt_bn=group", "train.precise_bn=false",
-               "train.amp=false", f"hydra.run.dir={run}")  # fmt: skip
+    proc = cli(
+        "data=folder",
+        f"data.root={data}",
+        "data.label_regex='^([a-z]+)_'",
+        "data.group_regex='^[a-z]+_([a-z]+)_'",
+        "data.split=group",
+        "data.test_groups=[bob,cy]",
+        "data.val_fraction=0",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        "models=[resnet,svm]",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "train.epochs=2",
+        "train.min_steps=0",
+        "train.batch_size=64",
+        "evaluate.adapt_bn=group",
+        "train.precise_bn=false",
+        "train.amp=false",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     resnet, svm = metrics["models"]["resnet"], metrics["models"]["svm"]
@@ -267,9 +337,14 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
     model = run / "models" / "resnet"
     for adapt, hydra_dir in (("group", "adapted"), ("false", "unadapted")):
         out = tmp_path / hydra_dir
-        proc = cli("task=predict", f"predict.model={model}", f"predict.input={data}",
-                   f"predict.adapt_bn={adapt}", "predict.amp=false",
-                   f"hydra.run.dir={out}")  # fmt: skip
+        proc = cli(
+            "task=predict",
+            f"predict.model={model}",
+            f"predict.input={data}",
+            f"predict.adapt_bn={adapt}",
+            "predict.amp=false",
+            f"hydra.run.dir={out}",
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         rows = {r["path"]: r for r in read_csv(out / "predictions.csv")}
         tested = [r for p, r in rows.items() if Path(p).parent.name in ("bob", "cy")]
@@ -291,26 +366,46 @@ def test_compare_adapts_each_test_group_as_predict_does(tmp_path):
 @pytest.mark.slow
 def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     data = write_speaker_dataset(tmp_path / "speakers")
-    common = ["data=folder", f"data.root={data}", "data.label_regex='^([a-z]+)_'",
-              "data.split=group", "data.test_groups=[cy]", "data.val_fraction=0",
-              "features.n_fft=64", "features.hop_length=16", "features.win_length=64",
-              "features.size=[16,16]", "features.per_group=freq"]  # fmt: skip
+    common = [
+        "data=folder",
+        f"data.root={data}",
+        "data.label_regex='^([a-z]+)_'",
+        "data.split=group",
+        "data.test_groups=[cy]",
+        "data.val_fraction=0",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        "features.per_group=freq",
+    ]
     proc = cli(*common, f"hydra.run.dir={tmp_path / 'none'}")
     assert proc.returncode != 0
     assert "features.per_group=freq needs each file's group" in proc.stdout + proc.stderr
 
     run = tmp_path / "run"
-    proc = cli(*common, "data.group_regex='^[a-z]+_([a-z]+)_'", "models=[resnet]",
-               "train.epochs=2", "train.min_steps=0", "train.batch_size=8", "train.amp=false",
-               f"hydra.run.dir={run}")  # fmt: skip
+    proc = cli(
+        *common,
+        "data.group_regex='^[a-z]+_([a-z]+)_'",
+        "models=[resnet]",
+        "train.epochs=2",
+        "train.min_steps=0",
+        "train.batch_size=8",
+        "train.amp=false",
+        f"hydra.run.dir={run}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "each of 3 groups' mean frequency profile removed" in (run / "run.log").read_text()
     out = tmp_path / "predicted"
     # The held-out speaker's folder: its profile comes from its own files, as in training,
     # with the group read by the training run's data.group_regex from the bundle.
-    proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
-               f"predict.input={data / 'cy'}", "predict.amp=false",
-               f"hydra.run.dir={out}")  # fmt: skip
+    proc = cli(
+        "task=predict",
+        f"predict.model={run / 'models' / 'resnet'}",
+        f"predict.input={data / 'cy'}",
+        "predict.amp=false",
+        f"hydra.run.dir={out}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "profiles of 1 group(s) from the input: 'cy'" in (out / "run.log").read_text()
     rows = {r["path"]: r for r in read_csv(out / "predictions.csv")}
@@ -323,14 +418,22 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
         assert p["predicted"] == e["predicted"]
         assert float(p["confidence"]) == pytest.approx(scores.max(), rel=1e-3)
     # Grouped otherwise (by take number: four groups of three), the files score differently.
-    proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
-               f"predict.input={data / 'cy'}", r"predict.group_regex='_(\d+)\.wav$'",
-               f"hydra.run.dir={tmp_path / 'regrouped'}")  # fmt: skip
+    proc = cli(
+        "task=predict",
+        f"predict.model={run / 'models' / 'resnet'}",
+        f"predict.input={data / 'cy'}",
+        r"predict.group_regex='_(\d+)\.wav$'",
+        f"hydra.run.dir={tmp_path / 'regrouped'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     regrouped = read_csv(tmp_path / "regrouped" / "predictions.csv")
-    unmatched = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
-                    f"predict.input={data / 'cy'}", "predict.group_regex='^(none)'",
-                    f"hydra.run.dir={tmp_path / 'unmatched'}")  # fmt: skip
+    unmatched = cli(
+        "task=predict",
+        f"predict.model={run / 'models' / 'resnet'}",
+        f"predict.input={data / 'cy'}",
+        "predict.group_regex='^(none)'",
+        f"hydra.run.dir={tmp_path / 'unmatched'}",
+    )
     assert unmatched.returncode == 0, unmatched.stdout + unmatched.stderr
     assert "12 file(s) match no group_regex ('^(none)') and form one group" in unmatched.stdout
     assert [r["confidence"] for r in regrouped] != [
@@ -339,9 +442,14 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     # With the batch-norm adaptation too: one pass gives both, and the adapted statistics are
     # those of the group's images with its profile removed (AdaBN by hand, one batch).
     out = tmp_path / "adapted"
-    proc = cli("task=predict", f"predict.model={run / 'models' / 'resnet'}",
-               f"predict.input={data / 'cy'}", "predict.adapt_bn=group", "predict.amp=false",
-               f"hydra.run.dir={out}")  # fmt: skip
+    proc = cli(
+        "task=predict",
+        f"predict.model={run / 'models' / 'resnet'}",
+        f"predict.input={data / 'cy'}",
+        "predict.adapt_bn=group",
+        "predict.amp=false",
+        f"hydra.run.dir={out}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log_text = (out / "run.log").read_text()
     assert "profiles of 1 group(s) from the input: 'cy'" in log_text
@@ -350,8 +458,9 @@ def test_per_group_profiles_in_predict_equal_those_of_training(tmp_path):
     from pipeline.bundle import load_bundle
     from pipeline.tasks.predict import Classifier
 
-    classify = Classifier(load_bundle(run / "models" / "resnet"), device=torch.device("cpu"),
-                          amp=False)  # fmt: skip
+    classify = Classifier(
+        load_bundle(run / "models" / "resnet"), device=torch.device("cpu"), amp=False
+    )
     read = _reader(classify.bundle)
     files = sorted((data / "cy").glob("*.wav"))
     windows = [read(f) for f in files]
@@ -383,14 +492,11 @@ def test_files_a_group_regex_does_not_match_share_one_group():
 
 
 def _reader(bundle):
+    from pipeline.frontend import Frontend
     from pipeline.tasks.predict import WindowReader
 
-    d = bundle.data
-    read = {k: d[k] for k in ("channels", "mat_key", "npz_key", "csv_columns") if k in d}
-    return WindowReader(
-        d["sample_rate"], read, d["segment_samples"], d["hop_samples"], d["pad"],
-        int(bundle.meta["model_config"]["in_channels"]),
-    )  # fmt: skip
+    channels = int(bundle.meta["model_config"]["in_channels"])
+    return WindowReader(Frontend.from_bundle(bundle), channels)
 
 
 def test_adapt_bn_weights_every_image_alike_and_restores_the_model(trained, caplog):
@@ -449,10 +555,18 @@ def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained,
     from pipeline.tasks.predict import Classifier
 
     model = trained / "run" / "models" / "resnet"
-    common = ["task=predict", f"predict.model={model}", f"predict.input={trained / 'tones'}",
-              "predict.amp=false"]  # fmt: skip
-    proc = cli(*common, r"predict.group_regex='_0(\d)\.wav$'", "predict.adapt_bn=group",
-               f"hydra.run.dir={tmp_path / 'adapted'}")  # fmt: skip
+    common = [
+        "task=predict",
+        f"predict.model={model}",
+        f"predict.input={trained / 'tones'}",
+        "predict.amp=false",
+    ]
+    proc = cli(
+        *common,
+        r"predict.group_regex='_0(\d)\.wav$'",
+        "predict.adapt_bn=group",
+        f"hydra.run.dir={tmp_path / 'adapted'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log_text = (tmp_path / "adapted" / "run.log").read_text()
     assert "batch-norm statistics of 6 group(s) from the input: '0', '1'" in log_text
@@ -484,9 +598,13 @@ def test_predict_adapt_bn_classifies_each_group_with_its_own_statistics(trained,
     one = cli(*common, "predict.adapt_bn=group", f"hydra.run.dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stdout + one.stderr
     assert "18 file(s) have no group_regex and form one group" in one.stdout + one.stderr
-    svm = cli("task=predict", f"predict.model={trained / 'run' / 'models' / 'svm'}",
-              f"predict.input={trained / 'tones'}", "predict.adapt_bn=group",
-              f"hydra.run.dir={tmp_path / 'svm'}")  # fmt: skip
+    svm = cli(
+        "task=predict",
+        f"predict.model={trained / 'run' / 'models' / 'svm'}",
+        f"predict.input={trained / 'tones'}",
+        "predict.adapt_bn=group",
+        f"hydra.run.dir={tmp_path / 'svm'}",
+    )
     assert svm.returncode == 0, svm.stdout + svm.stderr
     assert "predict.adapt_bn=group is not used" in svm.stdout + svm.stderr
     bad = cli(*common, "predict.adapt_bn=speaker", f"hydra.run.dir={tmp_path / 'bad'}")
@@ -533,9 +651,18 @@ def test_predict_amp_follows_the_bundle_unless_set_and_reaches_every_forward_pas
         calls.clear()
         outputs = [tmp_path / f"{amp}.csv", tmp_path / f"{amp}_errors.csv"]
         predict.predict_folder(
-            bundle, trained / "tones", outputs=outputs, device=torch.device("cpu"),
-            batch_size=8, top_k=2, rule="mean", progress=False, workers=0,
-            group_pattern=re.compile(r"^([a-z]+)_"), adapt_bn=True, amp=amp,
-        )  # fmt: skip
+            bundle,
+            trained / "tones",
+            outputs=outputs,
+            device=torch.device("cpu"),
+            batch_size=8,
+            top_k=2,
+            rule="mean",
+            progress=False,
+            workers=0,
+            group_pattern=re.compile(r"^([a-z]+)_"),
+            adapt_bn=True,
+            amp=amp,
+        )
         assert {where for where, _ in calls} == {"classify", "adapt"}
         assert all(enabled is amp for _, enabled in calls)

@@ -11,7 +11,8 @@ import torch
 
 from pipeline.data.dataset import FileWindows, Skipped
 from pipeline.errors import DataError
-from pipeline.features.stft import STFTParams, compute_images, finite_images, overflow_reason
+from pipeline.features.stft import STFTImage, finite_images, overflow_reason
+from pipeline.frontend import Frontend, batches
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,14 @@ class Extracted:
 
 def extract_images(
     source: Iterable[FileWindows | Skipped],
-    params: STFTParams,
+    frontend: Frontend,
     *,
     n_records: int,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
 ) -> Extracted:
-    """Compute the images of every window that ``source`` yields, ``batch_size`` windows at a time.
+    """Compute the images of every window that ``source`` yields, in batches of at least
+    ``batch_size`` windows (:func:`~pipeline.frontend.batches`).
 
     A file any of whose images is not finite (:func:`finite_images`) is skipped
     whole, with its reason.
@@ -55,60 +57,64 @@ def extract_images(
     Raises:
         DataError: no file gave a window.
     """
-    chunks: list[np.ndarray] = []
-    pending: list[FileWindows] = []
-    n_pending = 0
-    record: list[np.ndarray] = []
-    start: list[np.ndarray] = []
-    split: list[np.ndarray] = []
-    file_samples = np.full(n_records, -1, dtype=np.int64)
-    file_rates = np.full(n_records, -1, dtype=np.int64)
-    skipped: list[Skipped] = []
+    gathered = _Gathered(n_records)
+    module = STFTImage(frontend.params).to(device)
+    for run in batches(source, batch_size, lambda item: len(getattr(item, "x", ()))):
+        files = [item for item in run if isinstance(item, FileWindows)]
+        gathered.skipped += [item for item in run if isinstance(item, Skipped)]
+        if files:
+            x = np.concatenate([f.x for f in files])
+            images = frontend.raw_images(x, device=device, batch_size=batch_size, module=module)
+            gathered.add(files, images.cpu().numpy())
+    return gathered.extracted()
 
-    def flush() -> None:
-        nonlocal pending, n_pending
-        if not pending:
-            return
-        images = compute_images(
-            np.concatenate([f.x for f in pending]), params, device=device,
-            batch_size=batch_size, progress=False,
-        )  # fmt: skip
+
+class _Gathered:
+    """The images and window facts of the files kept so far, and the files skipped."""
+
+    def __init__(self, n_records: int) -> None:
+        self.n_records = n_records
+        self.chunks: list[np.ndarray] = []
+        self.kept: list[FileWindows] = []
+        self.skipped: list[Skipped] = []
+        self.file_samples = np.full(n_records, -1, dtype=np.int64)
+        self.file_rates = np.full(n_records, -1, dtype=np.int64)
+
+    def add(self, files: list[FileWindows], images: np.ndarray) -> None:
+        """One batch's files and their images (in order); a file with a non-finite image
+        is skipped with :func:`overflow_reason`."""
         ok = finite_images(images)
         at, keep = 0, np.ones(len(images), dtype=bool)
-        for f in pending:
+        for f in files:
             rows = slice(at, at + len(f.x))
             at += len(f.x)
             if ok[rows].all():
-                record.append(np.full(len(f.x), f.index))
-                start.append(f.start)
-                split.append(f.split)
-                file_samples[f.index] = f.n_samples
-                file_rates[f.index] = f.source_rate
+                self.kept.append(f)
+                self.file_samples[f.index] = f.n_samples
+                self.file_rates[f.index] = f.source_rate
             else:
                 keep[rows] = False
                 reason = overflow_reason(f.path, f.x)
                 log.warning("skipped %s", reason)
-                skipped.append(Skipped(f.path, reason))
-        chunks.append(images if keep.all() else images[keep])
-        pending, n_pending = [], 0
+                self.skipped.append(Skipped(f.path, reason))
+        self.chunks.append(images if keep.all() else images[keep])
 
-    for item in source:
-        if isinstance(item, Skipped):
-            skipped.append(item)
-            continue
-        pending.append(item)
-        n_pending += len(item.x)
-        if n_pending >= batch_size:
-            flush()
-    flush()
-    if not record:
-        raise DataError(f"none of the {n_records} files gave a window; see the skipped files above")
-    return Extracted(
-        images=np.concatenate(chunks),
-        record=np.concatenate(record),
-        start=np.concatenate(start),
-        split=np.concatenate(split),
-        file_samples=file_samples,
-        file_rates=file_rates,
-        skipped=skipped,
-    )
+    def extracted(self) -> Extracted:
+        """Everything gathered as one :class:`Extracted`.
+
+        Raises:
+            DataError: no file gave a window.
+        """
+        if not self.kept:
+            raise DataError(
+                f"none of the {self.n_records} files gave a window; see the skipped files above"
+            )
+        return Extracted(
+            images=np.concatenate(self.chunks),
+            record=np.concatenate([np.full(len(f.x), f.index) for f in self.kept]),
+            start=np.concatenate([f.start for f in self.kept]),
+            split=np.concatenate([f.split for f in self.kept]),
+            file_samples=self.file_samples,
+            file_rates=self.file_rates,
+            skipped=self.skipped,
+        )

@@ -61,11 +61,13 @@ class Model(Protocol):
     Attributes:
         kind: ``network`` or ``svm``: the bundle's kind.
         adapts: whether its batch-norm statistics can be re-estimated per test group.
+        exports: whether ``task=export`` writes it as ONNX.
         fitted: the wrapped, fitted object (an ``nn.Module``, an ``SVMClassifier``).
     """
 
     kind: ClassVar[str]
     adapts: ClassVar[bool]
+    exports: ClassVar[bool]
     fitted: Any
 
     def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
@@ -100,6 +102,7 @@ class Network:
 
     kind: ClassVar[str] = "network"
     adapts: ClassVar[bool] = True
+    exports: ClassVar[bool] = True  # to ONNX (task=export)
     fitted: nn.Module = None
     train_seconds: float = 0.0
     batch_size: int = 128  # the training batch, reused to adapt batch norms per group
@@ -108,10 +111,20 @@ class Network:
     def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
         log.info("%s: %s, %d parameters", ctx.name, type(self.fitted).__name__, self.n_params())
         result = fit(
-            self.fitted, x, y, x_val, y_val, settings=ctx.settings, device=ctx.device,
-            seed=ctx.seed, progress=ctx.progress, name=ctx.name, checkpoint=ctx.checkpoint,
-            resume=ctx.resume, fingerprint=ctx.fingerprint,
-        )  # fmt: skip
+            self.fitted,
+            x,
+            y,
+            x_val,
+            y_val,
+            settings=ctx.settings,
+            device=ctx.device,
+            seed=ctx.seed,
+            progress=ctx.progress,
+            name=ctx.name,
+            checkpoint=ctx.checkpoint,
+            resume=ctx.resume,
+            fingerprint=ctx.fingerprint,
+        )
         self.train_seconds, self.batch_size = result.train_seconds, result.plan.batch_size
         self.history = result.history
         return {
@@ -160,13 +173,17 @@ class SVM:
 
     kind: ClassVar[str] = "svm"
     adapts: ClassVar[bool] = False
+    exports: ClassVar[bool] = False  # to ONNX (task=export)
     fitted: Any = None
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
 
     def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
-        log.info("%s: fitting %s with a grid search on the training split", ctx.name,
-                 type(self.fitted).__name__)  # fmt: skip
+        log.info(
+            "%s: fitting %s with a grid search on the training split",
+            ctx.name,
+            type(self.fitted).__name__,
+        )
         t0 = time.perf_counter()
         try:
             self.fitted.fit(x.numpy(), y.numpy())
@@ -180,8 +197,10 @@ class SVM:
                 f"{ctx.name}.* setting it names"
             ) from None
         self.train_seconds = time.perf_counter() - t0
-        best = {k: v.item() if isinstance(v, np.generic) else v
-                for k, v in self.fitted.best_params_.items()}  # fmt: skip
+        best = {
+            k: v.item() if isinstance(v, np.generic) else v
+            for k, v in self.fitted.best_params_.items()
+        }
         log.info("%s: best %s, fitted in %.1f s", ctx.name, best, self.train_seconds)
         return {"best_params": best}
 

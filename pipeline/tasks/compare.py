@@ -32,16 +32,15 @@ from pipeline import atomic, report
 from pipeline.adapt import ADAPT_BN, Decision, adapted_logits, decide
 from pipeline.adapt import AUTO as ADAPT_AUTO
 from pipeline.bundle import package_versions, save_bundle
-from pipeline.data.dataset import Segmenting, iter_windows, probe_length, segmenting
+from pipeline.data.dataset import iter_windows, probe_length
 from pipeline.data.records import Record, find_records
 from pipeline.data.split import SPLITS, split_records
 from pipeline.data.synthetic import ensure_dataset
-from pipeline.errors import ConfigError, DataError, SignalError
+from pipeline.errors import ConfigError, DataError, SignalError, config_keys
 from pipeline.features import cache as feature_cache
 from pipeline.features.extract import Extracted, extract_images
 from pipeline.features.stft import (
     AUTO,
-    Normalizer,
     STFTParams,
     auto_size,
     auto_sizes,
@@ -49,6 +48,7 @@ from pipeline.features.stft import (
     check_per_group,
 )
 from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings
+from pipeline.frontend import Frontend, Segmenting, segmenting
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
 from pipeline.models.base import Context, build
 from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
@@ -88,10 +88,15 @@ def configured_sizes(
         if inherited and verbose:
             log.info(
                 "features.n_fft=auto: %s from the preset follow the window too (set them on "
-                "the command line to keep them)", ", ".join(f"{k}={sizes[k]}" for k in inherited)
-            )  # fmt: skip
+                "the command line to keep them)",
+                ", ".join(f"{k}={sizes[k]}" for k in inherited),
+            )
         sizes.update(dict.fromkeys(inherited, AUTO))
     return sizes
+
+
+# The config keys of the STFT parameters that live outside the ``features`` group.
+FEATURE_KEYS = {"sample_rate": "data.sample_rate", "length_seconds": "data.segment.length_seconds"}
 
 
 def stft_params(
@@ -123,28 +128,38 @@ def stft_params(
         log.info(
             "features: %s for %d-sample windows at %d Hz",
             ", ".join(f"{k}=auto -> {v}" for (k, a), v in picked if a == AUTO),
-            segment_samples, sample_rate,
-        )  # fmt: skip
-    if f.size == AUTO or f.size is None:
-        size = None
-    elif not OmegaConf.is_list(f.size):
-        raise ConfigError(
-            f"features.size={f.size!r} must be [height, width], auto (the native size, at most "
-            "[64, 64]) or null (the native size)"
+            segment_samples,
+            sample_rate,
         )
-    else:
-        size = OmegaConf.to_object(f.size)
-    params = STFTParams(
-        n_fft=chosen[0],
-        hop_length=chosen[1],
-        win_length=chosen[2],
+    with config_keys("features.", names=FEATURE_KEYS):
+        params = feature_params(f, chosen, sample_rate=sample_rate)
+        if segment_samples is not None:
+            fixed = tuple(k for k, v in sizes.items() if v != AUTO)
+            params.check_fits(segment_samples, chosen=fixed)
+    if f.size == AUTO and (sample_rate is not None or not params.uses_band):
+        # (a frequency crop needs the rate: before it is known the size waits for it)
+        params = replace(params, size=auto_size(params, segment_samples or 2048))
+        if segment_samples is not None:
+            native = (params.n_freq(), params.n_frames(segment_samples))
+            log.info("features: size=auto -> %s (native %s)", list(params.size), list(native))
+    return params
+
+
+def feature_params(
+    f: DictConfig, sizes: tuple[int, int, int], *, sample_rate: int | None
+) -> STFTParams:
+    """The ``features`` group with the (chosen) n_fft, hop and window lengths."""
+    return STFTParams(
+        n_fft=sizes[0],
+        hop_length=sizes[1],
+        win_length=sizes[2],
         window=f.window,
         center=f.center,
         pad_mode=f.pad_mode,
         power=f.power,
         scale=f.scale,
         top_db=f.top_db,
-        size=tuple(size) if size is not None else None,
+        size=configured_size(f.size),
         sample_rate=sample_rate,
         n_mels=f.n_mels,
         f_min=float(f.f_min),
@@ -153,15 +168,23 @@ def stft_params(
         norm=f.norm,
         lifter=f.lifter,
     )
-    if segment_samples is not None:
-        params.check_fits(segment_samples, chosen=tuple(k for k, v in sizes.items() if v != AUTO))
-    if f.size == AUTO and (sample_rate is not None or not params.uses_band):
-        # (a frequency crop needs the rate: before it is known the size waits for it)
-        params = replace(params, size=auto_size(params, segment_samples or 2048))
-        if segment_samples is not None:
-            native = (params.n_freq(), params.n_frames(segment_samples))
-            log.info("features: size=auto -> %s (native %s)", list(params.size), list(native))
-    return params
+
+
+def configured_size(size) -> tuple[int, int] | None:
+    """``features.size`` as (height, width), or None for ``auto`` (chosen with the data) and
+    null (the native size).
+
+    Raises:
+        ConfigError: anything else than a list, auto or null.
+    """
+    if size == AUTO or size is None:
+        return None
+    if not OmegaConf.is_list(size):
+        raise ConfigError(
+            f"features.size={size!r} must be [height, width], auto (the native size, at most "
+            "[64, 64]) or null (the native size)"
+        )
+    return tuple(OmegaConf.to_object(size))
 
 
 def auto_keys(cfg: DictConfig) -> list[str]:
@@ -179,7 +202,8 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         raise ConfigError(f"train.{unknown[0]} is not a training setting; known: {sorted(known)}")
     if isinstance(t.get("milestones"), list):
         t["milestones"] = tuple(t["milestones"])
-    return TrainSettings(**t)
+    with config_keys("train."):
+        return TrainSettings(**t)
 
 
 def group_list(d: DictConfig, key: str) -> list[str] | None:
@@ -246,9 +270,16 @@ def check_data_settings(d: DictConfig) -> None:
 
 
 # Settings that change where or how fast the images are made, not what the weights learn.
-UNFINGERPRINTED = ("features.cache", "features.cache_dir", "features.cache_max_gb",
-                   "features.cache_verify", "features.batch_size", "train.resume",
-                   "train.compile", "train.channels_last")  # fmt: skip
+UNFINGERPRINTED = (
+    "features.cache",
+    "features.cache_dir",
+    "features.cache_max_gb",
+    "features.cache_verify",
+    "features.batch_size",
+    "train.resume",
+    "train.compile",
+    "train.channels_last",
+)
 
 
 def fingerprint(cfg: DictConfig, name: str, records: list[Record], classes: list[str]) -> dict:
@@ -312,14 +343,11 @@ class Prepared:
     records: list[Record]
     classes: list[str]
     extracted: Extracted
-    seg: Segmenting
-    read: dict
+    frontend: Frontend  # not fitted yet: the normaliser needs the split
     ignored: dict[str, int]
     layout: str
     strategy: str
     seconds: float
-    sample_rate: int
-    params: STFTParams
     cache_key: str | None
     cache_hit: bool
 
@@ -327,10 +355,8 @@ class Prepared:
 def read_settings(d: DictConfig) -> dict:
     """Keyword arguments of :func:`pipeline.signals.read_signal` from the ``data`` group."""
     channels = OmegaConf.to_object(d.channels) if OmegaConf.is_list(d.channels) else d.channels
-    if not (channels in ("mix", "all") or (
-        isinstance(channels, list) and channels
-        and all(is_whole(c) for c in channels)
-    )):  # fmt: skip
+    listed = isinstance(channels, list) and channels and all(is_whole(c) for c in channels)
+    if not (channels in ("mix", "all") or listed):
         raise ConfigError(
             f"data.channels={channels!r} must be mix (their mean), all, or a non-empty list of "
             "channel indices counted from 0, e.g. [0] or [0,2] (negative indices would pick "
@@ -349,68 +375,159 @@ def read_settings(d: DictConfig) -> dict:
 def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Prepared:
     """Find, split (by recording), read, segment and turn the dataset into images.
 
-    The image settings are resolved here, where the window length is known
-    (``auto`` sizes), and the images come from the feature cache when
-    ``features.cache`` is true and an entry for these files and settings exists.
+    The front end is resolved here, where the window length is known (``auto``
+    sizes), and the images come from the feature cache when ``features.cache`` is
+    true and an entry for these files and settings exists.
     """
     d = cfg.data
     if d.get("generate"):
-        rank, world = rank_and_world()
-        if rank == 0:
-            ensure_dataset(d.root, **OmegaConf.to_container(d.generate, resolve=True))
-        if world > 1:  # the other ranks read the files once rank 0 has written them
-            torch.distributed.barrier()
+        generate(d)
     found = find_records(
-        d.root, label_regex=d.get("label_regex"), group_regex=d.get("group_regex"),
+        d.root,
+        label_regex=d.get("label_regex"),
+        group_regex=d.get("group_regex"),
         manifest=d.get("manifest"),
-    )  # fmt: skip
-    records, classes = found.records, found.classes
-    test_groups, val_groups = group_list(d, "test_groups"), group_list(d, "val_groups")
-    splits = split_records(
-        records,
-        strategy=d.split,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=d.split_seed,
-        test_regex=d.get("test_regex"),
-        test_groups=test_groups,
-        val_groups=val_groups,
     )
+    records = found.records
+    with config_keys("data."):
+        splits = split_records(
+            records,
+            strategy=d.split,
+            val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction,
+            seed=d.split_seed,
+            test_regex=d.get("test_regex"),
+            test_groups=group_list(d, "test_groups"),
+            val_groups=group_list(d, "val_groups"),
+        )
     read = read_settings(d)
     rate = d.sample_rate if d.sample_rate is not None else native_rate(records)
     t0 = time.perf_counter()
+    lookup = extract_cached(
+        cfg, records, splits, rate=rate, read=read, device=device, progress=progress
+    )
+    frontend = Frontend(
+        sample_rate=rate,
+        segmenting=Segmenting(**lookup.info["segment"]),
+        params=STFTParams.from_dict(lookup.info["features"]),
+        read=read,
+    )
+    if lookup.hit and auto_keys(cfg):
+        log.info(
+            "features: auto sizes from the cache entry: n_fft=%d, hop_length=%d, win_length=%d",
+            frontend.params.n_fft,
+            frontend.params.hop_length,
+            frontend.params.win_length,
+        )
+    return Prepared(
+        records,
+        found.classes,
+        lookup.extracted,
+        frontend,
+        found.ignored,
+        found.layout,
+        split_strategy(d.split, records),
+        time.perf_counter() - t0,
+        lookup.key,
+        lookup.hit,
+    )
+
+
+def extract_cached(
+    cfg: DictConfig,
+    records: list[Record],
+    splits: list[str],
+    *,
+    rate: int,
+    read: dict,
+    device: torch.device,
+    progress: bool,
+) -> feature_cache.Lookup:
+    """The images of every window, from the feature cache or computed through the run's
+    front end (:func:`build_frontend`), with the current split applied."""
+    d = cfg.data
 
     def compute() -> tuple[Extracted, dict]:
-        whole = None
-        if d.segment.length_seconds is None:
-            whole = whole_length(records, rate=rate, read=read)
-        seg = segmenting(
-            sample_rate=rate, length_seconds=d.segment.length_seconds,
-            hop_seconds=d.segment.hop_seconds, pad=d.segment.pad, whole_length=whole,
-        )  # fmt: skip
-        params = stft_params(cfg, sample_rate=rate, segment_samples=seg.length)
+        frontend = build_frontend(cfg, records, rate=rate, read=read)
         source = iter_windows(
-            records, splits, sample_rate=rate, read=read, seg=seg,
-            val_fraction=d.val_fraction, test_fraction=d.test_fraction, progress=progress,
-        )  # fmt: skip
+            records,
+            splits,
+            frontend,
+            val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction,
+            progress=progress,
+        )
         ex = extract_images(
-            source, params, n_records=len(records), device=device,
+            source,
+            frontend,
+            n_records=len(records),
+            device=device,
             batch_size=cfg.features.batch_size,
-        )  # fmt: skip
-        return ex, {"segment": asdict(seg), "features": params.to_dict()}
+        )
+        return ex, {"segment": asdict(frontend.segmenting), "features": frontend.params.to_dict()}
 
-    # The key holds the settings as configured: whole-file lengths and auto sizes follow
-    # from the files and these settings alone, and come back resolved in the entry, so a
-    # hit opens no file. Only the time split decides which windows a file gives; any
-    # other split is a label per file, applied below, so a new split seed reuses the entry.
     timed = np.asarray(splits) == "time"
+    lookup = feature_cache.cached(
+        compute,
+        root=Path(cfg.features.cache_dir) if cfg.features.cache else None,
+        files=[r.path for r in records],
+        settings=cache_settings(cfg, rate, read, timed),
+        max_bytes=cache_limit(cfg.features),
+        verify=bool(cfg.features.get("cache_verify", True)),
+    )
+    ex = lookup.extracted
+    # Only the time split decides which windows a file gives (it is in the key); any other
+    # split is a label per file, applied here, so a new split seed reuses the entry.
+    ex.split = np.where(timed[ex.record], ex.split, np.asarray(splits)[ex.record])
+    return lookup
+
+
+def split_strategy(split: str, records: list[Record]) -> str:
+    """``data.split``, with ``auto`` resolved: folders where files sit in split folders."""
+    if split != "auto":
+        return split
+    return "folders" if any(r.split for r in records) else "random"
+
+
+def generate(d: DictConfig) -> None:
+    """Write the synthetic dataset ``data.generate`` describes (rank 0; the others wait)."""
+    rank, world = rank_and_world()
+    if rank == 0:
+        ensure_dataset(d.root, **OmegaConf.to_container(d.generate, resolve=True))
+    if world > 1:  # the other ranks read the files once rank 0 has written them
+        torch.distributed.barrier()
+
+
+def build_frontend(cfg: DictConfig, records: list[Record], *, rate: int, read: dict) -> Frontend:
+    """The run's front end (not fitted): windows from ``data.segment`` (whole files: the
+    longest file's length), images from ``features`` with ``auto`` sizes for that window."""
+    d = cfg.data
+    whole = None
+    if d.segment.length_seconds is None:
+        whole = whole_length(records, rate=rate, read=read)
+    seg = segmenting(
+        sample_rate=rate,
+        length_seconds=d.segment.length_seconds,
+        hop_seconds=d.segment.hop_seconds,
+        pad=d.segment.pad,
+        whole_length=whole,
+    )
+    params = stft_params(cfg, sample_rate=rate, segment_samples=seg.length)
+    return Frontend(sample_rate=rate, segmenting=seg, params=params, read=read)
+
+
+def cache_settings(cfg: DictConfig, rate: int, read: dict, timed: np.ndarray) -> dict:
+    """The feature cache's key: the settings as configured. Whole-file lengths and auto
+    sizes follow from the files and these settings alone, and come back resolved in the
+    entry, so a hit opens no file."""
+    d = cfg.data
+    features = OmegaConf.to_container(cfg.features, resolve=True)
     time_split = {
         "files": timed.tolist(),
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
     }
-    features = OmegaConf.to_container(cfg.features, resolve=True)
-    settings = {
+    return {
         "sample_rate": rate,
         "read": read,
         "segment": OmegaConf.to_container(d.segment, resolve=True),
@@ -420,35 +537,16 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
             **configured_sizes(cfg),  # what auto covers decides the images
         },
     }
-    cache_root = Path(cfg.features.cache_dir) if cfg.features.cache else None
-    max_gb = cfg.features.get("cache_max_gb")
+
+
+def cache_limit(f: DictConfig) -> int | None:
+    """``features.cache_max_gb`` in bytes; None for no limit."""
+    max_gb = f.get("cache_max_gb")
     if max_gb is not None and not max_gb > 0:
         raise ConfigError(
             f"features.cache_max_gb={max_gb!r} must be a positive size in GB, or null for no limit"
         )
-    lookup = feature_cache.cached(
-        compute, root=cache_root, files=[r.path for r in records], settings=settings,
-        max_bytes=None if max_gb is None else int(max_gb * 1e9),
-        verify=bool(cfg.features.get("cache_verify", True)),
-    )  # fmt: skip
-    extracted = lookup.extracted
-    extracted.split = np.where(
-        timed[extracted.record], extracted.split, np.asarray(splits)[extracted.record]
-    )
-    seg = Segmenting(**lookup.info["segment"])
-    params = STFTParams.from_dict(lookup.info["features"])
-    if lookup.hit and auto_keys(cfg):
-        log.info(
-            "features: auto sizes from the cache entry: n_fft=%d, hop_length=%d, win_length=%d",
-            params.n_fft, params.hop_length, params.win_length,
-        )  # fmt: skip
-    strategy = (
-        d.split if d.split != "auto" else ("folders" if any(r.split for r in records) else "random")
-    )
-    return Prepared(
-        records, classes, extracted, seg, read, found.ignored, found.layout, strategy,
-        time.perf_counter() - t0, rate, params, lookup.key, lookup.hit,
-    )  # fmt: skip
+    return None if max_gb is None else int(max_gb * 1e9)
 
 
 # Whole-file mode pads every file to the longest: one far longer than the others would shrink
@@ -539,7 +637,7 @@ def dataset_summary(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray
             m = masks[s] & (window_labels == c)
             per[c][s] = {"files": len(set(ex.record[m].tolist())), "segments": int(m.sum())}
     rates = ex.file_rates[used]
-    seconds = ex.file_samples[used] / data.sample_rate
+    seconds = ex.file_samples[used] / data.frontend.sample_rate
     return {
         "name": cfg.data.name,
         "root": str(cfg.data.root),
@@ -556,17 +654,17 @@ def dataset_summary(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in ex.skipped],
         "n_skipped": len(ex.skipped),
         "ignored": data.ignored,
-        "sample_rate": data.sample_rate,
+        "sample_rate": data.frontend.sample_rate,
         "source_rates": {str(int(r)): int((rates == r).sum()) for r in np.unique(rates)},
-        "resampled": int((rates != data.sample_rate).sum()),
+        "resampled": int((rates != data.frontend.sample_rate).sum()),
         "duration_seconds": {
             "min": float(seconds.min()),
             "median": float(np.median(seconds)),
             "max": float(seconds.max()),
             "total": float(seconds.sum()),
-        },  # fmt: skip
-        "segment_samples": data.seg.length,
-        "hop_samples": data.seg.hop,
+        },
+        "segment_samples": data.frontend.segmenting.length,
+        "hop_samples": data.frontend.segmenting.hop,
     }
 
 
@@ -618,7 +716,8 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
     if d.sample_rate is not None and d.segment.length_seconds is not None:
         chosen = tuple(k for k, v in configured_sizes(cfg).items() if v != AUTO)
         if {"n_fft", "win_length"} & set(chosen):
-            params.check_fits(round(d.segment.length_seconds * d.sample_rate), chosen=chosen)
+            with config_keys("features.", names=FEATURE_KEYS):
+                params.check_fits(round(d.segment.length_seconds * d.sample_rate), chosen=chosen)
     adapt_bn = check_grouping(cfg)
     settings = train_settings(cfg)
     checkpoints = run_dir / "checkpoints"
@@ -633,8 +732,13 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
     rank, _ = rank_and_world()
     for name in names:  # a bad model setting fails now, not after the data is read
         build(cfg[name], name=name, n_classes=2, in_channels=1, seed=cfg.seed)
-    log.info("device %s (%s), models %s, run folder %s", device,
-             precision(device, settings.amp), names, run_dir)  # fmt: skip
+    log.info(
+        "device %s (%s), models %s, run folder %s",
+        device,
+        precision(device, settings.amp),
+        names,
+        run_dir,
+    )
     return Job(names, settings, device, rank, adapt_bn, run_dir, checkpoints)
 
 
@@ -645,7 +749,8 @@ def check_grouping(cfg: DictConfig) -> bool | str:
         ConfigError: a value outside the rule, or one that needs groups the data lacks.
     """
     per_group = cfg.features.get("per_group", False)
-    check_per_group(per_group)
+    with config_keys("features."):
+        check_per_group(per_group)
     adapt_bn = cfg.get("evaluate", {}).get("adapt_bn", ADAPT_AUTO)
     if adapt_bn not in (*ADAPT_BN, ADAPT_AUTO):
         raise ConfigError(
@@ -673,7 +778,7 @@ class Split:
         y: class index of every window.
         masks: {split: (n,) bool}.
         summary: the dataset section of metrics.json.
-        normalizer: fitted on the training images.
+        frontend: the run's front end, its normaliser fitted on the training images.
         images: the normalised images of every window.
         tensors: {split: (images, labels)}.
         test_groups: each test window's group ("" for none).
@@ -685,7 +790,7 @@ class Split:
     y: np.ndarray
     masks: dict[str, np.ndarray]
     summary: dict
-    normalizer: Normalizer
+    frontend: Frontend
     images: np.ndarray
     tensors: dict[str, tuple[Tensor, Tensor]]
     test_groups: np.ndarray
@@ -703,7 +808,7 @@ class Split:
     @cached_property
     def test_starts(self) -> np.ndarray:
         ex = self.data.extracted
-        return ex.start[self.masks["test"]] / self.data.sample_rate
+        return ex.start[self.masks["test"]] / self.data.frontend.sample_rate
 
     @cached_property
     def segmented(self) -> bool:
@@ -723,21 +828,23 @@ def prepare(cfg: DictConfig, job: Job) -> Split:
         _write_skipped(job.run_dir / "skipped.csv", ex.skipped)
     log.info(
         "%d classes, %d files (%d skipped) -> windows: train %d, val %d, test %d",
-        len(data.classes), len(data.records), len(ex.skipped),
+        len(data.classes),
+        len(data.records),
+        len(ex.skipped),
         *(int(masks[s].sum()) for s in SPLITS),
-    )  # fmt: skip
-    normalizer, images = normalise(cfg, data, masks)
+    )
+    frontend, images = normalise(cfg, data, masks)
     log.info(
-        "images %s %s in %.2f s", images.shape[1:],
-        "loaded from the feature cache" if data.cache_hit else "computed", data.seconds,
-    )  # fmt: skip
+        "images %s %s in %.2f s",
+        images.shape[1:],
+        "loaded from the feature cache" if data.cache_hit else "computed",
+        data.seconds,
+    )
     tensors = {
         s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
     }
     records = data.records
-    test_groups = np.array(
-        [records[i].group or "" for i in ex.record[masks["test"]]], dtype=object
-    )  # fmt: skip
+    test_groups = np.array([records[i].group or "" for i in ex.record[masks["test"]]], dtype=object)
     if job.adapt_bn == "group" and (test_groups == "").all():
         raise ConfigError(
             f"evaluate.adapt_bn={job.adapt_bn} needs each test file's group, and none of the "
@@ -748,10 +855,21 @@ def prepare(cfg: DictConfig, job: Job) -> Split:
     if decision.apply and (test_groups == "").any():
         log.warning(
             "evaluate.adapt_bn: %d test window(s) have no group; they form one group whose "
-            "batch-norm statistics are re-estimated together", int((test_groups == "").sum()),
-        )  # fmt: skip
-    return Split(data, y, masks, summary, normalizer, images, tensors, test_groups, decision,
-                 bundle_data_settings(cfg, data, masks))  # fmt: skip
+            "batch-norm statistics are re-estimated together",
+            int((test_groups == "").sum()),
+        )
+    return Split(
+        data,
+        y,
+        masks,
+        summary,
+        frontend,
+        images,
+        tensors,
+        test_groups,
+        decision,
+        bundle_data_settings(cfg, data, masks),
+    )
 
 
 def split_masks(
@@ -784,8 +902,10 @@ def split_masks(
         log.info(
             "train.monitor=auto: the %d validation windows (fewer than %d per class) are too "
             "few to pick an epoch, so they train the models too; set train.monitor=val_accuracy "
-            "to keep them apart", n_val, MIN_VAL_PER_CLASS,
-        )  # fmt: skip
+            "to keep them apart",
+            n_val,
+            MIN_VAL_PER_CLASS,
+        )
     if not masks["train"].any() or not masks["test"].any():
         raise ConfigError(
             f"data.split={data.strategy} left {int(masks['train'].sum())} training and "
@@ -802,20 +922,22 @@ def split_masks(
 
 def normalise(
     cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]
-) -> tuple[Normalizer, np.ndarray]:
-    """The normaliser fitted on the training images, and every image normalised with it
-    (each group's frequency profile removed for ``features.per_group``).
+) -> tuple[Frontend, np.ndarray]:
+    """The front end with its normaliser fitted on the training images, and every image
+    normalised with it (each group's frequency profile removed for ``features.per_group``).
 
     Raises:
         ConfigError: ``features.per_group`` and a file without a group.
     """
     records, ex = data.records, data.extracted
-    normalizer = Normalizer.fit(
-        ex.images[masks["train"]],
-        mode=cfg.features.normalize,
-        per_image=cfg.features.get("per_image", False),
-        per_group=cfg.features.get("per_group", False),
-    )
+    with config_keys("features.", names={"mode": "features.normalize"}):
+        frontend = data.frontend.fitted(
+            ex.images[masks["train"]],
+            mode=cfg.features.normalize,
+            per_image=cfg.features.get("per_image", False),
+            per_group=cfg.features.get("per_group", False),
+        )
+    normalizer = frontend.normalizer
     images = normalizer(ex.images)
     if normalizer.per_group:
         groups = np.array([records[i].group for i in ex.record], dtype=object)
@@ -831,18 +953,14 @@ def normalise(
             "features.per_group: each of %d groups' mean frequency profile removed",
             len(set(groups.tolist())),
         )
-    return normalizer, images
+    return frontend, images
 
 
 def bundle_data_settings(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]) -> dict:
     """What a bundle keeps of the data: rate, reading, windows, and the groups."""
     records, ex = data.records, data.extracted
     return {
-        "sample_rate": data.sample_rate,
-        **data.read,
-        "segment_samples": data.seg.length,
-        "hop_samples": data.seg.hop,
-        "pad": data.seg.pad,
+        **data.frontend.data_settings(),
         # predict's default grouping for features.per_group, and the training files' groups,
         # against which predict checks its input's (test-time adaptation advice)
         "group_regex": cfg.data.get("group_regex"),
@@ -867,15 +985,26 @@ class Outcome:
 def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: Outcome) -> None:
     """Build, fit and test model ``name``; on rank 0 save its bundle and predictions."""
     data, classes = split.data, split.data.classes
-    model = build(cfg[name], name=name, n_classes=len(classes),
-                  in_channels=split.images.shape[1], seed=cfg.seed)  # fmt: skip
+    model = build(
+        cfg[name],
+        name=name,
+        n_classes=len(classes),
+        in_channels=split.images.shape[1],
+        seed=cfg.seed,
+    )
     x_te, y_te = split.tensors["test"]
     ctx = Context(
-        settings=job.settings, device=job.device, seed=cfg.seed, progress=cfg.progress,
-        name=name, checkpoint=job.checkpoints / f"{name}.pt", resume=bool(job.settings.resume),
+        settings=job.settings,
+        device=job.device,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        name=name,
+        checkpoint=job.checkpoints / f"{name}.pt",
+        resume=bool(job.settings.resume),
         fingerprint=fingerprint(cfg, name, data.records, classes),
-    )  # fmt: skip
-    extra = model.fit(*split.tensors["train"], *split.tensors["val"], ctx=ctx)
+    )
+    with config_keys("train."):  # a NaN loss, a checkpoint that cannot be resumed
+        extra = model.fit(*split.tensors["train"], *split.tensors["val"], ctx=ctx)
     if model.history:
         out.histories[name] = model.history
     t0 = time.perf_counter()
@@ -883,8 +1012,7 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
     infer_seconds = time.perf_counter() - t0
     if split.decision.apply and model.adapts:
         extra.update(evaluate_adapted(cfg, job, split, name, model, out))
-    m, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes,
-                           files=split.segmented)  # fmt: skip
+    m, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes, files=split.segmented)
     if by_file is not None:
         out.y_files, out.predicted_files[name] = by_file
     m.update(
@@ -896,16 +1024,29 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
     out.results[name] = m
     out.predicted[name] = scores.argmax(1)
     log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
-    if job.rank != 0:
-        return
+    if job.rank == 0:
+        save_model(cfg, job, split, name, model, scores)
+
+
+def save_model(cfg: DictConfig, job: Job, split: Split, name: str, model, scores) -> None:
+    """Model ``name``'s bundle and its test predictions, in the run folder."""
     save_bundle(
-        job.run_dir / "models" / name, model,
-        classes=classes, data=split.data_settings, features=data.params,
-        normalizer=split.normalizer,
+        job.run_dir / "models" / name,
+        model,
+        classes=split.data.classes,
+        data=split.data_settings,
+        features=split.frontend.params,
+        normalizer=split.frontend.normalizer,
         extra={"name": name, "seed": cfg.seed, "amp": job.settings.amp},
-    )  # fmt: skip
-    _write_predictions(job.run_dir / "predictions" / f"{name}.csv", split.test_paths,
-                       split.test_starts, y_te.numpy(), scores, classes)  # fmt: skip
+    )
+    _write_predictions(
+        job.run_dir / "predictions" / f"{name}.csv",
+        split.test_paths,
+        split.test_starts,
+        split.tensors["test"][1].numpy(),
+        scores,
+        split.data.classes,
+    )
 
 
 def evaluate_adapted(
@@ -917,18 +1058,29 @@ def evaluate_adapted(
     classes = split.data.classes
     t0 = time.perf_counter()
     scores = adapted_logits(
-        model.fitted, x_te, split.test_groups, batch_size=model.batch_size, device=job.device,
-        amp=job.settings.amp, seed=cfg.seed, key="evaluate.adapt_bn",
+        model.fitted,
+        x_te,
+        split.test_groups,
+        batch_size=model.batch_size,
+        device=job.device,
+        amp=job.settings.amp,
+        seed=cfg.seed,
+        key="evaluate.adapt_bn",
         regex_key="data.group_regex",
-    ).numpy()  # fmt: skip
-    am, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes,
-                            files=split.segmented)  # fmt: skip
+    ).numpy()
+    am, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes, files=split.segmented)
     extra = {f"adapted_{k}": am[k] for k in ADAPTED if k in am}
     extra.update(adapt_bn=job.adapt_bn, adapt_seconds=time.perf_counter() - t0)
     out.adapted[name] = by_file[1] if by_file is not None else scores.argmax(1)
     if job.rank == 0:
-        _write_predictions(job.run_dir / "predictions" / f"{name}_adapted.csv", split.test_paths,
-                           split.test_starts, y_te.numpy(), scores, classes)  # fmt: skip
+        _write_predictions(
+            job.run_dir / "predictions" / f"{name}_adapted.csv",
+            split.test_paths,
+            split.test_starts,
+            y_te.numpy(),
+            scores,
+            classes,
+        )
     return extra
 
 
@@ -948,7 +1100,7 @@ def assemble_metrics(cfg: DictConfig, job: Job, split: Split, out: Outcome) -> d
         "models": out.results,
         "dataset": split.summary,
         "features": {
-            **data.params.to_dict(),
+            **data.frontend.params.to_dict(),
             "auto": auto_keys(cfg),
             "normalize": cfg.features.normalize,
             "image_shape": list(split.images.shape[1:]),
@@ -1001,11 +1153,16 @@ def adaptation(
         grouped=any(r.group for r in records),
         split=data.strategy,
         test_regex=cfg.data.get("test_regex"),
-        names={"train": [records[i].path.name for i in train],
-               "test": [records[i].path.name for i in test]},
-    )  # fmt: skip
-    what = ("the networks are also evaluated adapted to each test group (AdaBN)"
-            if decision.apply else "no test-time adaptation")  # fmt: skip
+        names={
+            "train": [records[i].path.name for i in train],
+            "test": [records[i].path.name for i in test],
+        },
+    )
+    what = (
+        "the networks are also evaluated adapted to each test group (AdaBN)"
+        if decision.apply
+        else "no test-time adaptation"
+    )
     log.info("evaluate.adapt_bn=%s: %s: %s", mode, what, decision.why)
     if decision.suggestion:
         log.info("evaluate.adapt_bn: %s", decision.suggestion)
@@ -1023,8 +1180,12 @@ def adaptation_summary(
         if pair["b"] == f"{name} adapted":
             m = results[name]
             key = "file_accuracy" if pair["unit"] == "files" else "accuracy"
-            effects[name] = {"unit": pair["unit"], "plain": m[key], "adapted": m[f"adapted_{key}"],
-                             "p_holm": pair["p_holm"]}  # fmt: skip
+            effects[name] = {
+                "unit": pair["unit"],
+                "plain": m[key],
+                "adapted": m[f"adapted_{key}"],
+                "p_holm": pair["p_holm"],
+            }
     return {
         "mode": mode,
         "applied": decision.apply,

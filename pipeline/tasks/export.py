@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.bundle import load_bundle
 from pipeline.errors import BundleError, ConfigError
+from pipeline.frontend import Frontend
+from pipeline.models.base import wrap
 from pipeline.values import is_number
 
 log = logging.getLogger(__name__)
@@ -53,44 +55,30 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     e = cfg.export
     require_onnx()
     bundle = load_bundle(e.model, key="export.model")
-    if bundle.kind != "network":
+    model = wrap(bundle.model)
+    if not model.exports:
         raise BundleError(
             f"export.model={e.model!r} is an SVM bundle; ONNX export covers the networks "
             "(resnet, plain_cnn): point export.model at one of those"
         )
-    output = Path(e.output) if e.output else run_dir / "model.onnx"
-    if output.suffix != ".onnx":
-        raise ConfigError(f"export.output={str(output)!r} must end in .onnx")
-    if not isinstance(e.check, bool):
-        raise ConfigError(f"export.check={e.check!r} must be true or false")
-    tolerance = e.tolerance
-    if not (is_number(tolerance) and tolerance > 0):
-        raise ConfigError(
-            f"export.tolerance={tolerance!r} must be a positive number (the largest absolute "
-            "difference between onnxruntime's and PyTorch's logits), e.g. 1e-4"
-        )
-    model = bundle.model.eval()
-    channels = int(bundle.meta["model_config"]["in_channels"])
-    height, width = bundle.features.image_shape(bundle.data["segment_samples"])
-    example = torch.randn(2, channels, height, width)  # (batch, channels, freq, time)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes about optional torchvision ops
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-        )  # fmt: skip
+    output = check_settings(e, run_dir)
+    network = model.fitted.eval()
+    image = (model.in_channels, *Frontend.from_bundle(bundle).image_shape())
     with atomic.atomic_path(output) as tmp:
-        program.save(str(tmp))
+        onnx_program(network, image).save(str(tmp))
     sidecar = {
-        "input": {"name": "image", "shape": ["batch", channels, height, width],
-                  "meaning": "STFT images after normalisation, see features and normalizer"},
+        "input": {
+            "name": "image",
+            "shape": ["batch", *image],
+            "meaning": "STFT images after normalisation, see features and normalizer",
+        },
         "output": {"name": "logits", "classes": bundle.classes},
         **{k: bundle.meta[k] for k in ("classes", "data", "features", "normalizer", "versions")},
-    }  # fmt: skip
+    }
     atomic.write_json(output.with_suffix(".json"), sidecar)
     result = {"output": str(output), "checked": False}
     if e.check:
-        result.update(check_onnx(output, model, example_shape=(5, channels, height, width)))
+        result.update(check_onnx(output, network, example_shape=(5, *image)))
         if result["max_abs_diff"] > e.tolerance:
             for written in (output, output.with_suffix(".json")):  # no unfaithful export stays
                 written.unlink(missing_ok=True)
@@ -105,6 +93,40 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     elif e.check:
         print("not checked: onnxruntime is not installed (pip install onnxruntime)")
     return result
+
+
+def check_settings(e: DictConfig, run_dir: Path) -> Path:
+    """The ``export`` settings checked; returns the ONNX file to write.
+
+    Raises:
+        ConfigError: naming the first bad setting.
+    """
+    output = Path(e.output) if e.output else run_dir / "model.onnx"
+    if output.suffix != ".onnx":
+        raise ConfigError(f"export.output={str(output)!r} must end in .onnx")
+    if not isinstance(e.check, bool):
+        raise ConfigError(f"export.check={e.check!r} must be true or false")
+    if not (is_number(e.tolerance) and e.tolerance > 0):
+        raise ConfigError(
+            f"export.tolerance={e.tolerance!r} must be a positive number (the largest absolute "
+            "difference between onnxruntime's and PyTorch's logits), e.g. 1e-4"
+        )
+    return output
+
+
+def onnx_program(network: torch.nn.Module, image: tuple[int, int, int]):
+    """The network as an ONNX program, its batch size free: (batch, *image) -> logits."""
+    example = torch.randn(2, *image)  # (batch, channels, freq, time)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes about optional torchvision ops
+        return torch.onnx.export(
+            network,
+            (example,),
+            dynamo=True,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )
 
 
 def check_onnx(path: Path, model: torch.nn.Module, *, example_shape: tuple[int, ...]) -> dict:

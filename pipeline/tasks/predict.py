@@ -40,12 +40,12 @@ from pipeline.adapt import (
 )
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.data.records import compile_regex
-from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage, finite_images, overflow_reason
+from pipeline.frontend import Frontend, batches
 from pipeline.models.base import wrap
 from pipeline.runtime import precision, resolve_device
-from pipeline.signals import SUFFIXES, read_signal
+from pipeline.signals import SUFFIXES
 from pipeline.values import is_whole
 
 log = logging.getLogger(__name__)
@@ -76,22 +76,26 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 
 class Classifier:
-    """A bundle's model and front end: windows (n, channels, samples) -> probabilities."""
+    """A bundle's front end and model: windows (n, channels, samples) -> probabilities."""
 
     def __init__(self, bundle: Bundle, *, device: torch.device, amp: bool = True) -> None:
         self.bundle = bundle
         self.device = device
         self.amp = amp  # mixed precision where it pays (pipeline.runtime.amp_dtype)
-        self.front = STFTImage(bundle.features).to(device)
+        self.frontend = Frontend.from_bundle(bundle)
+        self.stft = STFTImage(self.frontend.params).to(device)
         self.classifier = wrap(bundle.model).to(device)
         self.model = self.classifier.fitted  # a network's module, for batch-norm adaptation
         self.in_channels = self.classifier.in_channels
 
     @torch.no_grad()
     def images(self, windows: np.ndarray) -> torch.Tensor:
-        """Normalised images of windows (n, channels, samples), on the device."""
-        images = self.front(torch.from_numpy(windows).to(self.device)).float()
-        return self.bundle.normalizer.torch(images)  # the bundle's Normalizer, on the device
+        """Normalised images of windows (n, channels, samples), on the device: the front
+        end's, as in training (:meth:`Frontend.raw_images`)."""
+        raw = self.frontend.raw_images(
+            windows, device=self.device, batch_size=max(1, len(windows)), module=self.stft
+        )
+        return self.frontend.normalise(raw)
 
     @torch.no_grad()
     def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
@@ -154,36 +158,18 @@ def reading_workers(workers: int | str) -> int:
 
 @dataclass(frozen=True)
 class WindowReader:
-    """Reads one file with a bundle's settings and cuts it into the model's windows.
+    """Reads one file through a bundle's front end into the model's windows (n, channels,
+    samples), or the reason as a string when the file cannot be classified; a plain
+    object, so worker processes can run it."""
 
-    Returns the windows (n, channels, samples), or the reason as a string when
-    the file cannot be classified; a plain object, so worker processes can run it.
-    """
-
-    rate: int
-    read: dict
-    length: int
-    hop: int
-    pad: bool
+    frontend: Frontend
     channels: int
 
     def __call__(self, path: Path) -> np.ndarray | str:
         try:
-            sig = read_signal(path, sample_rate=self.rate, **self.read)
-            windows = segment(sig.samples, length=self.length, hop=self.hop, pad=self.pad)
-            if len(windows) == 0:
-                raise SignalError(
-                    f"{path}: {sig.samples.shape[-1]} samples is shorter than the model's "
-                    f"window of {self.length} samples"
-                )
-            if windows.shape[1] != self.channels:
-                raise SignalError(
-                    f"{path}: has {windows.shape[1]} channel(s); the model was trained on "
-                    f"{self.channels}"
-                )
+            return self.frontend.windows(path, channels=self.channels).x
         except SignalError as err:
             return str(err)
-        return windows
 
 
 class _Chunks(IterableDataset):
@@ -226,9 +212,12 @@ def read_files(
     if workers == 0:
         return ((path, reader(path)) for path in iter_files(source))
     loader = DataLoader(
-        _Chunks(source, reader, size=chunk), batch_size=None, num_workers=workers,
-        collate_fn=_as_is, prefetch_factor=4,
-    )  # fmt: skip
+        _Chunks(source, reader, size=chunk),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=4,
+    )
     return (item for chunk in loader for item in chunk)
 
 
@@ -299,8 +288,10 @@ def group_profiles(seen: GroupImages, pattern: re.Pattern | None) -> dict[str, n
         log.warning(
             "features.per_group: %d file(s) %s and form one group; its mean profile is removed "
             "from each of them, which is right only if they share a microphone or speaker and "
-            "hold a mix of classes", seen.files[""], _ungrouped(pattern),
-        )  # fmt: skip
+            "hold a mix of classes",
+            seen.files[""],
+            _ungrouped(pattern),
+        )
     return {
         g: (seen.sums[g] / seen.windows[g]).numpy()[..., None].astype(np.float32)
         for g in sorted(seen.sums)
@@ -322,20 +313,30 @@ def adapt_batchnorm(
     if profiles is not None:
         samples = {g: images - torch.from_numpy(profiles[g]) for g, images in samples.items()}
     states = group_states(
-        classify.model, samples, batch_size=batch_size, device=classify.device, amp=classify.amp,
-        key="predict.adapt_bn", regex_key="predict.group_regex",
-    )  # fmt: skip
+        classify.model,
+        samples,
+        batch_size=batch_size,
+        device=classify.device,
+        amp=classify.amp,
+        key="predict.adapt_bn",
+        regex_key="predict.group_regex",
+    )
     if "" in seen.files:
         log.warning(
             "predict.adapt_bn: %d file(s) %s and form one group, whose batch-norm statistics "
-            "are re-estimated together", seen.files[""], _ungrouped(pattern),
-        )  # fmt: skip
+            "are re-estimated together",
+            seen.files[""],
+            _ungrouped(pattern),
+        )
     sampled = [g for g in seen.kept if seen.windows[g] > seen.keep]
     if sampled:
         log.info(
             "predict.adapt_bn: %d group(s) have more than %d windows; a random %d of each "
-            "gave its statistics", len(sampled), seen.keep, seen.keep,
-        )  # fmt: skip
+            "gave its statistics",
+            len(sampled),
+            seen.keep,
+            seen.keep,
+        )
     return states
 
 
@@ -353,21 +354,77 @@ def aggregate(probs: np.ndarray, rule: str) -> np.ndarray:
 def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     """Classify ``predict.input`` and write the CSVs; returns a summary."""
     p = cfg.predict
+    workers = check_settings(cfg)
+    source = Path(p.input)
+    if not source.exists():
+        raise ConfigError(f"predict.input={str(source)!r} does not exist; give a folder or a file")
+    outputs = output_paths(p, run_dir)
+    bundle = load_bundle(p.model)
+    device = resolve_device(cfg.device)
+    amp = bundle_amp(p.get("amp"), bundle)
+    adapts = wrap(bundle.model).adapts  # a network, with batch norms
+    if adapts:
+        log.info("device %s (%s)", device, precision(device, amp))
+    adapt_bn = bool(p.get("adapt_bn", False))
+    if adapt_bn and not adapts:
+        log.warning("predict.adapt_bn=group is not used: %s is an SVM, without batch norm", p.model)
+        adapt_bn = False
+    pattern = grouping(p, bundle, adapt_bn=adapt_bn)
+    summary = predict_folder(
+        bundle,
+        source,
+        outputs=outputs,
+        device=device,
+        batch_size=p.batch_size,
+        top_k=min(p.top_k, len(bundle.classes)),
+        rule=p.aggregate,
+        progress=cfg.progress,
+        workers=workers,
+        group_pattern=pattern,
+        adapt_bn=adapt_bn,
+        amp=amp,
+    )
+    if adapts and not adapt_bn:
+        advise_adaptation(bundle, source, pattern or _group_pattern(p.get("group_regex"), bundle))
+    print_summary(summary, outputs)
+    if summary["classified"] == 0:
+        raise DataError(f"no file under predict.input={str(source)!r} could be classified")
+    return summary
+
+
+def check_settings(cfg: DictConfig) -> int:
+    """The ``predict`` settings that need no bundle, checked; returns the reading workers.
+
+    Raises:
+        ConfigError: naming the first bad setting.
+    """
+    p = cfg.predict
     if p.aggregate not in AGGREGATES:
         raise ConfigError(f"predict.aggregate={p.aggregate!r} must be one of {list(AGGREGATES)}")
     workers = reading_workers(p.workers)
     for key in ("top_k", "batch_size"):
-        value = p[key]
-        if not is_whole(value, minimum=1):
-            raise ConfigError(f"predict.{key}={value!r} must be a positive integer")
+        if not is_whole(p[key], minimum=1):
+            raise ConfigError(f"predict.{key}={p[key]!r} must be a positive integer")
     for key in ("segments", "overwrite"):
         if not isinstance(p[key], bool):
             raise ConfigError(f"predict.{key}={p[key]!r} must be true or false")
     if not isinstance(cfg.progress, bool):
         raise ConfigError(f"progress={cfg.progress!r} must be true or false")
-    source = Path(p.input)
-    if not source.exists():
-        raise ConfigError(f"predict.input={str(source)!r} does not exist; give a folder or a file")
+    if p.get("adapt_bn", False) not in ADAPT_BN:
+        raise ConfigError(
+            f"predict.adapt_bn={p.adapt_bn!r} must be false or group (re-estimate a network's "
+            "batch-norm statistics on each group's own files)"
+        )
+    check_amp(p.get("amp"))
+    return workers
+
+
+def output_paths(p: DictConfig, run_dir: Path) -> list[Path]:
+    """The files, errors and (``predict.segments``) segments CSVs, checked writable.
+
+    Raises:
+        ConfigError: one is a folder, or exists and ``predict.overwrite`` is false.
+    """
     output = Path(p.output) if p.output else run_dir / "predictions.csv"
     outputs = [output, output.with_name(output.stem + "_errors.csv")]
     if p.segments:
@@ -384,37 +441,26 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
             f"predict.output={str(output)!r}: {existing} exist already; choose another "
             "predict.output or set predict.overwrite=true"
         )
-    adapt_bn = p.get("adapt_bn", False)
-    if adapt_bn not in ADAPT_BN:
-        raise ConfigError(
-            f"predict.adapt_bn={adapt_bn!r} must be false or group (re-estimate a network's "
-            "batch-norm statistics on each group's own files)"
-        )
-    check_amp(p.get("amp"))
-    bundle = load_bundle(p.model)
-    device = resolve_device(cfg.device)
-    amp = bundle_amp(p.get("amp"), bundle)
-    adapts = wrap(bundle.model).adapts  # a network, with batch norms
-    if adapts:
-        log.info("device %s (%s)", device, precision(device, amp))
-    if adapt_bn and not adapts:
-        log.warning("predict.adapt_bn=group is not used: %s is an SVM, without batch norm", p.model)
-        adapt_bn = False
-    pattern = None
+    return outputs
+
+
+def grouping(p: DictConfig, bundle: Bundle, *, adapt_bn: bool) -> re.Pattern | None:
+    """The pattern that groups the input's files, where the bundle's per-group profiles or
+    the batch-norm adaptation need groups; None otherwise."""
     if bundle.normalizer.per_group or adapt_bn:
-        pattern = _group_pattern(p.get("group_regex"), bundle)
-    elif p.get("group_regex"):
+        return _group_pattern(p.get("group_regex"), bundle)
+    if p.get("group_regex"):
         log.warning(
             "predict.group_regex=%r is not used: %s was trained without features.per_group "
-            "and predict.adapt_bn is off", p.group_regex, p.model,
-        )  # fmt: skip
-    summary = predict_folder(
-        bundle, source, outputs=outputs, device=device, batch_size=p.batch_size,
-        top_k=min(p.top_k, len(bundle.classes)), rule=p.aggregate, progress=cfg.progress,
-        workers=workers, group_pattern=pattern, adapt_bn=bool(adapt_bn), amp=amp,
-    )  # fmt: skip
-    if adapts and not adapt_bn:
-        advise_adaptation(bundle, source, pattern or _group_pattern(p.get("group_regex"), bundle))
+            "and predict.adapt_bn is off",
+            p.group_regex,
+            p.model,
+        )
+    return None
+
+
+def print_summary(summary: dict, outputs: list[Path]) -> None:
+    """The run's counts, rate and accuracy, and where the CSVs are."""
     line = (
         f"classified {summary['classified']} file(s), {summary['errors']} error(s) "
         f"in {summary['seconds']:.1f} s ({summary['files_per_second']:.0f} files/s)"
@@ -422,12 +468,9 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     if summary["scored"]:
         line += f"; accuracy {summary['accuracy']:.4f} on {summary['scored']} labelled file(s)"
     print(line)
-    print(f"predictions: {output}")
+    print(f"predictions: {outputs[0]}")
     if summary["errors"]:
         print(f"errors: {outputs[1]}")
-    if summary["classified"] == 0:
-        raise DataError(f"no file under predict.input={str(source)!r} could be classified")
-    return summary
 
 
 def advise_adaptation(bundle: Bundle, source: Path, pattern: re.Pattern | None) -> None:
@@ -444,7 +487,7 @@ def advise_adaptation(bundle: Bundle, source: Path, pattern: re.Pattern | None) 
             "gives the adapted figures where its test groups were unseen too)",
             ", ".join(sorted(groups)[:6]) + (" ..." if len(groups) > 6 else ""),
             pattern.pattern,
-        )  # fmt: skip
+        )
 
 
 def _group_pattern(configured: str | None, bundle: Bundle) -> re.Pattern | None:
@@ -484,45 +527,27 @@ def predict_folder(
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
     classify = Classifier(bundle, device=device, amp=amp)
-    data = bundle.data
-    read = {
-        k: data.get(k)
-        for k in ("channels", "mat_key", "npz_key", "csv_columns", "channel_axis")
-        if k in data
-    }
-    hop = data["hop_samples"]
     start_time = time.perf_counter()
-    reader = WindowReader(data["sample_rate"], read, data["segment_samples"], hop, data["pad"],
-                          classify.in_channels)  # fmt: skip
+    reader = WindowReader(classify.frontend, classify.in_channels)
     profiles, adapted = first_pass(
-        classify, source, reader, group_pattern, adapt_bn=adapt_bn, batch_size=batch_size,
-        workers=workers, progress=progress,
-    )  # fmt: skip
+        classify,
+        source,
+        reader,
+        group_pattern,
+        adapt_bn=adapt_bn,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
     trained = batchnorm_state(classify.model) if adapted is not None else None
-    root = source if source.is_dir() else source.parent
-    with PredictionWriter(outputs, classes=bundle.classes, top_k=top_k, rule=rule,
-                          rate=data["sample_rate"]) as writer:  # fmt: skip
-        pending: list[tuple[_File, np.ndarray]] = []
+    with PredictionWriter(
+        outputs, classes=bundle.classes, top_k=top_k, rule=rule, rate=classify.frontend.sample_rate
+    ) as writer:
         loaded = read_files(source, reader, workers=workers)
-        for path, windows in tqdm(loaded, desc="predict", unit="file", disable=not progress):
-            if isinstance(windows, str):
-                writer.error(path, windows)
-                continue
-            group = file_group(path, group_pattern)
-            if any(d is not None and group not in d for d in (profiles, adapted)):
-                # Listed or readable only since the first pass: the folder changed meanwhile.
-                writer.error(path, f"{path}: its group {group!r} was not in the first pass: "
-                             "the input changed during the run; classify it again")  # fmt: skip
-                continue
-            parts = path.relative_to(root).parts
-            true = parts[0] if len(parts) > 1 and parts[0] in bundle.classes else None
-            starts = np.arange(len(windows)) * hop
-            pending.append((_File(path, true, len(windows), starts, group), windows))
-            if sum(f.n for f, _ in pending) >= batch_size:
-                writer.write(pending, score(classify, pending, profiles, adapted, trained))
-                pending = []
-        if pending:
-            writer.write(pending, score(classify, pending, profiles, adapted, trained))
+        loaded = tqdm(loaded, desc="predict", unit="file", disable=not progress)
+        files = classifiable(loaded, writer, classify, source, group_pattern, (profiles, adapted))
+        for run in batches(files, batch_size, lambda item: item[0].n):
+            writer.write(run, score(classify, run, profiles, adapted, trained))
     counts = writer.counts
     seconds = time.perf_counter() - start_time
     return {
@@ -531,6 +556,38 @@ def predict_folder(
         "seconds": seconds,
         "files_per_second": (counts["classified"] + counts["errors"]) / max(seconds, 1e-9),
     }
+
+
+def classifiable(
+    loaded: Iterator[tuple[Path, np.ndarray | str]],
+    writer: PredictionWriter,
+    classify: Classifier,
+    source: Path,
+    pattern: re.Pattern | None,
+    passed: tuple[dict | None, dict | None],
+) -> Iterator[tuple[_File, np.ndarray]]:
+    """The files that can be classified, with their windows; the others go to the writer's
+    errors: unreadable files, and files whose group the first pass (``passed``: profiles,
+    adapted statistics) did not see."""
+    root = source if source.is_dir() else source.parent
+    classes, hop = classify.bundle.classes, classify.frontend.segmenting.hop
+    for path, windows in loaded:
+        if isinstance(windows, str):
+            writer.error(path, windows)
+            continue
+        group = file_group(path, pattern)
+        if any(d is not None and group not in d for d in passed):
+            # Listed or readable only since the first pass: the folder changed meanwhile.
+            writer.error(
+                path,
+                f"{path}: its group {group!r} was not in the first pass: the input changed "
+                "during the run; classify it again",
+            )
+            continue
+        parts = path.relative_to(root).parts
+        true = parts[0] if len(parts) > 1 and parts[0] in classes else None
+        starts = np.arange(len(windows)) * hop
+        yield _File(path, true, len(windows), starts, group), windows
 
 
 def first_pass(
@@ -550,21 +607,24 @@ def first_pass(
     if not (per_group or adapt_bn):
         return None, None
     files = read_files(source, reader, workers=workers)
-    seen = group_pass(classify, files, pattern, keep=ADAPT_WINDOWS if adapt_bn else 0,
-                      progress=progress)  # fmt: skip
+    seen = group_pass(
+        classify, files, pattern, keep=ADAPT_WINDOWS if adapt_bn else 0, progress=progress
+    )
     profiles = adapted = None
     if per_group:
         profiles = group_profiles(seen, pattern)
         log.info(
             "features.per_group: profiles of %d group(s) from the input: %s",
-            len(profiles), ", ".join(repr(g) for g in profiles) or "none",
-        )  # fmt: skip
+            len(profiles),
+            ", ".join(repr(g) for g in profiles) or "none",
+        )
     if adapt_bn:
         adapted = adapt_batchnorm(classify, seen, pattern, profiles=profiles, batch_size=batch_size)
         log.info(
             "predict.adapt_bn: batch-norm statistics of %d group(s) from the input: %s",
-            len(adapted), ", ".join(repr(g) for g in adapted) or "none",
-        )  # fmt: skip
+            len(adapted),
+            ", ".join(repr(g) for g in adapted) or "none",
+        )
     return profiles, adapted
 
 
@@ -581,9 +641,11 @@ def score(
     shift = None
     if profiles is not None:
         shift = np.concatenate(
-            [np.broadcast_to(profiles[f.group], (f.n, *profiles[f.group].shape))
-             for f, _ in pending]
-        )  # fmt: skip
+            [
+                np.broadcast_to(profiles[f.group], (f.n, *profiles[f.group].shape))
+                for f, _ in pending
+            ]
+        )
     windows = np.concatenate([w for _, w in pending])
     if adapted is None:
         return classify(windows, shift)
@@ -606,8 +668,9 @@ class PredictionWriter:
     A file name's undecodable bytes (surrogates) are written escaped, so the CSVs stay UTF-8.
     """
 
-    def __init__(self, outputs: list[Path], *, classes: list[str], top_k: int, rule: str,
-                 rate: int) -> None:  # fmt: skip
+    def __init__(
+        self, outputs: list[Path], *, classes: list[str], top_k: int, rule: str, rate: int
+    ) -> None:
         self.outputs, self.classes, self.top_k, self.rule, self.rate = (
             outputs,
             classes,
@@ -634,8 +697,9 @@ class PredictionWriter:
         )
         self._errors.writerow(["path", "reason"])
         if self._segments:
-            self._segments.writerow(["path", "segment", "start_seconds", "predicted",
-                                     *self.classes])  # fmt: skip
+            self._segments.writerow(
+                ["path", "segment", "start_seconds", "predicted", *self.classes]
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -672,9 +736,14 @@ class PredictionWriter:
         if self._segments:
             for j, (row, s) in enumerate(zip(p, f.starts, strict=True)):
                 self._segments.writerow(
-                    [str(f.path), j, f"{s / self.rate:.6g}", classes[int(row.argmax())],
-                     *(f"{v:.6g}" for v in row)]
-                )  # fmt: skip
+                    [
+                        str(f.path),
+                        j,
+                        f"{s / self.rate:.6g}",
+                        classes[int(row.argmax())],
+                        *(f"{v:.6g}" for v in row),
+                    ]
+                )
         self.counts["classified"] += 1
         if f.true is not None:
             self.counts["scored"] += 1
