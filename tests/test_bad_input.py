@@ -36,8 +36,11 @@ RATE = 1000
 def cli(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_exit_2(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -52,10 +55,17 @@ def assert_one_line_exit_2(proc: subprocess.CompletedProcess, *needles: str) -> 
 
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
     return [
-        "data=folder", f"data.root={data}", "train.epochs=2", "train.min_steps=0",
-        "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2",
-        f"features.cache_dir={run.parent / 'cache'}", f"hydra.run.dir={run}", *extra,
-    ]  # fmt: skip
+        "data=folder",
+        f"data.root={data}",
+        "train.epochs=2",
+        "train.min_steps=0",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        f"features.cache_dir={run.parent / 'cache'}",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
 
 
 def write_huge(folder: Path) -> list[Path]:
@@ -105,8 +115,12 @@ def test_huge_finite_samples_are_skipped_and_nothing_non_finite_is_written(huge_
 def test_predict_lists_files_with_non_finite_images_as_errors(huge_run, model):
     tmp, data, bad = huge_run
     out = tmp / f"predict-{model}" / "predictions.csv"
-    proc = cli("task=predict", f"predict.model={tmp / 'run' / 'models' / model}",
-               f"predict.input={data}", f"predict.output={out}")  # fmt: skip
+    proc = cli(
+        "task=predict",
+        f"predict.model={tmp / 'run' / 'models' / model}",
+        f"predict.input={data}",
+        f"predict.output={out}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out.with_name("predictions_errors.csv")) as f:
         errors = {r["path"]: r["reason"] for r in csv.DictReader(f)}
@@ -122,8 +136,18 @@ def test_a_training_loss_that_becomes_nan_stops_the_run_naming_the_epoch():
     x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 2, (32,))
     settings = TrainSettings(epochs=3, batch_size=8, lr=1e30, precise_bn=False, amp=False)
     with pytest.raises(TrainingError, match=r"net: the training loss became nan in epoch 1 of 3"):
-        fit(build_resnet(num_classes=2, depth=8), x, y, x[:0], y[:0], settings=settings,
-            device=torch.device("cpu"), seed=0, progress=False, name="net")  # fmt: skip
+        fit(
+            build_resnet(num_classes=2, depth=8),
+            x,
+            y,
+            x[:0],
+            y[:0],
+            settings=settings,
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+            name="net",
+        )
 
 
 @pytest.mark.slow
@@ -131,8 +155,9 @@ def test_resume_refuses_a_checkpoint_of_other_settings_data_or_a_damaged_one(hug
     tmp, data, _ = huge_run
     folder = tmp_path / "resumed"
     shutil.copytree(tmp / "run" / "checkpoints", folder / "checkpoints")
-    args = train_args(data, folder, "models=[resnet]", f"data.sample_rate={RATE}",
-                      "train.resume=true")  # fmt: skip
+    args = train_args(
+        data, folder, "models=[resnet]", f"data.sample_rate={RATE}", "train.resume=true"
+    )
     proc = cli(*args, "train.lr=0.01")
     assert_one_line_exit_2(proc, "was trained with train.lr=0.1", "this run has train.lr=0.01")
     other = write_tone_dataset(tmp_path / "other", rate=RATE, n_per_class=4)
@@ -172,16 +197,27 @@ def test_unknown_keys_are_refused_with_the_closest_known_key(override, meant):
 
 def test_group_choices_and_hydra_keys_pass_the_key_check():
     """Keys a group choice brings (task=predict's predict.*) and Hydra's own are known."""
-    proc = cli("task=predict", "predict.model=/nonexistent", "predict.input=/nonexistent",
-               "hydra.job.chdir=false", "hydra.run.dir=/tmp/never-written")  # fmt: skip
+    proc = cli(
+        "task=predict",
+        "predict.model=/nonexistent",
+        "predict.input=/nonexistent",
+        "hydra.job.chdir=false",
+        "hydra.run.dir=/tmp/never-written",
+    )
     assert_one_line_exit_2(proc, "predict.input='/nonexistent' does not exist")
 
 
 def test_suggest_prefers_siblings_and_other_tools_names():
     known = {
-        "data", "data.segment", "data.segment.length_seconds", "data.segment.pad",
-        "data.test_fraction", "data.test_regex", "features.hop_length", "features.top_db",
-    }  # fmt: skip
+        "data",
+        "data.segment",
+        "data.segment.length_seconds",
+        "data.segment.pad",
+        "data.test_fraction",
+        "data.test_regex",
+        "features.hop_length",
+        "features.top_db",
+    }
     assert suggest("data.segment.length", known) == ["data.segment.length_seconds"]
     assert suggest("data.test_size", known) == ["data.test_fraction"]
     assert suggest("features.hop", known) == ["features.hop_length"]
@@ -195,23 +231,33 @@ def test_one_file_far_longer_than_the_rest_is_refused_in_whole_file_mode(tmp_pat
     sf.write(long, np.random.default_rng(0).standard_normal(600 * RATE).astype("f4") * 0.1, RATE)
     proc = cli(*train_args(data, tmp_path / "run", "models=[svm]"))
     assert_one_line_exit_2(
-        proc, f"{long} is 600 s long", "times the median file (0.5 s)",
+        proc,
+        f"{long} is 600 s long",
+        "times the median file (0.5 s)",
         "data.segment.length_seconds=0.5",
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["features.n_fft=100000", f"data.sample_rate={RATE}", "data.segment.length_seconds=0.5"],
-         "features.n_fft=100000 is longer than the 500-sample windows"),
+        (
+            [
+                "features.n_fft=100000",
+                f"data.sample_rate={RATE}",
+                "data.segment.length_seconds=0.5",
+            ],
+            "features.n_fft=100000 is longer than the 500-sample windows",
+        ),
         (["features.n_fft=100000"], "features.n_fft=100000 is longer than the 500-sample windows"),
         (["data.sample_rate=abc"], "data.sample_rate='abc' must be a positive whole number"),
-        (["data.segment.length_seconds=abc"],
-         "data.segment.length_seconds='abc' must be a positive"),
+        (
+            ["data.segment.length_seconds=abc"],
+            "data.segment.length_seconds='abc' must be a positive",
+        ),
         (["data.segment.hop_seconds=-1"], "data.segment.hop_seconds=-1 must be a positive"),
     ],
-)  # fmt: skip
+)
 def test_sizes_and_numbers_that_cannot_work_are_refused_in_one_line(tmp_path, overrides, needle):
     data = write_tone_dataset(tmp_path / "tones", rate=RATE, n_per_class=2)
     proc = cli(*train_args(data, tmp_path / "run", "models=[svm]", *overrides))
@@ -224,9 +270,12 @@ def test_a_folder_as_predict_output_is_refused_before_classifying(huge_run, tmp_
     folder = tmp_path / "out"
     folder.mkdir()
     proc = cli(
-        "task=predict", f"predict.model={tmp / 'run' / 'models' / 'svm'}",
-        f"predict.input={data}", f"predict.output={folder}", "predict.overwrite=true",
-    )  # fmt: skip
+        "task=predict",
+        f"predict.model={tmp / 'run' / 'models' / 'svm'}",
+        f"predict.input={data}",
+        f"predict.output={folder}",
+        "predict.overwrite=true",
+    )
     assert_one_line_exit_2(proc, f"{folder} is a folder")
     assert list(folder.iterdir()) == [] and "classified" not in proc.stdout
 
@@ -237,9 +286,12 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(tmp_path):
     run = tmp_path / "run"
     args = train_args(data, run, "models=[resnet]", "train.epochs=500", "progress=false")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.run", *args], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline.run", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "resnet.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -286,15 +338,17 @@ def tones(tmp_path_factory) -> Path:
         (["features.center=maybe"], "features.center='maybe' must be true or false"),
         (["features.batch_size=0"], "features.batch_size=0 must be a positive number"),
         (["features.hop_length=5000", "features.n_fft=256"], "features.hop_length=5000 is longer"),
-        (["data.split=group", "data.group_regex='_(\\d)'", "data.test_groups=5"],
-         "data.test_groups=5 must be a list of group names, e.g. [5]"),
+        (
+            ["data.split=group", "data.group_regex='_(\\d)'", "data.test_groups=5"],
+            "data.test_groups=5 must be a list of group names, e.g. [5]",
+        ),
         (["svm.pca=10000"], "svm: fitting on"),
         (["svm.cv=0"], "svm: cv=0 must be an integer >= 2"),
         (["data.label_regex=zzz(\\d)"], "Hydra cannot parse it"),
         (["data=nowhere"], "Could not find 'data/nowhere'; the choices are folder, synthetic"),
         (["data.root=/tmp/a,b"], "a comma (or a range) makes it a sweep"),
     ],
-)  # fmt: skip
+)
 def test_settings_a_hostile_user_tried_end_in_one_line(tones, tmp_path, overrides, needle):
     args = train_args(tones, tmp_path / "run", "models=[svm]", f"data.sample_rate={RATE}")
     if any(o.startswith("data=") for o in overrides):
@@ -310,9 +364,14 @@ def test_settings_that_look_wrong_but_are_meant_work(tones, tmp_path):
         i = int(path.stem.split("_")[1])
         (names / path.parent.name).mkdir(parents=True, exist_ok=True)
         (names / path.parent.name / f"{path.stem}_g{i % 2}.wav").write_bytes(path.read_bytes())
-    proc = cli(*train_args(names, tmp_path / "run", f"data.sample_rate={RATE}"), "models=svm",
-               "data.split=group", "data.group_regex='_g(\\d)'", "data.test_groups=[1]",
-               "features.f_max=400")  # fmt: skip
+    proc = cli(
+        *train_args(names, tmp_path / "run", f"data.sample_rate={RATE}"),
+        "models=svm",
+        "data.split=group",
+        "data.group_regex='_g(\\d)'",
+        "data.test_groups=[1]",
+        "features.f_max=400",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics["models"]) == ["svm"] and metrics["features"]["f_max"] == 400
@@ -330,8 +389,12 @@ def test_a_file_name_that_is_not_utf8_is_read_and_written_escaped(tones, tmp_pat
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
     out = tmp_path / "p" / "predictions.csv"
-    proc = cli("task=predict", f"predict.model={run / 'models' / 'svm'}", f"predict.input={data}",
-               f"predict.output={out}")  # fmt: skip
+    proc = cli(
+        "task=predict",
+        f"predict.model={run / 'models' / 'svm'}",
+        f"predict.input={data}",
+        f"predict.output={out}",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "odd\\udcffname.wav" in out.read_text(encoding="utf-8")  # valid UTF-8, escaped
 
@@ -349,8 +412,9 @@ def test_no_readable_file_names_the_first_reason_not_a_size(tmp_path):
         (tmp_path / "bad" / c).mkdir(parents=True)
         for i in range(2):
             (tmp_path / "bad" / c / f"{i}.wav").write_text("junk")
-    proc = cli(*train_args(tmp_path / "bad", tmp_path / "run", "models=[svm]",
-                           f"data.sample_rate={RATE}"))  # fmt: skip
+    proc = cli(
+        *train_args(tmp_path / "bad", tmp_path / "run", "models=[svm]", f"data.sample_rate={RATE}")
+    )
     assert_one_line_exit_2(proc, "none of the 4 files can be read; the first:", "0.wav")
 
 

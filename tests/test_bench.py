@@ -49,8 +49,22 @@ def test_predict_benchmark_times_the_batch_norm_adaptation(capsys):
 
 
 def test_train_benchmark_prints_both_rates_and_the_ratio(capsys):
-    argv = ["train", "--images", "64", "--batch-size", "32", "--epochs", "1", "--repeats", "1",
-            "--size", "16", "16", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "train",
+        "--images",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--repeats",
+        "1",
+        "--size",
+        "16",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     rates = {k: float(v) for k, v in re.findall(r"(pipeline|bare)\s+([\d.]+) images/s", out)}

@@ -20,8 +20,11 @@ MODELS = ("resnet", "plain_cnn", "svm")
 def run_cli(*overrides: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.run", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny(tmp: Path, run: str, *extra: str) -> list[str]:
@@ -119,12 +122,22 @@ def test_same_seed_gives_the_same_results(default_run):
 def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
     (tone_dataset / "mid" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
     proc = run_cli(
-        "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000",
-        "models=[resnet,svm]", "train.epochs=1", "train.min_steps=0",
-        "features.n_fft=64", "features.hop_length=16",
-        "features.win_length=64", "features.size=[16,16]", "svm.C=[1.0]", "svm.gamma=[scale]",
-        "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
+        "data=folder",
+        f"data.root={tone_dataset}",
+        "data.sample_rate=1000",
+        "models=[resnet,svm]",
+        "train.epochs=1",
+        "train.min_steps=0",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"resnet", "svm"}
@@ -138,12 +151,20 @@ def test_a_folder_of_user_files_with_a_broken_one(tmp_path, tone_dataset):
 @pytest.mark.slow
 def test_a_run_without_validation_writes_strict_json_and_reports_it(tmp_path, tone_dataset):
     proc = run_cli(
-        "data=folder", f"data.root={tone_dataset}", "data.sample_rate=1000", "data.val_fraction=0",
-        "models=[resnet]", "train.epochs=2", "train.min_steps=0",
-        "features.n_fft=64", "features.hop_length=16",
-        "features.win_length=64", "features.size=[16,16]", "progress=false",
+        "data=folder",
+        f"data.root={tone_dataset}",
+        "data.sample_rate=1000",
+        "data.val_fraction=0",
+        "models=[resnet]",
+        "train.epochs=2",
+        "train.min_steps=0",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        "progress=false",
         f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def no_constants(name):
@@ -199,12 +220,22 @@ def test_real_recordings_official_split_through_a_manifest(tmp_path):
             rows += [f"{FSDD / f'{digit}_{speaker}_{i}.wav'},{digit}" for i in range(12)]
     (tmp_path / "subset.csv").write_text("\n".join(rows) + "\n")
     proc = run_cli(
-        "data=folder", f"data.root={FSDD}", f"data.manifest={tmp_path / 'subset.csv'}",
-        "data.split=regex", "data.test_regex='_[0-4]\\.wav$'", "data.segment.length_seconds=1.0",
-        "models=[resnet,svm]", "train.epochs=3", "train.min_steps=0",
-        "train.batch_size=16", "svm.C=[1.0]",
-        "svm.gamma=[scale]", "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
+        "data=folder",
+        f"data.root={FSDD}",
+        f"data.manifest={tmp_path / 'subset.csv'}",
+        "data.split=regex",
+        "data.test_regex='_[0-4]\\.wav$'",
+        "data.segment.length_seconds=1.0",
+        "models=[resnet,svm]",
+        "train.epochs=3",
+        "train.min_steps=0",
+        "train.batch_size=16",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     ds = metrics["dataset"]
@@ -226,15 +257,28 @@ def test_long_multichannel_mat_recordings_with_a_time_split(tmp_path):
         (tmp_path / "rig" / label).mkdir(parents=True)
         scipy_io.savemat(tmp_path / "rig" / label / "run.mat", {"X1_DE_time": x, "X1RPM": 1797.0})
     proc = run_cli(
-        "data=folder", f"data.root={tmp_path / 'rig'}", "data.sample_rate=2000",
-        "data.mat_key=DE_time", "data.channels=all", "data.split=time",
-        "data.segment.length_seconds=0.25", "data.segment.hop_seconds=0.125",
-        "features.n_fft=64", "features.hop_length=16", "features.win_length=64",
-        "features.size=[16,16]", "models=[plain_cnn,svm]", "train.epochs=1", "train.min_steps=0",
+        "data=folder",
+        f"data.root={tmp_path / 'rig'}",
+        "data.sample_rate=2000",
+        "data.mat_key=DE_time",
+        "data.channels=all",
+        "data.split=time",
+        "data.segment.length_seconds=0.25",
+        "data.segment.hop_seconds=0.125",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        "models=[plain_cnn,svm]",
+        "train.epochs=1",
+        "train.min_steps=0",
         "train.monitor=val_accuracy",  # keeps the small validation region apart
-        "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2", "progress=false",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "progress=false",
         f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     ds = metrics["dataset"]
@@ -273,11 +317,16 @@ def test_fsdd_preset_official_split_on_a_subset(tmp_path):
     """+experiment=fsdd as a user runs it, on 4 digits x 3 speakers x 10 takes."""
     subset = fsdd_subset(tmp_path / "recordings", digits="0147", takes=10)
     proc = run_cli(
-        "+experiment=fsdd", f"data.root={subset}", "train.epochs=2", "train.min_steps=0",
+        "+experiment=fsdd",
+        f"data.root={subset}",
+        "train.epochs=2",
+        "train.min_steps=0",
         "train.batch_size=16",
-        "svm.cv=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+        "svm.cv=2",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
         timeout=900,  # about a minute alone; far longer beside a benchmark on 2 cores
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     ds = metrics["dataset"]

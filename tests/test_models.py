@@ -214,10 +214,11 @@ def test_a_dropped_block_is_its_shortcut_and_evaluation_ignores_drop_path(projec
     # The branch and shortcut in training mode (batch statistics: the same as inside the call).
     branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
     short = shortcut(x)
-    through = [torch.allclose(o, torch.relu(b / 0.5 + i), atol=1e-5) for o, b, i in
-               zip(out, branch, short, strict=True)]  # fmt: skip
-    skipped = [torch.allclose(o, torch.relu(i), atol=1e-6) for o, i in
-               zip(out, short, strict=True)]  # fmt: skip
+    through = [
+        torch.allclose(o, torch.relu(b / 0.5 + i), atol=1e-5)
+        for o, b, i in zip(out, branch, short, strict=True)
+    ]
+    skipped = [torch.allclose(o, torch.relu(i), atol=1e-6) for o, i in zip(out, short, strict=True)]
     assert all(t or s for t, s in zip(through, skipped, strict=True))
     assert 10 < sum(skipped) < 54  # both happen: about half of 64 are dropped
 

@@ -84,8 +84,10 @@ def _batchnorm_inputs(model, x):
             model(b)
     for h in hooks:
         h.remove()
-    return {m: (torch.cat(v, 1).double().mean(1), torch.cat(v, 1).double().var(1)) for m, v in
-            seen.items()}  # fmt: skip
+    return {
+        m: (torch.cat(v, 1).double().mean(1), torch.cat(v, 1).double().var(1))
+        for m, v in seen.items()
+    }
 
 
 def test_precise_bn_makes_evaluation_statistics_those_of_the_training_windows():

@@ -214,19 +214,30 @@ def malformed_files(root: Path, *, seed: int = 0) -> list[Path]:
 def cli(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def compare(data: Path, run: Path) -> subprocess.CompletedProcess:
     # A fixed test split (takes 4 and 5 of each class) and no validation split, so the bad
     # files change no split of the good ones; an SVM only, to stay fast.
     return cli(
-        "data=folder", f"data.root={data}", f"data.sample_rate={RATE}", "data.split=regex",
-        "data.test_regex='_0[45][.]wav$'", "data.val_fraction=0", "models=[svm]",
-        "svm.C=[1.0,10.0]", "svm.gamma=[scale]", "svm.cv=2", "features.cache=false",
+        "data=folder",
+        f"data.root={data}",
+        f"data.sample_rate={RATE}",
+        "data.split=regex",
+        "data.test_regex='_0[45][.]wav$'",
+        "data.val_fraction=0",
+        "models=[svm]",
+        "svm.C=[1.0,10.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "features.cache=false",
         f"hydra.run.dir={run}",
-    )  # fmt: skip
+    )
 
 
 def rows(path: Path) -> list[dict]:
@@ -264,18 +275,24 @@ def test_compare_and_predict_report_every_malformed_file_and_keep_the_good_resul
     assert not missing, f"{len(missing)} malformed file(s) not reported: {missing[:5]}"
     assert len(skipped) == len(bad)  # and no good file
     test_rows = {
-        name: [(r["path"].replace(str(good), "").replace(str(mixed), ""), r["predicted"])
-               for r in rows(runs[name] / "predictions" / "svm.csv")]
+        name: [
+            (r["path"].replace(str(good), "").replace(str(mixed), ""), r["predicted"])
+            for r in rows(runs[name] / "predictions" / "svm.csv")
+        ]
         for name in runs
-    }  # fmt: skip
+    }
     assert test_rows["mixed"] == test_rows["good"] and len(test_rows["good"]) == 6
 
     bundle = runs["good"] / "models" / "svm"
     predicted = {}
     for name, data in (("good", good), ("mixed", mixed)):
         out = tmp_path / f"predict-{name}" / "predictions.csv"
-        proc = cli("task=predict", f"predict.model={bundle}", f"predict.input={data}",
-                   f"predict.output={out}")  # fmt: skip
+        proc = cli(
+            "task=predict",
+            f"predict.model={bundle}",
+            f"predict.input={data}",
+            f"predict.output={out}",
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
         predicted[name] = {

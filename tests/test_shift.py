@@ -32,19 +32,39 @@ def write_conditions(root: Path, *, rate: int = 1000, n: int = 8) -> Path:
                 x = x + 0.6 * rng.standard_normal(t.size)
                 if tilt:
                     x = scipy.signal.lfilter([1.0, -tilt], [1.0], x)
-                sf.write(root / label / f"{label}_{condition}_{i}.wav",
-                         (0.05 * gain * x).astype(np.float32), rate, subtype="FLOAT")  # fmt: skip
+                sf.write(
+                    root / label / f"{label}_{condition}_{i}.wav",
+                    (0.05 * gain * x).astype(np.float32),
+                    rate,
+                    subtype="FLOAT",
+                )
     return root
 
 
 def cli(data: Path, run: Path, *extra: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "data=folder", f"data.root={data}",
-         "data.val_fraction=0", "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2",
-         "resnet.depth=8", "train.epochs=10", "train.min_steps=0", "progress=false",
-         f"hydra.run.dir={run}", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "data=folder",
+            f"data.root={data}",
+            "data.val_fraction=0",
+            "svm.C=[1.0]",
+            "svm.gamma=[scale]",
+            "svm.cv=2",
+            "resnet.depth=8",
+            "train.epochs=10",
+            "train.min_steps=0",
+            "progress=false",
+            f"hydra.run.dir={run}",
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((run / "metrics.json").read_text())
 
@@ -82,8 +102,7 @@ def conditions(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def held_out(conditions, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("held-out") / "run"
-    cli(conditions, run, GROUPS, "data.split=group", "data.test_groups=[b]",
-        "models=[resnet,svm]")  # fmt: skip
+    cli(conditions, run, GROUPS, "data.split=group", "data.test_groups=[b]", "models=[resnet,svm]")
     return run
 
 
@@ -102,8 +121,10 @@ def test_a_held_out_condition_gets_adapted_figures_by_default_and_they_win(held_
     report = (held_out / "report.md").read_text()
     assert "| model | accuracy | adapted acc. |" in report
     assert "The test split holds groups never seen in training (b): each network" in report
-    assert (f"Adaptation raised resnet's accuracy from {resnet['accuracy']:.4f} to "
-            f"{resnet['adapted_accuracy']:.4f}") in report  # fmt: skip
+    assert (
+        f"Adaptation raised resnet's accuracy from {resnet['accuracy']:.4f} to "
+        f"{resnet['adapted_accuracy']:.4f}"
+    ) in report
     html = (held_out / "report.html").read_text()
     assert "adapted acc." in html and "never seen in training (b)" in html
 
@@ -117,15 +138,26 @@ def test_predict_advises_adaptation_when_its_input_holds_only_unseen_groups(
         (unseen / path.parent.name).mkdir(parents=True, exist_ok=True)
         (unseen / path.parent.name / path.name).write_bytes(path.read_bytes())
     args = [
-        sys.executable, "-m", "pipeline.run", "task=predict", "progress=false",
-        f"predict.model={held_out / 'models' / 'resnet'}", f"hydra.run.dir={tmp_path / 'p'}",
-    ]  # fmt: skip
-    proc = subprocess.run([*args, f"predict.input={unseen}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "task=predict",
+        "progress=false",
+        f"predict.model={held_out / 'models' / 'resnet'}",
+        f"hydra.run.dir={tmp_path / 'p'}",
+    ]
+    proc = subprocess.run(
+        [*args, f"predict.input={unseen}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "never occurred in this model's training; predict.adapt_bn=group" in proc.stdout
-    proc = subprocess.run([*args, f"predict.input={conditions}", "predict.overwrite=true"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*args, f"predict.input={conditions}", "predict.overwrite=true"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "never occurred" not in proc.stdout  # a's were trained on
 
 

@@ -34,8 +34,10 @@ def test_tiny_manifest_keeps_five_training_takes_per_digit_and_the_official_test
     assert rows[0] == "path,label,split"
     splits = [r.rsplit(",", 1)[1] for r in rows[1:]]
     assert splits.count("train") == 20 and splits.count("test") == 50
-    assert all(r.endswith("test") == (r.split(",")[0][-6:-4] in {f"_{t}" for t in range(5)})
-               for r in rows[1:])  # fmt: skip
+    assert all(
+        r.endswith("test") == (r.split(",")[0][-6:-4] in {f"_{t}" for t in range(5)})
+        for r in rows[1:]
+    )
 
 
 def test_targets_are_stated_met_or_not_with_their_figures():
@@ -52,9 +54,23 @@ def test_targets_are_stated_met_or_not_with_their_figures():
 def test_suite_runs_the_cli_and_writes_its_table_above_what_the_file_held(tmp_path, capsys):
     output = tmp_path / "BENCHMARKS.md"
     output.write_text("# Benchmarks: Free Spoken Digit Dataset\n\nkept as it is\n")
-    argv = ["suite", "--only", "traces", "--seeds", "0", "--runs", str(tmp_path / "runs"),
-            "--output", str(output), "train.epochs=1", "train.min_steps=2", "resnet.depth=8",
-            "svm.C=[1.0]", "svm.gamma=[scale]", "svm.cv=2"]  # fmt: skip
+    argv = [
+        "suite",
+        "--only",
+        "traces",
+        "--seeds",
+        "0",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--output",
+        str(output),
+        "train.epochs=1",
+        "train.min_steps=2",
+        "resnet.depth=8",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+    ]
     assert main(argv) == 0
     text = output.read_text()
     assert text.index("<!-- suite -->") < text.index("# Benchmarks: Free Spoken Digit Dataset")

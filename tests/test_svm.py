@@ -252,7 +252,10 @@ def test_parameter_count_is_what_the_fitted_pipeline_stores(data):
     model = SVMClassifier(C=[1.0], gamma=["scale"], cv=2).fit(X_train, y_train)
     scaler, svc = model.estimator_.steps[0][1], model.estimator_.steps[-1][1]
     expected = (
-        scaler.mean_.size + scaler.scale_.size + svc.support_vectors_.size
-        + svc.dual_coef_.size + svc.intercept_.size
-    )  # fmt: skip
+        scaler.mean_.size
+        + scaler.scale_.size
+        + svc.support_vectors_.size
+        + svc.dual_coef_.size
+        + svc.intercept_.size
+    )
     assert model.n_params_ == expected > 0
