@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pipeline.data.segments import segment
 from pipeline.errors import ConfigError, SignalError
-from pipeline.features.stft import Normalizer, STFTImage, STFTParams, chunk_windows
+from pipeline.features.stft import Normalizer, STFTImage, STFTParams, image_chunks
 from pipeline.signals import Signal, read_signal
 
 # The keyword arguments of read_signal that a bundle keeps beside the rate.
@@ -217,13 +217,9 @@ class Frontend:
         """
         module = module if module is not None else STFTImage(self.params).to(device)
         x = torch.as_tensor(windows)
-        n, channels, samples = x.shape
-        chunk = chunk_windows(
-            self.params, channels=channels, samples=samples, device=device, batch_size=batch_size
-        )
-        parts = [module(x[i : i + chunk].to(device)).float() for i in range(0, n, chunk)]
+        parts = list(image_chunks(x, module, device=device, batch_size=batch_size))
         if not parts:
-            return torch.empty((0, channels, *self.params.image_shape(samples)), device=device)
+            return torch.empty((0, x.shape[1], *self.params.image_shape(x.shape[2])), device=device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def normalise(self, images: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -567,16 +568,29 @@ def compute_images(
     Returns:
         float32 array (n, channels, height, width).
     """
-    module = STFTImage(params).to(device)
+    n, channels, samples = x.shape
+    out = np.empty((n, channels, *params.image_shape(samples)), np.float32)
+    chunks = image_chunks(
+        torch.from_numpy(x), STFTImage(params).to(device), device=device, batch_size=batch_size
+    )
+    at = 0
+    for images in tqdm(chunks, desc="stft", unit="batch", disable=not progress):
+        out[at : at + len(images)] = images.cpu().numpy()
+        at += len(images)
+    return out
+
+
+def image_chunks(
+    x: Tensor, module: STFTImage, *, device: torch.device | str, batch_size: int
+) -> Iterator[Tensor]:
+    """The float32 images of windows ``x`` (n, channels, samples) on ``device``, a chunk of
+    windows at a time: ``batch_size`` on an accelerator, fewer on a CPU (:func:`chunk_windows`)."""
     n, channels, samples = x.shape
     chunk = chunk_windows(
-        params, channels=channels, samples=samples, device=device, batch_size=batch_size
+        module.params, channels=channels, samples=samples, device=device, batch_size=batch_size
     )
-    out = np.empty((n, channels, *params.image_shape(samples)), np.float32)
-    for start in tqdm(range(0, n, chunk), desc="stft", unit="batch", disable=not progress):
-        batch = torch.from_numpy(x[start : start + chunk]).to(device)
-        out[start : start + len(batch)] = module(batch).float().cpu().numpy()
-    return out
+    for start in range(0, n, chunk):
+        yield module(x[start : start + chunk].to(device)).float()
 
 
 def finite_images(images: np.ndarray | Tensor) -> np.ndarray:
