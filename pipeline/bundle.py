@@ -27,6 +27,7 @@ from torch import nn
 from pipeline import atomic
 from pipeline.errors import BundleError, ConfigError, config_keys
 from pipeline.features.stft import Normalizer, STFTParams
+from pipeline.frontend import Frontend
 from pipeline.values import is_whole
 
 # The one format this version writes and reads; an older bundle is refused (retrain it).
@@ -75,29 +76,41 @@ class Bundle:
     normalizer: Normalizer
     meta: dict
 
+    @property
+    def frontend(self) -> Frontend:
+        """The front end the model was trained with, fitted."""
+        return Frontend.from_bundle(self)
+
 
 def save_bundle(
     path: str | Path,
     model: Any,
     *,
     classes: list[str],
-    data: dict,
-    features: STFTParams,
-    normalizer: Normalizer,
+    frontend: Frontend,
+    data: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Save ``model`` (a :class:`pipeline.models.base.Model`, or the network or
-    SVMClassifier it wraps) as a bundle folder."""
+    SVMClassifier it wraps) and its fitted ``frontend`` as a bundle folder.
+
+    Args:
+        data: more of the training data to keep beside the front end's settings (its
+            group pattern and groups).
+        extra: more top-level keys of ``bundle.json`` (name, seed, amp).
+    """
     from pipeline.models.base import wrap
 
+    if frontend.normalizer is None:
+        raise ValueError("save_bundle needs a fitted front end (Frontend.fitted)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "classes": list(classes),
-        "data": data,
-        "features": asdict(features),
-        "normalizer": normalizer.to_dict(),
+        "data": {**frontend.data_settings(), **(data or {})},
+        "features": asdict(frontend.params),
+        "normalizer": frontend.normalizer.to_dict(),
         "versions": package_versions(),
         **(extra or {}),
     }

@@ -262,16 +262,22 @@ class Frontend:
         }
 
     @classmethod
-    def from_bundle(cls, bundle) -> Frontend:
-        """The front end a :class:`pipeline.bundle.Bundle` was trained with."""
-        data = bundle.data
+    def from_settings(
+        cls, data: dict, params: STFTParams, normalizer: Normalizer | None = None
+    ) -> Frontend:
+        """The front end of a bundle's sections: ``data`` as :meth:`data_settings` gives it."""
         return cls(
             sample_rate=data["sample_rate"],
             segmenting=Segmenting(data["segment_samples"], data["hop_samples"], data["pad"]),
-            params=bundle.features,
+            params=params,
             read={k: data[k] for k in READ_KEYS if k in data},
-            normalizer=bundle.normalizer,
+            normalizer=normalizer,
         )
+
+    @classmethod
+    def from_bundle(cls, bundle) -> Frontend:
+        """The front end a :class:`pipeline.bundle.Bundle` was trained with."""
+        return cls.from_settings(bundle.data, bundle.features, bundle.normalizer)
 
 
 def batches(items: Iterable[T], size: int, count: Callable[[T], int]) -> Iterator[list[T]]:

@@ -9,6 +9,7 @@ import torch
 from pipeline.bundle import FORMAT_VERSION, load_bundle, save_bundle
 from pipeline.errors import BundleError
 from pipeline.features.stft import Normalizer, STFTParams
+from pipeline.frontend import Frontend
 from pipeline.models.resnet import build_resnet
 from pipeline.models.svm import SVMClassifier
 
@@ -47,9 +48,7 @@ def save(path, model, x):
         path,
         model,
         classes=["a", "b", "c"],
-        data=DATA,
-        features=PARAMS,
-        normalizer=Normalizer.fit(x, mode="per_freq"),
+        frontend=Frontend.from_settings(DATA, PARAMS, Normalizer.fit(x, mode="per_freq")),
         extra={"name": "m"},
     )
 
@@ -75,9 +74,9 @@ def test_a_per_group_bundle_round_trips_in_the_one_format(tmp_path):
         tmp_path / "net",
         build_resnet(num_classes=3, depth=8),
         classes=["a", "b", "c"],
-        data=DATA,
-        features=PARAMS,
-        normalizer=Normalizer.fit(x, mode="global", per_group="freq"),
+        frontend=Frontend.from_settings(
+            DATA, PARAMS, Normalizer.fit(x, mode="global", per_group="freq")
+        ),
     )
     assert json.loads((tmp_path / "net" / "bundle.json").read_text())["format_version"] == 3
     assert load_bundle(tmp_path / "net").normalizer.per_group == "freq"

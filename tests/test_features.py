@@ -16,6 +16,7 @@ from pipeline.features.stft import (
     make_window,
     stft_image,
 )
+from pipeline.frontend import Frontend
 from tests.conftest import extracted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,9 +238,7 @@ def test_a_bundle_rebuilds_the_training_front_end(tmp_path):
         tmp_path / "b",
         model,
         classes=["a", "b"],
-        data=data,
-        features=p,
-        normalizer=Normalizer.fit(train, mode="per_freq"),
+        frontend=Frontend.from_settings(data, p, Normalizer.fit(train, mode="per_freq")),
     )
     bundle = load_bundle(tmp_path / "b")
     assert bundle.features == p

@@ -32,6 +32,7 @@ import torch
 
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_images
+from pipeline.frontend import Frontend
 from pipeline.models.resnet import build_resnet
 from pipeline.runtime import autocast, precision, resolve_device
 from pipeline.tasks.predict import predict_folder, reading_workers
@@ -86,9 +87,7 @@ def make_bundle(folder: Path, clips: list[Path]) -> Path:
         folder,
         model,
         classes=[str(c) for c in range(N_CLASSES)],
-        data=data,
-        features=params,
-        normalizer=normalizer,
+        frontend=Frontend.from_settings(data, params, normalizer),
     )
 
 

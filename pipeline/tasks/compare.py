@@ -783,7 +783,7 @@ class Split:
         tensors: {split: (images, labels)}.
         test_groups: each test window's group ("" for none).
         decision: whether the networks are also evaluated adapted.
-        data_settings: the bundle's data settings.
+        data_settings: what the bundle keeps of the data beyond the front end (the groups).
     """
 
     data: Prepared
@@ -957,10 +957,9 @@ def normalise(
 
 
 def bundle_data_settings(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]) -> dict:
-    """What a bundle keeps of the data: rate, reading, windows, and the groups."""
+    """What a bundle keeps of the data beyond the front end's settings: the groups."""
     records, ex = data.records, data.extracted
     return {
-        **data.frontend.data_settings(),
         # predict's default grouping for features.per_group, and the training files' groups,
         # against which predict checks its input's (test-time adaptation advice)
         "group_regex": cfg.data.get("group_regex"),
@@ -1034,9 +1033,8 @@ def save_model(cfg: DictConfig, job: Job, split: Split, name: str, model, scores
         job.run_dir / "models" / name,
         model,
         classes=split.data.classes,
+        frontend=split.frontend,
         data=split.data_settings,
-        features=split.frontend.params,
-        normalizer=split.frontend.normalizer,
         extra={"name": name, "seed": cfg.seed, "amp": job.settings.amp},
     )
     _write_predictions(
