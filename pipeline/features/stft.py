@@ -85,13 +85,14 @@ class STFTParams:
     n_fft: int
     hop_length: int
     win_length: int
-    window: str
-    center: bool
-    pad_mode: str
-    power: float
-    scale: str
-    top_db: float | None
-    size: tuple[int, int] | None
+    # The defaults are conf/features/stft.yaml's, written out (never a library's).
+    window: str = "hann"
+    center: bool = True
+    pad_mode: str = "reflect"
+    power: float = 2.0
+    scale: str = "db"
+    top_db: float | None = 80.0
+    size: tuple[int, int] | None = None
     sample_rate: int | None = None
     n_mels: int | None = None
     f_min: float = 0.0
@@ -304,7 +305,15 @@ class STFTParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> STFTParams:
-        """Rebuild from :meth:`to_dict` (``size`` as a list)."""
+        """Rebuild from :meth:`to_dict` (``size`` as a list); every field must be there, so
+        a saved setting never silently becomes a default.
+
+        Raises:
+            ConfigError: a field is missing.
+        """
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ConfigError(f"{missing[0]} is missing (the saved settings hold {sorted(d)})")
         d = dict(d)
         d["size"] = tuple(d["size"]) if d.get("size") else None
         return cls(**d)

@@ -502,12 +502,12 @@ def predict_folder(
     source: Path,
     *,
     outputs: list[Path],
-    device: torch.device,
-    batch_size: int,
-    top_k: int,
-    rule: str,
-    progress: bool,
-    workers: int = 4,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+    top_k: int = 1,
+    rule: str = "mean",
+    progress: bool = False,
+    workers: int = 0,
     group_pattern: re.Pattern | None = None,
     adapt_bn: bool = False,
     amp: bool = True,
@@ -526,7 +526,7 @@ def predict_folder(
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
-    classify = Classifier(bundle, device=device, amp=amp)
+    classify = Classifier(bundle, device=device or torch.device("cpu"), amp=amp)
     start_time = time.perf_counter()
     reader = WindowReader(classify.frontend, classify.in_channels)
     profiles, adapted = first_pass(
