@@ -6,10 +6,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 MAX_LINES = 60
 
-# issue 25: being split; remove when done
-BEING_SPLIT = {}
-
-
 def function_lengths(path):
     """Yields (qualified name, first line, lines) for every function and method in one file.
 
@@ -38,13 +34,7 @@ def test_no_function_in_the_package_is_over_60_lines():
     too_long = [
         f"{path.relative_to(PACKAGE.parent)}:{line} {name} is {lines} lines"
         for path in files
-        if path.relative_to(PACKAGE).as_posix() not in BEING_SPLIT
         for name, line, lines in function_lengths(path)
         if lines > MAX_LINES
     ]
     assert not too_long, f"functions over {MAX_LINES} lines:\n" + "\n".join(too_long)
-
-
-def test_the_allow_list_names_existing_files():
-    missing = sorted(name for name in BEING_SPLIT if not (PACKAGE / name).is_file())
-    assert not missing, f"BEING_SPLIT names files that do not exist: {missing}"
