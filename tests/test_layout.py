@@ -6,6 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 MAX_LINES = 60
 
+
 def function_lengths(path):
     """Yields (qualified name, first line, lines) for every function and method in one file.
 
