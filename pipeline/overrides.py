@@ -6,12 +6,15 @@ like ``+data.segment.length=1.0`` runs with the default and exits 0. Here every
 key an override sets (plain, ``+`` or ``++``) must be one the composed
 configuration has, and an unknown one is refused with the closest known keys:
 ``data.segment.length is not a setting; did you mean data.segment.length_seconds?``.
-Hydra's own keys (``hydra.*``, ``hydra/launcher=...``) are left to Hydra.
+Hydra's own keys (``hydra.*``, ``hydra/launcher=...``) are left to Hydra, but for
+one thing: a search (``hparams_search=resnet``, ``hydra/sweeper=optuna``) needs -m and
+Hydra's Optuna sweeper, which Hydra would report missing as a config it cannot find.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import itertools
 from pathlib import Path
 
@@ -59,6 +62,7 @@ def check_overrides(args: list[str]) -> None:
             f"'{sweep.input_line.split('=', 1)[1]}'\""
         )
     groups = [o for o in parsed if _is_group(o.key_or_group)]
+    check_search(groups, multirun=multirun)
     keys = [
         o
         for o in parsed
@@ -83,6 +87,46 @@ def check_overrides(args: list[str]) -> None:
         raise ConfigError(
             f"{key} is not a setting{hint} (python -m pipeline.run --cfg job lists them all)"
         )
+
+
+# The optional extra that installs Hydra's Optuna sweeper (pyproject.toml), and its module.
+TUNE_EXTRA = 'pip install -e ".[tune]"'
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
+
+
+def check_search(groups, *, multirun: bool) -> None:
+    """Refuse a search (a ``conf/hparams_search`` preset, each of which sets Hydra's Optuna
+    sweeper, or ``hydra/sweeper=optuna``) without -m or without the sweeper installed.
+
+    Args:
+        groups: the parsed config group overrides of the command line.
+        multirun: whether -m is given.
+
+    Raises:
+        ConfigError: naming the override and the fix.
+    """
+    for o in groups:
+        key = o.key_or_group
+        if key != "hparams_search" and not (key == "hydra/sweeper" and "optuna" in o.input_line):
+            continue
+        if not _installed(OPTUNA_SWEEPER):
+            raise ConfigError(
+                f"{o.input_line} needs Hydra's Optuna sweeper, which is not installed; install "
+                f"the tune extra: {TUNE_EXTRA}"
+            )
+        if not multirun:
+            raise ConfigError(
+                f"{o.input_line} is a search of many trials (one run each); add -m: "
+                f"python -m pipeline.run -m {o.input_line}"
+            )
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is not there either
+        return False
 
 
 # Names other tools give these settings (scikit-learn's test_size, librosa's sr, ...).

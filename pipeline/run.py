@@ -37,14 +37,65 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _check_search(cfg: DictConfig) -> str | None:
+    """The ``optimized_metric`` a search (``hparams_search=...``) returns, checked before the
+    task runs; None for a run that is not a trial of one.
+
+    Raises:
+        ConfigError: a metric other than a model's validation figure, a model the run does
+            not train, or a task other than compare.
+    """
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return None
+    from pipeline.summary import parse_metric
+
+    model, key = parse_metric(metric)
+    if cfg.task != "compare":
+        raise ConfigError(
+            f"optimized_metric={metric} is returned by task=compare, not task={cfg.task}; drop "
+            "hparams_search for this task"
+        )
+    models = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
+    if model not in models:
+        raise ConfigError(
+            f"optimized_metric={metric} names {model!r}, which models={models} does not train; "
+            f"add it to models or name one of them, e.g. optimized_metric={models[0]}/{key}"
+        )
+    return str(metric)
+
+
+def _objective(metrics: dict, metric: str) -> float | None:
+    """What a trial returns to the sweeper: ``metric`` in its metrics (None off rank 0)."""
+    from pipeline.summary import objective
+
+    if not metrics:  # ranks other than 0 under torchrun return nothing
+        return None
+    value = objective(metrics, metric)
+    if value is None:
+        raise ConfigError(
+            f"optimized_metric={metric}: the run has no such validation figure; it needs "
+            "validation windows (data.val_fraction above 0, or data.val_groups)"
+        )
+    return value
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Run the task ``cfg.task`` in Hydra's run folder.
+
+    Returns:
+        In a search (``-m hparams_search=...``), the validation figure ``optimized_metric``
+        names, which Hydra's sweeper optimises; otherwise None.
+    """
     for handler in logging.getLogger().handlers:
         handler.addFilter(_escape_undecodable)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         try:
-            _task(cfg.task)(cfg, run_dir=run_dir)
+            metric = _check_search(cfg)
+            result = _task(cfg.task)(cfg, run_dir=run_dir)
+            return _objective(result, metric) if metric else None
         finally:
             _leave_process_group()
     except PipelineError as err:

@@ -7,6 +7,12 @@ in ``seed`` form one *setting*; per setting and model the summary gives the mean
 and sample standard deviation (n - 1) of every headline figure over the runs,
 and links each run's own report. Like :mod:`pipeline.report`, it reads only
 saved files, so it can be rendered again at any time.
+
+A search (``-m hparams_search=resnet``: the runs' configuration names an
+``optimized_metric``) is summarised by that validation figure instead: every
+trial's objective, and the best trial with its test figures, the only test
+figures the summary shows (choosing among the trials by a test figure would
+tune on the test split).
 """
 
 from __future__ import annotations
@@ -19,11 +25,37 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline import atomic, report
+from pipeline.errors import ConfigError
 from pipeline.report import HEADLINE, data_uri, html_code, md_code, templates
 
 plt = report.plt  # pyplot with the Agg backend, chosen in pipeline.report
 
 SEED = "seed"
+# The figures an optimized_metric may name: each model's, on the validation split only.
+OBJECTIVES = ("val_accuracy",)
+
+
+def parse_metric(metric: str) -> tuple[str, str]:
+    """``optimized_metric`` as (model, figure), e.g. ``resnet/val_accuracy``.
+
+    Raises:
+        ConfigError: not ``<model>/<figure>``, or a figure other than a validation one.
+    """
+    model, _, key = str(metric).partition("/")
+    if not model or key not in OBJECTIVES:
+        raise ConfigError(
+            f"optimized_metric={metric} must be <model>/{' or '.join(OBJECTIVES)}, e.g. "
+            "resnet/val_accuracy: a search tunes on the validation split, never on the test split"
+        )
+    return model, key
+
+
+def objective(metrics: dict, metric: str) -> float | None:
+    """The figure ``metric`` (:func:`parse_metric`) names in a run's ``metrics``; None when
+    the run has none (no validation windows, or the model was not trained)."""
+    model, key = parse_metric(metric)
+    value = metrics.get("models", {}).get(model, {}).get(key)
+    return None if value is None else float(value)
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
@@ -64,26 +96,7 @@ def summarise(sweep_dir: Path) -> dict | None:
         the accuracy difference over runs and how often McNemar's test found one better).
     """
     sweep_dir = Path(sweep_dir)
-    runs = []
-    for run_dir in find_runs(sweep_dir):
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        if not metrics.get("models"):
-            continue
-        rel = run_dir.relative_to(sweep_dir).as_posix()
-        overrides = dict(_split(o) for o in read_overrides(run_dir))
-        config = metrics.get("run", {}).get("config") or {}
-        runs.append(
-            {
-                "dir": rel,
-                "overrides": overrides,
-                "seed": metrics.get("run", {}).get("seed"),
-                "split_seed": config.get("data", {}).get("split_seed"),
-                "reports": [
-                    f"{rel}/{n}" for n in ("report.html", "report.md") if (run_dir / n).is_file()
-                ],
-                "metrics": metrics,
-            }
-        )
+    runs = read_runs(sweep_dir)
     if not runs:
         return None
     keys = list(dict.fromkeys(k for r in runs for k in r["overrides"]))
@@ -95,6 +108,9 @@ def summarise(sweep_dir: Path) -> dict | None:
         r["setting"] = " ".join(f"{k}={r['overrides'].get(k)}" for k in setting_keys)
         groups.setdefault(tuple(r["overrides"].get(k) for k in setting_keys), []).append(r)
     split_seeds = [(r["seed"], r["split_seed"]) for r in runs]
+    found = search(sweep_dir, runs)
+    if found is not None:
+        return _search_summary(sweep_dir, runs, found, common, setting_keys)
     return {
         "sweep_dir": str(sweep_dir),
         "n_runs": len(runs),
@@ -113,6 +129,113 @@ def summarise(sweep_dir: Path) -> dict | None:
             for r in runs
         ],
         "settings": [_setting(group) for group in groups.values()],
+    }
+
+
+def read_runs(sweep_dir: Path) -> list[dict]:
+    """Every run below ``sweep_dir`` with models in its ``metrics.json``: its folder (relative),
+    overrides, seeds, reports and metrics."""
+    runs = []
+    for run_dir in find_runs(sweep_dir):
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if not metrics.get("models"):
+            continue
+        rel = run_dir.relative_to(sweep_dir).as_posix()
+        config = metrics.get("run", {}).get("config") or {}
+        runs.append(
+            {
+                "dir": rel,
+                "overrides": dict(_split(o) for o in read_overrides(run_dir)),
+                "seed": metrics.get("run", {}).get("seed"),
+                "split_seed": config.get("data", {}).get("split_seed"),
+                "optimized_metric": config.get("optimized_metric"),
+                "reports": [
+                    f"{rel}/{n}" for n in ("report.html", "report.md") if (run_dir / n).is_file()
+                ],
+                "metrics": metrics,
+            }
+        )
+    return runs
+
+
+def search(sweep_dir: Path, runs: list[dict]) -> dict | None:
+    """The search section of ``summary.json`` when the runs are the trials of a search (their
+    configuration names one ``optimized_metric``); None otherwise.
+
+    The best trial is the one whose objective, the validation figure each trial returned to
+    the sweeper (recomputed from its ``metrics.json``), is highest (``direction: maximize``,
+    Hydra's Optuna sweeper's setting) or lowest; of equal ones, the first, as Optuna's.
+
+    Returns:
+        ``{"optimized_metric", "direction", "trials": [{"dir", "setting", "objective"}],
+        "best": {"dir", "setting", "overrides", "objective", "reports", "models"}, "optuna"}``:
+        ``best.models`` holds the best trial's test figures, ``optuna`` the sweeper's
+        ``optimization_results.yaml`` (None without it) with ``agrees``: whether its best
+        parameters are the best trial's; ``best`` is None when no trial has an objective.
+    """
+    metrics = {r["optimized_metric"] for r in runs}
+    if len(metrics) != 1 or None in metrics:
+        return None
+    (metric,) = metrics
+    direction = _direction(Path(sweep_dir) / runs[0]["dir"])
+    trials = [
+        {"dir": r["dir"], "setting": r["setting"], "objective": objective(r["metrics"], metric)}
+        for r in runs
+    ]
+    scored = [(t, r) for t, r in zip(trials, runs, strict=True) if t["objective"] is not None]
+    sign = -1.0 if direction == "minimize" else 1.0
+    best = None
+    if scored:
+        t, r = max(scored, key=lambda tr: sign * tr[0]["objective"])
+        overrides = [f"{k}={v}" for k, v in r["overrides"].items()]
+        best = {**t, "overrides": overrides, "reports": r["reports"]}
+        best["models"] = r["metrics"]["models"]
+    results = Path(sweep_dir) / "optimization_results.yaml"
+    optuna = OmegaConf.to_container(OmegaConf.load(results)) if results.is_file() else None
+    if best is not None and optuna is not None and "best_params" in optuna:
+        chosen = [f"{k}={v}" for k, v in optuna["best_params"].items()]
+        optuna["agrees"] = set(chosen) <= set(best["overrides"])
+    return {
+        "optimized_metric": metric,
+        "direction": direction,
+        "trials": trials,
+        "best": best,
+        "optuna": optuna,
+    }
+
+
+def _direction(run_dir: Path) -> str:
+    """The sweeper's ``direction`` in the run's ``.hydra/hydra.yaml`` (maximize without one)."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return "maximize"
+    direction = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.direction")
+    return str(direction) if direction in ("maximize", "minimize") else "maximize"
+
+
+def _search_summary(
+    sweep_dir: Path, runs: list[dict], found: dict, common: list[str], setting_keys: list[str]
+) -> dict:
+    """``summary.json`` of a search: the trials by their objective, and the test figures of
+    the best trial only."""
+    return {
+        "sweep_dir": str(sweep_dir),
+        "n_runs": len(runs),
+        "common_overrides": common,
+        "setting_keys": setting_keys,
+        "search": found,
+        "runs": [
+            {
+                "dir": r["dir"],
+                "setting": r["setting"],
+                "seed": r["seed"],
+                "overrides": [f"{k}={v}" for k, v in r["overrides"].items()],
+                "reports": r["reports"],
+                "objective": t["objective"],
+            }
+            for r, t in zip(runs, found["trials"], strict=True)
+        ],
+        "settings": [],
     }
 
 
@@ -210,6 +333,27 @@ def plot_accuracy(summary: dict):
     return fig
 
 
+def plot_objective(summary: dict):
+    """A search's objective per trial in run order, the best so far as a line, the best ringed."""
+    found = summary["search"]
+    values = [t["objective"] for t in found["trials"]]
+    x = [i for i, v in enumerate(values) if v is not None]
+    y = [v for v in values if v is not None]
+    pick = np.minimum if found["direction"] == "minimize" else np.maximum
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(values) + 2), 3.4))
+    ax.plot(x, y, "o", color="C0", ms=5, label="trial")
+    if y:
+        ax.step(x, pick.accumulate(np.asarray(y)), where="post", color="C1", label="best so far")
+        best = [t["dir"] for t in found["trials"]].index(found["best"]["dir"])
+        ax.plot([best], [values[best]], "o", ms=12, mfc="none", color="C3", label="best trial")
+    ax.set_xlabel("trial (run order)")
+    ax.set_ylabel(found["optimized_metric"])
+    ax.set_title(f"Search: {found['optimized_metric']} on the validation split", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return fig
+
+
 def write_summary(sweep_dir: Path) -> Path | None:
     """Write ``summary.json``, ``summary.md`` and ``summary.html`` into ``sweep_dir``.
 
@@ -221,16 +365,20 @@ def write_summary(sweep_dir: Path) -> Path | None:
     if summary is None:
         return None
     atomic.write_json(sweep_dir / "summary.json", summary)
-    figure = sweep_dir / "figures" / "summary_accuracy.png"
+    found = summary.get("search")
+    figure = sweep_dir / "figures" / ("summary_objective.png" if found else "summary_accuracy.png")
     figure.parent.mkdir(exist_ok=True)
-    report.save_figure(plot_accuracy(summary), figure)
+    report.save_figure(plot_objective(summary) if found else plot_accuracy(summary), figure)
+    best = found and found["best"]
     context = {
         "s": summary,
         "tables": [table(setting) for setting in summary["settings"]],
+        "best_table": report.headline_rows(best) if best else None,
         "figure": figure.relative_to(sweep_dir).as_posix(),
     }
-    md = templates(html=False).get_template("summary.md.j2").render(**context, code=md_code)
-    page = templates(html=True).get_template("summary.html.j2")
+    name = "summary.search" if found else "summary"
+    md = templates(html=False).get_template(f"{name}.md.j2").render(**context, code=md_code)
+    page = templates(html=True).get_template(f"{name}.html.j2")
     html = page.render(**context, code=html_code, image=data_uri(figure))
     atomic.write_text(sweep_dir / "summary.html", html)
     return atomic.write_text(sweep_dir / "summary.md", md)

@@ -823,6 +823,14 @@ def prepare(cfg: DictConfig, job: Job) -> Split:
     y, masks, merged = split_masks(data, job.settings)
     summary = dataset_summary(cfg, data, masks)
     summary["val_merged_into_train"] = merged
+    if cfg.get("optimized_metric") and not masks["val"].any():  # never tune on a test figure
+        fix = "set data.val_fraction (e.g. 0.2) or data.val_groups"
+        if merged:
+            fix = f"train.monitor=auto trains on its {merged}; set train.monitor=val_accuracy"
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric} is a validation figure, and this split "
+            f"has no validation windows; {fix}"
+        )
     ex = data.extracted
     if job.rank == 0:
         _write_skipped(job.run_dir / "skipped.csv", ex.skipped)
@@ -1020,6 +1028,9 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
         inference_images_per_second=len(x_te) / max(infer_seconds, 1e-9),
         **extra,
     )
+    x_val, y_val = split.tensors["val"]
+    if len(x_val):  # the model as tested, on validation: an Optuna search's objective
+        m["val_accuracy"] = float(np.mean(model.scores(x_val, ctx=ctx).argmax(1) == y_val.numpy()))
     out.results[name] = m
     out.predicted[name] = scores.argmax(1)
     log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
