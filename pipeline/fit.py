@@ -39,6 +39,7 @@ from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError, Interrupted, TrainingError
 from pipeline.precise_bn import precise_batchnorm
 from pipeline.runtime import amp_dtype, autocast, rank_and_world
+from pipeline.tracking import NullTracker, Tracker
 from pipeline.values import is_number, is_whole
 
 log = logging.getLogger(__name__)
@@ -408,6 +409,7 @@ def fit(
     checkpoint: Path | None = None,
     resume: bool = False,
     fingerprint: dict[str, str] | None = None,
+    tracker: Tracker | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the weights of its best validation epoch
     (on several processes under ``torch.distributed``, as the module's docstring says).
@@ -428,6 +430,8 @@ def fit(
         resume: continue from ``checkpoint`` when it exists.
         fingerprint: what the weights are trained on ({setting: JSON value}), stored in the
             checkpoint; resuming refuses a checkpoint whose fingerprint differs.
+        tracker: receives every epoch's history row as it is recorded
+            (:mod:`pipeline.tracking`); None: nothing does.
 
     Raises:
         ConfigError: the checkpoint to resume is unreadable or was trained otherwise.
@@ -438,6 +442,7 @@ def fit(
         The per-epoch history, the best epoch and the wall time.
     """
     t = _setup(model, x_train, y_train, x_val, settings, device, seed, name, progress)
+    t.tracker = tracker if tracker is not None else t.tracker
     if resume and checkpoint is not None and checkpoint.is_file():
         _resume(t, checkpoint, fingerprint)
     t.state["fingerprint"] = fingerprint
@@ -562,6 +567,7 @@ class Trainer:
     rank: int
     world: int
     state: dict
+    tracker: Tracker = field(default_factory=NullTracker)  # rank 0's; the others' are null
 
 
 def _setup(model, x_train, y_train, x_val, settings, device, seed, name, progress) -> Trainer:
@@ -770,6 +776,7 @@ def _record(t: Trainer, row: dict) -> None:
         )
     }
     t.state["history"].append(row)
+    t.tracker.log_epoch(t.name, row)
     epoch, every = row["epoch"], max(1, t.plan.epochs // 30)
     if t.rank == 0 and (epoch % every == 0 or epoch == t.plan.epochs):
         log.info(

@@ -26,6 +26,7 @@ from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.fit import TrainSettings, fit, predict_logits
 from pipeline.runtime import autocast
+from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Context:
         checkpoint: where a network writes its training state after every epoch.
         resume: continue from ``checkpoint`` when it exists.
         fingerprint: what the model is trained on, stored in and checked against the checkpoint.
+        tracker: receives a network's every epoch (:mod:`pipeline.tracking`); None: nothing.
     """
 
     settings: TrainSettings
@@ -53,6 +55,7 @@ class Context:
     checkpoint: Path | None = None
     resume: bool = False
     fingerprint: dict[str, str] | None = None
+    tracker: Tracker | None = None
 
 
 class Model(Protocol):
@@ -124,6 +127,7 @@ class Network:
             checkpoint=ctx.checkpoint,
             resume=ctx.resume,
             fingerprint=ctx.fingerprint,
+            tracker=ctx.tracker,
         )
         self.train_seconds, self.batch_size = result.train_seconds, result.plan.batch_size
         self.history = result.history

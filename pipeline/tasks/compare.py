@@ -53,6 +53,7 @@ from pipeline.metrics import classification_metrics, file_level_predictions, pai
 from pipeline.models.base import Context, build
 from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
 from pipeline.signals import AUDIO_SUFFIXES, read_signal
+from pipeline.tracking import NullTracker, Tracker, open_tracker
 from pipeline.values import is_number, is_whole
 
 log = logging.getLogger(__name__)
@@ -678,14 +679,19 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         The contents of ``metrics.json`` (empty on ranks other than 0 under torchrun).
     """
     job = validate(cfg, run_dir=run_dir)
-    split = prepare(cfg, job)
-    out = Outcome()
-    for name in job.names:
-        train_and_evaluate(cfg, job, split, name, out)
-    if job.rank != 0:
-        return {}
-    metrics = assemble_metrics(cfg, job, split, out)
-    write_outputs(run_dir, metrics, split)
+    job.tracker = open_tracker(**cfg.get("logger", {}), run_dir=run_dir, rank=job.rank)
+    with job.tracker:  # closed as failed on an error, killed on Ctrl-C
+        job.tracker.log_config(OmegaConf.to_container(cfg, resolve=True))
+        split = prepare(cfg, job)
+        out = Outcome()
+        for name in job.names:
+            train_and_evaluate(cfg, job, split, name, out)
+        if job.rank != 0:
+            return {}
+        metrics = assemble_metrics(cfg, job, split, out)
+        write_outputs(run_dir, metrics, split)
+        job.tracker.log_metrics(metrics)
+        job.tracker.log_artifacts(run_dir)
     return metrics
 
 
@@ -700,6 +706,7 @@ class Job:
     adapt_bn: bool | str
     run_dir: Path
     checkpoints: Path
+    tracker: Tracker = field(default_factory=NullTracker)  # logger=...: rank 0's, else null
 
 
 def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
@@ -1009,6 +1016,7 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
         checkpoint=job.checkpoints / f"{name}.pt",
         resume=bool(job.settings.resume),
         fingerprint=fingerprint(cfg, name, data.records, classes),
+        tracker=job.tracker,
     )
     with config_keys("train."):  # a NaN loss, a checkpoint that cannot be resumed
         extra = model.fit(*split.tensors["train"], *split.tensors["val"], ctx=ctx)
