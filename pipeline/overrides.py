@@ -62,7 +62,7 @@ def check_overrides(args: list[str]) -> None:
             f"'{sweep.input_line.split('=', 1)[1]}'\""
         )
     groups = [o for o in parsed if _is_group(o.key_or_group)]
-    check_search(groups, multirun=multirun)
+    check_search(groups, args)
     keys = [
         o
         for o in parsed
@@ -92,15 +92,28 @@ def check_overrides(args: list[str]) -> None:
 # The optional extra that installs Hydra's Optuna sweeper (pyproject.toml), and its module.
 TUNE_EXTRA = 'pip install -e ".[tune]"'
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
+# Flags after which Hydra prints (the configuration, help) and runs nothing.
+PRINT_ONLY = (
+    "-c",
+    "--cfg",
+    "-i",
+    "--info",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-sc",
+    "--shell-completion",
+)
 
 
-def check_search(groups, *, multirun: bool) -> None:
+def check_search(groups, args: list[str]) -> None:
     """Refuse a search (a ``conf/hparams_search`` preset, each of which sets Hydra's Optuna
-    sweeper, or ``hydra/sweeper=optuna``) without -m or without the sweeper installed.
+    sweeper, or ``hydra/sweeper=optuna``) without the sweeper installed, or without -m
+    unless the command only prints (``--cfg job``).
 
     Args:
         groups: the parsed config group overrides of the command line.
-        multirun: whether -m is given.
+        args: the command line.
 
     Raises:
         ConfigError: naming the override and the fix.
@@ -114,7 +127,7 @@ def check_search(groups, *, multirun: bool) -> None:
                 f"{o.input_line} needs Hydra's Optuna sweeper, which is not installed; install "
                 f"the tune extra: {TUNE_EXTRA}"
             )
-        if not multirun:
+        if not any(a in ("-m", "--multirun", *PRINT_ONLY) for a in args):
             raise ConfigError(
                 f"{o.input_line} is a search of many trials (one run each); add -m: "
                 f"python -m pipeline.run -m {o.input_line}"

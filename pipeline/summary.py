@@ -357,6 +357,9 @@ def plot_objective(summary: dict):
 def write_summary(sweep_dir: Path) -> Path | None:
     """Write ``summary.json``, ``summary.md`` and ``summary.html`` into ``sweep_dir``.
 
+    A search's pages (``summary.search.*.j2``) give the trials' objectives and the best
+    trial's test figures; any other sweep's (``summary.*.j2``), the mean ± std per setting.
+
     Returns:
         The path of ``summary.md``, or None when no run under ``sweep_dir`` holds metrics.
     """

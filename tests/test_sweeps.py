@@ -88,6 +88,8 @@ def test_a_search_needs_multirun_and_a_validation_figure(tmp_path):
         "Error: hparams_search=svm is a search of many trials (one run each); add -m: "
         "python -m pipeline.run -m hparams_search=svm"
     )
+    shown = cli("hparams_search=svm", "--cfg", "job")  # printed, not run: no -m needed
+    assert shown.returncode == 0 and "optimized_metric: svm/val_accuracy" in shown.stdout
     sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
     proc = cli("-m", "hparams_search=svm", "optimized_metric=svm/accuracy", *TINY, sweep)
     assert proc.returncode == 2

@@ -92,7 +92,9 @@ class SweepSummary(Callback):
     """Hydra callback: after a multirun, write the sweep summary into the sweep folder.
 
     Registered in ``conf/config.yaml`` under ``hydra.callbacks``. Sweeps of tasks that
-    write no ``metrics.json`` (predict, export) are left alone.
+    write no ``metrics.json`` (predict, export) are left alone. After an Optuna search
+    (``-m hparams_search=...``) it runs once the sweeper has written
+    ``optimization_results.yaml``, which the summary compares with its own best trial.
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
