@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pipeline.fit import predict_logits
 from pipeline.precise_bn import BATCHNORMS
-from pipeline.runtime import autocast
+from pipeline.runtime import autocast, in_format
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def fold_batch(
         m.train()
     try:
         with autocast(device, amp):
-            model(images.contiguous(memory_format=torch.channels_last))
+            model(in_format(images, torch.channels_last))
     finally:
         model.eval()
         for m, momentum in zip(layers, momenta, strict=True):

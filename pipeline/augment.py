@@ -92,7 +92,8 @@ class AugmentSettings:
 
 
 class SpecAugment(nn.Module):
-    """Per-image masking and time shift of a batch (batch, channels, freq, time)."""
+    """Per-image masking and time shift of a batch (batch, channels, freq, time); of raw
+    windows (batch, channels, samples) only the time shift, the rest needing a frequency axis."""
 
     def __init__(self, s: AugmentSettings) -> None:
         super().__init__()
@@ -101,6 +102,8 @@ class SpecAugment(nn.Module):
         self.time = T.TimeMasking(s.time_mask, iid_masks=True) if s.time_mask else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # raw windows (batch, channels, samples): no frequency axis
+            return time_shift(x, self.s.time_shift) if self.s.time_shift else x
         if self.s.freq_warp or self.s.time_stretch:
             x = stretch(x, freq=self.s.freq_warp, time=self.s.time_stretch)
         if self.s.channel:
@@ -115,14 +118,15 @@ class SpecAugment(nn.Module):
 
 
 def time_shift(x: Tensor, fraction: float) -> Tensor:
-    """Roll each image along time by its own random number of columns in [-f·W, f·W]."""
+    """Roll each image (or raw window) along time, its last axis, by its own random number of
+    columns (samples) in [-f·W, f·W]."""
     width = x.shape[-1]
     most = int(fraction * width)
     if most == 0:
         return x
     shift = torch.randint(-most, most + 1, (x.shape[0],), device=x.device)
     cols = (torch.arange(width, device=x.device)[None, :] - shift[:, None]) % width
-    index = cols[:, None, None, :].expand_as(x)
+    index = cols.view(x.shape[0], *([1] * (x.dim() - 2)), width).expand_as(x)
     return torch.gather(x, -1, index)
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.runtime import in_format
+
 log = logging.getLogger(__name__)
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -90,7 +92,7 @@ def precise_batchnorm(
         return {"layers": 0, "windows": 0, "seconds": 0.0}
 
     def on_device(b: Tensor) -> Tensor:
-        return b.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return in_format(b.to(device, non_blocking=True), memory_format)
 
     with autocast():
         layers = execution_order(model, on_device(batches[0][:2]))

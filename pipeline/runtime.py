@@ -104,3 +104,11 @@ def rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def in_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x`` contiguous in ``memory_format`` where that applies (images, 4-D); a batch of raw
+    windows (3-D) has no channels-last form and is made contiguous as it is."""
+    if x.dim() == 4:
+        return x.contiguous(memory_format=memory_format)
+    return x.contiguous()
