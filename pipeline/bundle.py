@@ -114,11 +114,19 @@ def save_bundle(
         "versions": package_versions(),
         **(extra or {}),
     }
-    meta.update(wrap(model).save(path))  # its files, and its kind and model_config
+    adapter = wrap(model)
+    meta["input"] = adapter.input
+    if adapter.input == "raw":
+        if frontend.window_norm is None:
+            raise ValueError("a raw-input model needs a front end with window_norm")
+        meta["window_norm"] = frontend.window_norm.to_dict()
+    meta.update(adapter.save(path))  # its files, and its kind and model_config
     atomic.write_json(path / "bundle.json", meta)
     return path
 
 
+# The kinds of model a bundle holds.
+KINDS = ("network", "svm", "minirocket")
 # Keys every bundle.json holds; ``model_config`` too for a network.
 _META_KEYS = ("kind", "classes", "data", "features", "normalizer")
 _DATA_KEYS = ("sample_rate", "segment_samples", "hop_samples", "pad")
@@ -154,8 +162,8 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     _check_version(meta, file=meta_file)
     _require(meta, _META_KEYS, file=meta_file)
     kind = meta["kind"]
-    if kind not in ("network", "svm"):
-        raise BundleError(f"{meta_file}: kind={kind!r} is not 'network' or 'svm'; {_FIX}")
+    if kind not in KINDS:
+        raise BundleError(f"{meta_file}: kind={kind!r} is not one of {list(KINDS)}; {_FIX}")
     classes = _check_classes(meta["classes"], file=meta_file)
     data = _check_data(meta["data"], file=meta_file)
     features = _read_features(meta["features"], data=data, file=meta_file)
@@ -164,6 +172,10 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     if kind == "network":
         model, source = _load_network(folder, meta), folder / "weights.pt"
         channels, outputs = int(meta["model_config"]["in_channels"]), model.fc.out_features
+    elif kind == "minirocket":
+        model, source = _load_minirocket_file(folder / "model.skops"), folder / "model.skops"
+        channels, outputs = model.n_channels_, len(model.classes_)
+        _check_window_length(model.length_, data=data, source=source, file=meta_file)
     else:
         model, source = _load_svm_file(folder / "model.skops"), folder / "model.skops"
         channels, outputs = model.image_shape_[0], len(model.classes_)
@@ -171,6 +183,7 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     _check_class_count(classes, outputs=outputs, source=source, file=meta_file)
     _check_channels(data.get("channels", "mix"), channels_in=channels, file=meta_file)
     _check_normalizer_shape(normalizer, image=(channels, height, width), file=meta_file)
+    _check_input(meta, channels=channels, file=meta_file)
     return Bundle(
         kind=kind,
         model=model,
@@ -180,6 +193,36 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
         normalizer=normalizer,
         meta=meta,
     )
+
+
+def _check_input(meta: dict, *, channels: int, file: Path) -> None:
+    """``input`` is image or raw, a network's own, and a raw model has its windows'
+    standardisation (``window_norm``) with finite statistics for its channels."""
+    from pipeline.frontend import WINDOW_NORMS
+
+    _require(meta, ("input",), file=file)
+    kind = meta["input"]
+    raw = meta["kind"] == "minirocket" or meta.get("model_config", {}).get("network") == "resnet1d"
+    built = "raw" if raw else "image"
+    if kind != built:
+        raise BundleError(f"{file}: input={kind!r} is not the model's input ({built}); {_FIX}")
+    if kind != "raw":
+        return
+    _require(meta, ("window_norm",), file=file)
+    _require(meta["window_norm"], ("mode", "mean", "std"), file=file, prefix="window_norm")
+    norm = meta["window_norm"]
+    if norm["mode"] not in WINDOW_NORMS:
+        raise BundleError(
+            f"{file}: window_norm.mode={norm['mode']!r} is not one of {list(WINDOW_NORMS)}; {_FIX}"
+        )
+    for key in ("mean", "std"):
+        value = np.asarray(norm[key], dtype=float) if isinstance(norm[key], list) else None
+        good = value is not None and value.shape == (channels, 1) and np.isfinite(value).all()
+        if not good or (key == "std" and not (value > 0).all()):
+            raise BundleError(
+                f"{file}: window_norm.{key} must be {channels} finite value(s) as [[v], ...]"
+                f"{', all positive' if key == 'std' else ''}; {_FIX}"
+            )
 
 
 def _read_meta(folder: Path, *, key: str) -> dict:
@@ -364,6 +407,7 @@ def _check_statistic(value: object, *, key: str, file: Path) -> None:
 def _load_network(folder: Path, meta: dict) -> nn.Module:
     """The network of ``model_config`` with the tensors of ``weights.pt``, in eval mode."""
     from pipeline.models.resnet import build_resnet
+    from pipeline.models.resnet1d import build_resnet1d
 
     file, weights = folder / "bundle.json", folder / "weights.pt"
     _require(meta, ("model_config",), file=file)
@@ -378,8 +422,9 @@ def _load_network(folder: Path, meta: dict) -> nn.Module:
     if not weights.is_file():
         raise BundleError(f"{folder}: weights.pt is missing; the bundle is incomplete")
     state = _read_state(weights)
+    builder = build_resnet1d if config.get("network") == "resnet1d" else build_resnet
     try:
-        model = build_resnet(**config)
+        model = builder(**config)
     except (ConfigError, TypeError) as err:
         raise BundleError(f"{file}: model_config does not build a network: {err}; {_FIX}") from None
     _check_state_fits(model, state, weights=weights, file=file)
@@ -464,6 +509,32 @@ def _load_svm_file(file: Path) -> Any:
     if getattr(model, "classes_", None) is None or getattr(model, "image_shape_", None) is None:
         raise BundleError(f"{file}: holds an SVM that was never fitted; {_FIX}")
     return model
+
+
+def _load_minirocket_file(file: Path) -> Any:
+    """The fitted MiniRocket of ``model.skops``, loaded trusting only the types it writes."""
+    from pipeline.models.minirocket import EXTRA, load_minirocket
+
+    if not file.is_file():
+        raise BundleError(f"{file.parent}: model.skops is missing; the bundle is incomplete")
+    try:
+        return load_minirocket(file)
+    except ValueError as err:
+        if str(err) == EXTRA:
+            raise BundleError(f"{file}: {EXTRA}") from None
+        raise BundleError(f"{file}: {err}; {_FIX}") from None
+    except Exception as err:  # skops raises many types for a damaged file; all mean damaged
+        reason = " ".join(str(err).split())
+        raise BundleError(f"{file}: is not a saved MiniRocket ({reason}); {_FIX}") from None
+
+
+def _check_window_length(length: int, *, data: dict, source: Path, file: Path) -> None:
+    """A raw-window model was fitted on windows of the bundle's length."""
+    if length != data["segment_samples"]:
+        raise BundleError(
+            f"{source}: was fitted on {length}-sample windows, and {file} says "
+            f"data.segment_samples={data['segment_samples']}; {_FIX}"
+        )
 
 
 def _check_svm_image(model: Any, image: tuple[int, int], *, source: Path, file: Path) -> None:

@@ -38,7 +38,7 @@ from pipeline import atomic
 from pipeline.augment import AugmentSettings, SpecAugment, mixup
 from pipeline.errors import ConfigError, Interrupted, TrainingError
 from pipeline.precise_bn import precise_batchnorm
-from pipeline.runtime import amp_dtype, autocast, rank_and_world
+from pipeline.runtime import amp_dtype, autocast, in_format, rank_and_world
 from pipeline.tracking import NullTracker, Tracker
 from pipeline.values import is_number, is_whole
 
@@ -730,7 +730,7 @@ def train_one_epoch(t: Trainer, epoch: int) -> dict:
 def _train_step(t: Trainer, idx: Tensor) -> tuple[Tensor, Tensor]:
     """One optimizer step on the images ``idx``; the batch's mean loss and its error count."""
     s = t.s
-    xb = _gather(t.x_source, idx, t.device).contiguous(memory_format=t.memory_format)
+    xb = in_format(_gather(t.x_source, idx, t.device), t.memory_format)
     yb = _gather(t.y_source, idx, t.device)
     factor = _lr_factor(
         t.state["step"], steps_per_epoch=t.plan.steps_per_epoch, s=s, total=t.plan.steps
@@ -1069,14 +1069,12 @@ def predict_logits(
     """Logits (N, n_classes) of images (N, C, H, W), computed in batches; returned on the CPU."""
     x = torch.as_tensor(x)
     model.eval()
-    memory_format = (
-        torch.channels_last
-        if next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
+    weight = next(p for p in model.parameters() if p.dim() >= 3)  # the first convolution's
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     outs = []
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device).contiguous(memory_format=memory_format)
+        xb = in_format(x[i : i + batch_size].to(device), memory_format)
         with autocast(device, amp):
             outs.append(model(xb).float().cpu())
     return torch.cat(outs)

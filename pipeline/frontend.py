@@ -107,6 +107,60 @@ class Windows:
     source_rate: int
 
 
+WINDOW_NORMS = ("window", "global")
+
+
+@dataclass(frozen=True)
+class WindowNorm:
+    """Standardisation of raw windows, for the models that take them (``resnet1d``).
+
+    Attributes:
+        mode: ``window``: each window's every channel by its own mean and standard
+            deviation (z-normalisation, the UCR archive's convention: gain and offset go);
+            ``global``: by each channel's mean and standard deviation over the training
+            windows (the level stays, which matters where it tells the classes apart).
+        mean: (channels, 1) training means (zeros for ``window``).
+        std: (channels, 1) training standard deviations (ones for ``window``).
+    """
+
+    mode: str
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, windows: np.ndarray, *, mode: str = "window") -> WindowNorm:
+        """Fit on training windows (n, channels, samples).
+
+        Raises:
+            ConfigError: an unknown mode.
+        """
+        if mode not in WINDOW_NORMS:
+            raise ConfigError(f"raw_normalize={mode!r} must be one of {list(WINDOW_NORMS)}")
+        channels = windows.shape[1]
+        if mode == "window":
+            return cls(
+                mode, np.zeros((channels, 1), np.float32), np.ones((channels, 1), np.float32)
+            )
+        mean = windows.mean(axis=(0, 2), dtype=np.float64)[:, None]
+        std = np.maximum(windows.std(axis=(0, 2), dtype=np.float64), 1e-8)[:, None]
+        return cls(mode, mean.astype(np.float32), std.astype(np.float32))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Windows (n, channels, samples) standardised, on their device."""
+        if self.mode == "window":
+            mean = x.mean(dim=-1, keepdim=True)
+            return (x - mean) / x.std(dim=-1, keepdim=True, correction=0).clamp(min=1e-8)
+        mean = torch.as_tensor(self.mean, device=x.device)
+        return (x - mean) / torch.as_tensor(self.std, device=x.device)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WindowNorm:
+        return cls(d["mode"], np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+
 @dataclass(frozen=True)
 class Frontend:
     """Every setting from a file to the model's input; a plain object, so reading
@@ -119,6 +173,8 @@ class Frontend:
         read: keyword arguments of :func:`pipeline.signals.read_signal` (channels,
             mat_key, npz_key, csv_columns, channel_axis).
         normalizer: the training images' statistics; None before :meth:`fitted`.
+        window_norm: the raw windows' standardisation, for models whose input is the
+            window itself (``input == "raw"``); None where no model takes raw windows.
     """
 
     sample_rate: int
@@ -126,6 +182,7 @@ class Frontend:
     params: STFTParams
     read: dict = field(default_factory=dict)
     normalizer: Normalizer | None = None
+    window_norm: WindowNorm | None = None
 
     # -- file -> windows -----------------------------------------------------------------
 
@@ -248,6 +305,33 @@ class Frontend:
         normalizer = Normalizer.fit(images, mode=mode, per_image=per_image, per_group=per_group)
         return replace(self, normalizer=normalizer)
 
+    def fitted_windows(self, windows: np.ndarray, *, mode: str = "window") -> Frontend:
+        """This front end with its raw-window standardisation fitted on training windows."""
+        return replace(self, window_norm=WindowNorm.fit(windows, mode=mode))
+
+    def normalise_windows(self, windows: np.ndarray | Tensor, *, device="cpu") -> Tensor:
+        """Raw windows (n, channels, samples) standardised: a raw-input model's input.
+
+        Raises:
+            ConfigError: the front end has no window standardisation.
+        """
+        if self.window_norm is None:
+            raise ConfigError("this Frontend has no window_norm; fit it with fitted_windows()")
+        return self.window_norm(torch.as_tensor(windows).to(device).float())
+
+    def inputs(self, windows: np.ndarray, kind: str, *, device="cpu") -> Tensor:
+        """The model's input for windows: ``kind`` ``image`` (normalised images) or ``raw``
+        (standardised windows), on ``device``."""
+        if kind == "raw":
+            return self.normalise_windows(windows, device=device)
+        return self.images(windows, device=device)
+
+    def input_shape(self, kind: str, channels: int) -> tuple[int, ...]:
+        """One input's shape: (channels, height, width) or (channels, samples) for ``raw``."""
+        if kind == "raw":
+            return (channels, self.segmenting.length)
+        return (channels, *self.image_shape())
+
     # -- bundle --------------------------------------------------------------------------
 
     def data_settings(self) -> dict:
@@ -263,7 +347,11 @@ class Frontend:
 
     @classmethod
     def from_settings(
-        cls, data: dict, params: STFTParams, normalizer: Normalizer | None = None
+        cls,
+        data: dict,
+        params: STFTParams,
+        normalizer: Normalizer | None = None,
+        window_norm: WindowNorm | None = None,
     ) -> Frontend:
         """The front end of a bundle's sections: ``data`` as :meth:`data_settings` gives it."""
         return cls(
@@ -272,12 +360,15 @@ class Frontend:
             params=params,
             read={k: data[k] for k in READ_KEYS if k in data},
             normalizer=normalizer,
+            window_norm=window_norm,
         )
 
     @classmethod
     def from_bundle(cls, bundle) -> Frontend:
         """The front end a :class:`pipeline.bundle.Bundle` was trained with."""
-        return cls.from_settings(bundle.data, bundle.features, bundle.normalizer)
+        norm = bundle.meta.get("window_norm")
+        window_norm = WindowNorm.from_dict(norm) if norm is not None else None
+        return cls.from_settings(bundle.data, bundle.features, bundle.normalizer, window_norm)
 
 
 def batches(items: Iterable[T], size: int, count: Callable[[T], int]) -> Iterator[list[T]]:

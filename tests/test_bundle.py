@@ -195,7 +195,7 @@ TAMPERED_JSON = [
         _set("features", "size", value=None),
         r"normalizer\.mean has shape \(1, 16, 1\).*\(1, 33, 32\)",
     ),
-    (_set("kind", value="tree"), r"kind='tree' is not 'network' or 'svm'"),
+    (_set("kind", value="tree"), r"kind='tree' is not one of \['network', 'svm', 'minirocket'\]"),
     (_set("model_config", "depth", value=9), r"model_config does not build a network: depth=9"),
     (
         _set("model_config", "in_channels", value=0),

@@ -76,7 +76,7 @@ def test_suite_runs_the_cli_and_writes_its_table_above_what_the_file_held(tmp_pa
     assert text.index("<!-- suite -->") < text.index("# Benchmarks: Free Spoken Digit Dataset")
     assert "kept as it is" in text
     row = next(line for line in text.splitlines() if line.startswith("| traces"))
-    assert row.count("|") == 12 and "| 340/0/60 |" in row  # the small validation trains
+    assert row.count("|") == 15 and "| 340/0/60 |" in row  # the small validation trains
     assert "| 4 (85) |" in row  # 340 windows: batch 85, one epoch
     assert "python -m pipeline.run data=folder" in text and "data.channels=all" in text
     # A second run reads the finished run folder back instead of training again.

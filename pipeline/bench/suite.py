@@ -17,8 +17,9 @@ channels), on
 
 Each quick dataset runs once per ``--seeds`` (default 0,1,2); the FSDD ones, which take
 minutes a run on a CPU, once per ``--slow-seeds`` (default 0). The table (test accuracy
-mean ± std over seeds, the ResNet's lead over its plain twin and how many runs McNemar's test
-found it significant, seconds per run) is printed and written into ``--output`` between
+mean ± std over seeds of each of the five models, the ResNet's lead over its plain twin and how
+many runs McNemar's test found it significant, each model's training seconds, seconds per run)
+is printed and written into ``--output`` between
 ``<!-- suite -->`` markers, leaving the rest of the file as it is. A finished run folder of
 the same configuration is read back, so an interrupted suite resumes.
 """
@@ -44,7 +45,8 @@ from pipeline.bench.fsdd import REPO, _device_line, splice
 from pipeline.bench.traces import write_traces
 from pipeline.runtime import precision, resolve_device
 
-MODELS = ("resnet", "plain_cnn", "svm")
+MODELS = ("resnet", "plain_cnn", "svm", "resnet1d", "minirocket")
+HEADS = ("ResNet", "plain twin", "SVM", "1-D ResNet", "MiniRocket")
 FSDD_OFFICIAL = ["data.split=regex", "data.test_regex='_[0-4]\\.wav$'"]
 
 
@@ -151,6 +153,8 @@ def summarise(runs: list[dict]) -> dict:
         acc = [r["models"][model]["accuracy"] for r in runs if model in r["models"]]
         if acc:
             out["models"][model] = (float(np.mean(acc)), float(np.std(acc)))
+            seconds = [r["models"][model]["train_seconds"] for r in runs]
+            out.setdefault("train_seconds", {})[model] = float(np.mean(seconds))
     lead = [r["models"]["resnet"]["accuracy"] - r["models"]["plain_cnn"]["accuracy"] for r in runs]
     out["lead"] = (float(np.mean(lead)), float(np.std(lead)))
     out["significant"] = sum(
@@ -166,6 +170,12 @@ def summarise(runs: list[dict]) -> dict:
     out["image"] = runs[0]["features"]["image_shape"]
     out["steps"] = runs[0]["models"]["resnet"].get("training", {})
     return out
+
+
+def _seconds(row: dict) -> str:
+    """Each model's mean training time in seconds, in the table's column order."""
+    times = row.get("train_seconds", {})
+    return " / ".join(f"{times[m]:.1f}" if m in times else "—" for m in MODELS)
 
 
 def _pm(mean_std: tuple[float, float], n: int) -> str:
@@ -184,9 +194,11 @@ def render(rows: dict[str, dict], sets: dict[str, Dataset], *, machine: str, com
         "mean ± standard deviation over the seeds; *lead* is ResNet minus plain twin, with the "
         "number of runs where McNemar's test (Holm) found the two different.",
         "",
-        "| dataset | windows train/val/test | image | steps (batch) | ResNet | plain twin | SVM "
-        "| ResNet − twin (significant runs) | published | seeds | s per run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | windows train/val/test | image | steps (batch) | "
+        + " | ".join(HEADS)
+        + " | ResNet − twin (significant runs) | published | seeds | training s per model "
+        "| s per run |",
+        "|---|---|---|---|" + "---|" * len(HEADS) + "---|---|---|---|---|",
     ]
     for name, r in rows.items():
         m, n = r["models"], r["n"]
@@ -197,7 +209,7 @@ def render(rows: dict[str, dict], sets: dict[str, Dataset], *, machine: str, com
             f"| {steps.get('steps', '?')} ({steps.get('batch_size', '?')}) | "
             + " | ".join(_pm(m[k], n) if k in m else "—" for k in MODELS)
             + f" | {r['lead'][0]:+.3f} ({r['significant']} of {n}) "
-            f"| {sets[name].published or '—'} | {n} | {r['seconds']:.0f} |"
+            f"| {sets[name].published or '—'} | {n} | {_seconds(r)} | {r['seconds']:.0f} |"
         )
     lines += ["", *targets(rows), "", "Commands (each once per seed, `seed=N`):", "", "```bash"]
     lines += [*dict.fromkeys(commands), "```"]
@@ -282,6 +294,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", default="", help="comma-separated dataset names")
     parser.add_argument("--fsdd", default=str(REPO.parent / "shared/datasets/fsdd/recordings"))
     parser.add_argument("--gunpoint", default=str(REPO.parent / "shared/datasets/gunpoint"))
+    parser.add_argument("--models", default=",".join(MODELS), help="the models every run trains")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args(argv)
     runs = Path(args.runs).resolve()
@@ -308,9 +321,10 @@ def main(argv: list[str]) -> int:
         seeds = [int(s) for s in (args.slow_seeds if d.slow else args.seeds).split(",")]
         per_seed = []
         for seed in seeds:
-            over = [*d.overrides, *args.overrides, f"seed={seed}"]
+            over = [*d.overrides, f"models=[{args.models}]", *args.overrides, f"seed={seed}"]
             per_seed.append(run_cli(over, runs / f"{name}-s{seed}", log=lambda c: None))
-        commands.append(" ".join(["python -m pipeline.run", *d.overrides, *args.overrides]))
+        models = f"'models=[{args.models}]'"
+        commands.append(" ".join(["python -m pipeline.run", *d.overrides, models, *args.overrides]))
         rows[name] = summarise(per_seed)
         machine = machine or _device_line(per_seed[0])
         print(

@@ -29,6 +29,7 @@ class Extracted:
         file_samples: (n_records,) length of each file in samples, -1 if skipped.
         file_rates: (n_records,) each file's own sample rate, -1 if skipped.
         skipped: the files left out, with reasons.
+        windows: float32 (n, channels, samples), the raw windows of the images, where kept.
     """
 
     images: np.ndarray
@@ -38,6 +39,7 @@ class Extracted:
     file_samples: np.ndarray
     file_rates: np.ndarray
     skipped: list[Skipped] = field(default_factory=list)
+    windows: np.ndarray | None = None
 
 
 def extract_images(
@@ -47,17 +49,18 @@ def extract_images(
     n_records: int,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    keep_windows: bool = False,
 ) -> Extracted:
     """Compute the images of every window that ``source`` yields, in batches of at least
     ``batch_size`` windows (:func:`~pipeline.frontend.batches`).
 
     A file any of whose images is not finite (:func:`finite_images`) is skipped
-    whole, with its reason.
+    whole, with its reason. ``keep_windows`` keeps the raw windows beside the images.
 
     Raises:
         DataError: no file gave a window.
     """
-    gathered = _Gathered(n_records)
+    gathered = _Gathered(n_records, keep_windows=keep_windows)
     module = STFTImage(frontend.params).to(device)
     for run in batches(source, batch_size, lambda item: len(getattr(item, "x", ()))):
         files = [item for item in run if isinstance(item, FileWindows)]
@@ -70,12 +73,17 @@ def extract_images(
 
 
 class _Gathered:
-    """The images and window facts of the files kept so far, and the files skipped."""
+    """The images and window facts of the files kept so far, and the files skipped; the raw
+    windows only with ``keep_windows`` (otherwise no more than a batch of them is held)."""
 
-    def __init__(self, n_records: int) -> None:
+    def __init__(self, n_records: int, *, keep_windows: bool = False) -> None:
         self.n_records = n_records
+        self.keep_windows = keep_windows
         self.chunks: list[np.ndarray] = []
-        self.kept: list[FileWindows] = []
+        self.windows: list[np.ndarray] = []
+        self.record: list[np.ndarray] = []
+        self.start: list[np.ndarray] = []
+        self.split: list[np.ndarray] = []
         self.skipped: list[Skipped] = []
         self.file_samples = np.full(n_records, -1, dtype=np.int64)
         self.file_rates = np.full(n_records, -1, dtype=np.int64)
@@ -89,7 +97,11 @@ class _Gathered:
             rows = slice(at, at + len(f.x))
             at += len(f.x)
             if ok[rows].all():
-                self.kept.append(f)
+                self.record.append(np.full(len(f.x), f.index))
+                self.start.append(f.start)
+                self.split.append(f.split)
+                if self.keep_windows:
+                    self.windows.append(f.x)
                 self.file_samples[f.index] = f.n_samples
                 self.file_rates[f.index] = f.source_rate
             else:
@@ -105,16 +117,17 @@ class _Gathered:
         Raises:
             DataError: no file gave a window.
         """
-        if not self.kept:
+        if not self.record:
             raise DataError(
                 f"none of the {self.n_records} files gave a window; see the skipped files above"
             )
         return Extracted(
             images=np.concatenate(self.chunks),
-            record=np.concatenate([np.full(len(f.x), f.index) for f in self.kept]),
-            start=np.concatenate([f.start for f in self.kept]),
-            split=np.concatenate([f.split for f in self.kept]),
+            record=np.concatenate(self.record),
+            start=np.concatenate(self.start),
+            split=np.concatenate(self.split),
             file_samples=self.file_samples,
             file_rates=self.file_rates,
             skipped=self.skipped,
+            windows=np.concatenate(self.windows) if self.keep_windows else None,
         )

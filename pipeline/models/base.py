@@ -20,12 +20,14 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 from hydra.utils import get_method, instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
 from pipeline.fit import TrainSettings, fit, predict_logits
-from pipeline.runtime import autocast
+from pipeline.models.minirocket import MiniRocketClassifier
+from pipeline.runtime import autocast, in_format
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Model(Protocol):
         kind: ``network`` or ``svm``: the bundle's kind.
         adapts: whether its batch-norm statistics can be re-estimated per test group.
         exports: whether ``task=export`` writes it as ONNX.
+        input: ``image`` or ``raw``: which of the front end's outputs it takes.
         fitted: the wrapped, fitted object (an ``nn.Module``, an ``SVMClassifier``).
     """
 
@@ -158,6 +161,11 @@ class Network:
     def in_channels(self) -> int:
         return int(self.fitted.config["in_channels"])
 
+    @property
+    def input(self) -> str:
+        """``image`` (STFT images) or ``raw`` (the standardised windows: the 1-D ResNet)."""
+        return getattr(self.fitted, "input_kind", "image")
+
     def to(self, device: torch.device) -> Network:
         # channels_last: about 2x faster convolutions on CPUs too (see pipeline.fit)
         self.fitted = self.fitted.to(device, memory_format=torch.channels_last).eval()
@@ -165,7 +173,7 @@ class Network:
 
     @torch.no_grad()
     def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
-        x = images.contiguous(memory_format=torch.channels_last)
+        x = in_format(images, torch.channels_last)
         with autocast(device, amp):
             logits = self.fitted(x).float()
         return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
@@ -229,6 +237,10 @@ class SVM:
     def in_channels(self) -> int:
         return int(self.fitted.image_shape_[0])
 
+    @property
+    def input(self) -> str:
+        return "image"
+
     def to(self, device: torch.device) -> SVM:
         return self  # scikit-learn computes on the CPU
 
@@ -236,12 +248,66 @@ class SVM:
         return self.fitted.predict_proba(images.cpu().numpy())
 
 
+@dataclass
+class MiniRocket:
+    """MiniRocket (:class:`pipeline.models.minirocket.MiniRocketClassifier`) on raw windows."""
+
+    kind: ClassVar[str] = "minirocket"
+    adapts: ClassVar[bool] = False
+    exports: ClassVar[bool] = False
+    input: ClassVar[str] = "raw"
+    fitted: Any = None
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+    def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
+        log.info(
+            "%s: MiniRocket features of %d training windows, ridge classifier", ctx.name, len(x)
+        )
+        t0 = time.perf_counter()
+        self.fitted.fit(x.numpy(), y.numpy())
+        self.train_seconds = time.perf_counter() - t0
+        alpha = float(self.fitted.ridge_.alpha_)
+        log.info("%s: ridge alpha %.3g, fitted in %.1f s", ctx.name, alpha, self.train_seconds)
+        return {"best_params": {"alpha": alpha}}
+
+    def check(self) -> None:
+        """Refuse a bad setting, or a missing aeon, before any file is read."""
+        self.fitted._check_params()
+
+    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
+        return self.fitted.decision_function(x.numpy())
+
+    def n_params(self) -> int:
+        return int(self.fitted.n_params_)
+
+    def save(self, folder: Path) -> dict:
+        from pipeline.models.minirocket import save_minirocket
+
+        with atomic.atomic_path(folder / "model.skops") as tmp:
+            save_minirocket(self.fitted, tmp)
+        return {"kind": self.kind, "model_config": self.fitted.get_params()}
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.fitted.n_channels_)
+
+    def to(self, device: torch.device) -> MiniRocket:
+        return self  # computed on the CPU
+
+    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
+        return self.fitted.predict_proba(images.cpu().numpy())
+
+
 def wrap(obj: Any) -> Model:
-    """The adapter of a built model (a module is a :class:`Network`, anything else an
-    :class:`SVM`); an adapter is returned as it is."""
-    if isinstance(obj, Network | SVM):
+    """The adapter of a built model (a module is a :class:`Network`, a
+    ``MiniRocketClassifier`` a :class:`MiniRocket`, anything else an :class:`SVM`); an adapter
+    is returned as it is."""
+    if isinstance(obj, Network | SVM | MiniRocket):
         return obj
-    return Network(obj) if isinstance(obj, nn.Module) else SVM(obj)
+    if isinstance(obj, nn.Module):
+        return Network(obj)
+    return MiniRocket(obj) if isinstance(obj, MiniRocketClassifier) else SVM(obj)
 
 
 def build(node, *, name: str, n_classes: int, in_channels: int, seed: int) -> Model:
@@ -249,6 +315,8 @@ def build(node, *, name: str, n_classes: int, in_channels: int, seed: int) -> Mo
 
     A builder that takes ``num_classes`` and ``in_channels`` (the networks) gets them; the
     same ``seed`` before each build gives a ResNet and its plain twin the same initial draw.
+    The node's ``train`` key, where it has one, is the model's own training recipe, not a
+    builder argument.
 
     Raises:
         ConfigError: the builder refused a setting (its ValueError, prefixed with ``name``).
@@ -258,7 +326,11 @@ def build(node, *, name: str, n_classes: int, in_channels: int, seed: int) -> Mo
     try:
         accepted = inspect.signature(get_method(node._target_)).parameters
         kwargs = {k: v for k, v in sizes.items() if k in accepted}
-        model = wrap(instantiate(node, **kwargs, _convert_="all"))
+        spec = (
+            OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        )
+        spec.pop("train", None)  # the model's own training settings (compare.train_settings)
+        model = wrap(instantiate(spec, **kwargs, _convert_="all"))
         model.check()
         return model
     except Exception as err:  # Hydra wraps the builder's ValueError in InstantiationException

@@ -194,9 +194,13 @@ def auto_keys(cfg: DictConfig) -> list[str]:
     return [k for k in SIZES if sizes[k] == AUTO] + (["size"] if cfg.features.size == AUTO else [])
 
 
-def train_settings(cfg: DictConfig) -> TrainSettings:
-    """The ``train`` config group as :class:`TrainSettings` (validated)."""
+def train_settings(cfg: DictConfig, name: str | None = None) -> TrainSettings:
+    """The ``train`` config group as :class:`TrainSettings` (validated); with ``name``, model
+    ``name``'s recipe: its node's ``train`` settings over the group's (the 1-D ResNet's Adam)."""
     t = OmegaConf.to_container(cfg.train, resolve=True)
+    own = cfg[name].get("train") if name is not None else None
+    if own is not None:
+        t = OmegaConf.to_container(OmegaConf.merge(t, own), resolve=True)
     known = TrainSettings.__dataclass_fields__
     unknown = sorted(set(t) - set(known))
     if unknown:
@@ -373,12 +377,15 @@ def read_settings(d: DictConfig) -> dict:
     }
 
 
-def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Prepared:
+def prepare_data(
+    cfg: DictConfig, *, device: torch.device, progress: bool, keep_windows: bool = False
+) -> Prepared:
     """Find, split (by recording), read, segment and turn the dataset into images.
 
     The front end is resolved here, where the window length is known (``auto``
     sizes), and the images come from the feature cache when ``features.cache`` is
-    true and an entry for these files and settings exists.
+    true and an entry for these files and settings exists. ``keep_windows`` keeps the
+    raw windows too (for models that take them), computed afresh: the cache holds images.
     """
     d = cfg.data
     if d.get("generate"):
@@ -405,21 +412,16 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
     rate = d.sample_rate if d.sample_rate is not None else native_rate(records)
     t0 = time.perf_counter()
     lookup = extract_cached(
-        cfg, records, splits, rate=rate, read=read, device=device, progress=progress
-    )
-    frontend = Frontend(
-        sample_rate=rate,
-        segmenting=Segmenting(**lookup.info["segment"]),
-        params=STFTParams.from_dict(lookup.info["features"]),
+        cfg,
+        records,
+        splits,
+        rate=rate,
         read=read,
+        device=device,
+        progress=progress,
+        keep_windows=keep_windows,
     )
-    if lookup.hit and auto_keys(cfg):
-        log.info(
-            "features: auto sizes from the cache entry: n_fft=%d, hop_length=%d, win_length=%d",
-            frontend.params.n_fft,
-            frontend.params.hop_length,
-            frontend.params.win_length,
-        )
+    frontend = resolved_frontend(cfg, lookup, rate=rate, read=read)
     return Prepared(
         records,
         found.classes,
@@ -434,6 +436,28 @@ def prepare_data(cfg: DictConfig, *, device: torch.device, progress: bool) -> Pr
     )
 
 
+def resolved_frontend(
+    cfg: DictConfig, lookup: feature_cache.Lookup, *, rate: int, read: dict
+) -> Frontend:
+    """The front end whose settings (auto sizes, whole-file length) the extraction or the
+    cache entry resolved."""
+    frontend = Frontend(
+        sample_rate=rate,
+        segmenting=Segmenting(**lookup.info["segment"]),
+        params=STFTParams.from_dict(lookup.info["features"]),
+        read=read,
+    )
+    if lookup.hit and auto_keys(cfg):
+        p = frontend.params
+        log.info(
+            "features: auto sizes from the cache entry: n_fft=%d, hop_length=%d, win_length=%d",
+            p.n_fft,
+            p.hop_length,
+            p.win_length,
+        )
+    return frontend
+
+
 def extract_cached(
     cfg: DictConfig,
     records: list[Record],
@@ -443,6 +467,7 @@ def extract_cached(
     read: dict,
     device: torch.device,
     progress: bool,
+    keep_windows: bool = False,
 ) -> feature_cache.Lookup:
     """The images of every window, from the feature cache or computed through the run's
     front end (:func:`build_frontend`), with the current split applied."""
@@ -464,13 +489,14 @@ def extract_cached(
             n_records=len(records),
             device=device,
             batch_size=cfg.features.batch_size,
+            keep_windows=keep_windows,
         )
         return ex, {"segment": asdict(frontend.segmenting), "features": frontend.params.to_dict()}
 
     timed = np.asarray(splits) == "time"
     lookup = feature_cache.cached(
         compute,
-        root=Path(cfg.features.cache_dir) if cfg.features.cache else None,
+        root=Path(cfg.features.cache_dir) if cfg.features.cache and not keep_windows else None,
         files=[r.path for r in records],
         settings=cache_settings(cfg, rate, read, timed),
         max_bytes=cache_limit(cfg.features),
@@ -706,7 +732,18 @@ class Job:
     adapt_bn: bool | str
     run_dir: Path
     checkpoints: Path
+    inputs: dict[str, str] = field(default_factory=dict)  # each model's: image or raw
+    recipes: dict[str, TrainSettings] = field(default_factory=dict)  # each model's training
     tracker: Tracker = field(default_factory=NullTracker)  # logger=...: rank 0's, else null
+
+    def recipe(self, name: str) -> TrainSettings:
+        """Model ``name``'s training settings (its own ``train`` over the group's)."""
+        return self.recipes.get(name, self.settings)
+
+    @property
+    def raw(self) -> bool:
+        """Whether a model takes the raw windows (then they are kept beside the images)."""
+        return "raw" in self.inputs.values()
 
 
 def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
@@ -737,8 +774,10 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
             )
     device = setup_distributed(resolve_device(cfg.device))
     rank, _ = rank_and_world()
-    for name in names:  # a bad model setting fails now, not after the data is read
-        build(cfg[name], name=name, n_classes=2, in_channels=1, seed=cfg.seed)
+    # a bad model setting fails now, not after the data is read
+    inputs = {
+        n: build(cfg[n], name=n, n_classes=2, in_channels=1, seed=cfg.seed).input for n in names
+    }
     log.info(
         "device %s (%s), models %s, run folder %s",
         device,
@@ -746,7 +785,8 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
         names,
         run_dir,
     )
-    return Job(names, settings, device, rank, adapt_bn, run_dir, checkpoints)
+    recipes = {n: train_settings(cfg, n) for n in names if cfg[n].get("train") is not None}
+    return Job(names, settings, device, rank, adapt_bn, run_dir, checkpoints, inputs, recipes)
 
 
 def check_grouping(cfg: DictConfig) -> bool | str:
@@ -788,6 +828,7 @@ class Split:
         frontend: the run's front end, its normaliser fitted on the training images.
         images: the normalised images of every window.
         tensors: {split: (images, labels)}.
+        raw: {split: (standardised windows, labels)} where a model takes raw windows.
         test_groups: each test window's group ("" for none).
         decision: whether the networks are also evaluated adapted.
         data_settings: what the bundle keeps of the data beyond the front end (the groups).
@@ -803,6 +844,11 @@ class Split:
     test_groups: np.ndarray
     decision: Decision
     data_settings: dict
+    raw: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def inputs(self, kind: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """{split: (inputs, labels)} for a model whose input is ``kind`` (image or raw)."""
+        return self.raw if kind == "raw" else self.tensors
 
     @cached_property
     def test_record(self) -> np.ndarray:
@@ -826,7 +872,7 @@ class Split:
 
 def prepare(cfg: DictConfig, job: Job) -> Split:
     """Read, split and normalise the data; decide the adaptation."""
-    data = prepare_data(cfg, device=job.device, progress=cfg.progress)
+    data = prepare_data(cfg, device=job.device, progress=cfg.progress, keep_windows=job.raw)
     y, masks, merged = split_masks(data, job.settings)
     summary = dataset_summary(cfg, data, masks)
     summary["val_merged_into_train"] = merged
@@ -858,6 +904,34 @@ def prepare(cfg: DictConfig, job: Job) -> Split:
     tensors = {
         s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
     }
+    raw = None
+    if job.raw:
+        frontend, raw = raw_inputs(cfg, frontend, ex, masks, tensors)
+    test_groups, decision = test_grouping(cfg, job, data, masks)
+    return Split(
+        data,
+        y,
+        masks,
+        summary,
+        frontend,
+        images,
+        tensors,
+        test_groups,
+        decision,
+        bundle_data_settings(cfg, data, masks),
+        raw,
+    )
+
+
+def test_grouping(
+    cfg: DictConfig, job: Job, data: Prepared, masks: dict[str, np.ndarray]
+) -> tuple[np.ndarray, Decision]:
+    """Each test window's group ("" for none) and the adaptation decided for them.
+
+    Raises:
+        ConfigError: ``evaluate.adapt_bn=group`` and no test window has a group.
+    """
+    ex = data.extracted
     records = data.records
     test_groups = np.array([records[i].group or "" for i in ex.record[masks["test"]]], dtype=object)
     if job.adapt_bn == "group" and (test_groups == "").all():
@@ -873,18 +947,24 @@ def prepare(cfg: DictConfig, job: Job) -> Split:
             "batch-norm statistics are re-estimated together",
             int((test_groups == "").sum()),
         )
-    return Split(
-        data,
-        y,
-        masks,
-        summary,
-        frontend,
-        images,
-        tensors,
-        test_groups,
-        decision,
-        bundle_data_settings(cfg, data, masks),
-    )
+    return test_groups, decision
+
+
+def raw_inputs(
+    cfg: DictConfig,
+    frontend: Frontend,
+    ex: Extracted,
+    masks: dict[str, np.ndarray],
+    tensors: dict[str, tuple[Tensor, Tensor]],
+) -> tuple[Frontend, dict[str, tuple[Tensor, Tensor]]]:
+    """The front end with its raw-window standardisation fitted on the training windows
+    (``features.raw_normalize``), and {split: (standardised windows, labels)}."""
+    with config_keys("features.", names={"raw_normalize": "features.raw_normalize"}):
+        frontend = frontend.fitted_windows(
+            ex.windows[masks["train"]], mode=cfg.features.get("raw_normalize", "window")
+        )
+    windows = frontend.normalise_windows(ex.windows)
+    return frontend, {s: (windows[masks[s]], tensors[s][1]) for s in SPLITS}
 
 
 def split_masks(
@@ -1006,20 +1086,21 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
         in_channels=split.images.shape[1],
         seed=cfg.seed,
     )
-    x_te, y_te = split.tensors["test"]
+    tensors = split.inputs(model.input)
+    x_te, y_te = tensors["test"]
     ctx = Context(
-        settings=job.settings,
+        settings=job.recipe(name),
         device=job.device,
         seed=cfg.seed,
         progress=cfg.progress,
         name=name,
         checkpoint=job.checkpoints / f"{name}.pt",
-        resume=bool(job.settings.resume),
+        resume=bool(job.recipe(name).resume),
         fingerprint=fingerprint(cfg, name, data.records, classes),
         tracker=job.tracker,
     )
     with config_keys("train."):  # a NaN loss, a checkpoint that cannot be resumed
-        extra = model.fit(*split.tensors["train"], *split.tensors["val"], ctx=ctx)
+        extra = model.fit(*tensors["train"], *tensors["val"], ctx=ctx)
     if model.history:
         out.histories[name] = model.history
     t0 = time.perf_counter()
@@ -1036,7 +1117,7 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
         inference_images_per_second=len(x_te) / max(infer_seconds, 1e-9),
         **extra,
     )
-    x_val, y_val = split.tensors["val"]
+    x_val, y_val = tensors["val"]
     if len(x_val):  # the model as tested, on validation: an Optuna search's objective
         m["val_accuracy"] = float(np.mean(model.scores(x_val, ctx=ctx).argmax(1) == y_val.numpy()))
     out.results[name] = m
@@ -1054,7 +1135,7 @@ def save_model(cfg: DictConfig, job: Job, split: Split, name: str, model, scores
         classes=split.data.classes,
         frontend=split.frontend,
         data=split.data_settings,
-        extra={"name": name, "seed": cfg.seed, "amp": job.settings.amp},
+        extra={"name": name, "seed": cfg.seed, "amp": job.recipe(name).amp},
     )
     _write_predictions(
         job.run_dir / "predictions" / f"{name}.csv",
@@ -1071,7 +1152,7 @@ def evaluate_adapted(
 ) -> dict:
     """AdaBN: each test group also classified with batch-norm statistics of its own images,
     beside the plain figures; returns the adapted figures for metrics.json."""
-    x_te, y_te = split.tensors["test"]
+    x_te, y_te = split.inputs(model.input)["test"]
     classes = split.data.classes
     t0 = time.perf_counter()
     scores = adapted_logits(
@@ -1080,7 +1161,7 @@ def evaluate_adapted(
         split.test_groups,
         batch_size=model.batch_size,
         device=job.device,
-        amp=job.settings.amp,
+        amp=job.recipe(name).amp,
         seed=cfg.seed,
         key="evaluate.adapt_bn",
         regex_key="data.group_regex",

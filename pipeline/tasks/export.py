@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 # What torch.onnx.export(dynamo=True) imports; onnxruntime, for the check only, is optional.
 EXPORT_MODULES = ("onnx", "onnxscript")
+NAMES = {"svm": "an SVM", "minirocket": "a MiniRocket"}
+# What the ONNX input holds, for the sidecar.
+MEANINGS = {
+    "image": "STFT images after normalisation, see features and normalizer",
+    "raw": "raw windows (channels, samples) standardised as window_norm says, see data",
+}
 
 
 def require_onnx() -> None:
@@ -58,22 +64,24 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
     model = wrap(bundle.model)
     if not model.exports:
         raise BundleError(
-            f"export.model={e.model!r} is an SVM bundle; ONNX export covers the networks "
-            "(resnet, plain_cnn): point export.model at one of those"
+            f"export.model={e.model!r} is {NAMES.get(model.kind, model.kind)} bundle; ONNX "
+            "export covers the networks (resnet, plain_cnn, resnet1d): point export.model at "
+            "one of those"
         )
     output = check_settings(e, run_dir)
     network = model.fitted.eval()
-    image = (model.in_channels, *Frontend.from_bundle(bundle).image_shape())
+    image = Frontend.from_bundle(bundle).input_shape(model.input, model.in_channels)
     with atomic.atomic_path(output) as tmp:
         onnx_program(network, image).save(str(tmp))
     sidecar = {
         "input": {
             "name": "image",
             "shape": ["batch", *image],
-            "meaning": "STFT images after normalisation, see features and normalizer",
+            "meaning": MEANINGS[model.input],
         },
         "output": {"name": "logits", "classes": bundle.classes},
         **{k: bundle.meta[k] for k in ("classes", "data", "features", "normalizer", "versions")},
+        **({"window_norm": bundle.meta["window_norm"]} if model.input == "raw" else {}),
     }
     atomic.write_json(output.with_suffix(".json"), sidecar)
     result = {"output": str(output), "checked": False}
@@ -114,9 +122,9 @@ def check_settings(e: DictConfig, run_dir: Path) -> Path:
     return output
 
 
-def onnx_program(network: torch.nn.Module, image: tuple[int, int, int]):
+def onnx_program(network: torch.nn.Module, image: tuple[int, ...]):
     """The network as an ONNX program, its batch size free: (batch, *image) -> logits."""
-    example = torch.randn(2, *image)  # (batch, channels, freq, time)
+    example = torch.randn(2, *image)  # (batch, channels, freq, time) or (batch, channels, time)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes about optional torchvision ops
         return torch.onnx.export(

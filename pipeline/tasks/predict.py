@@ -90,8 +90,11 @@ class Classifier:
 
     @torch.no_grad()
     def images(self, windows: np.ndarray) -> torch.Tensor:
-        """Normalised images of windows (n, channels, samples), on the device: the front
-        end's, as in training (:meth:`Frontend.raw_images`)."""
+        """The model's input for windows (n, channels, samples), on the device, as in
+        training: normalised images (:meth:`Frontend.raw_images`), or for a raw-input
+        model (the 1-D ResNet) the standardised windows."""
+        if self.classifier.input == "raw":
+            return self.frontend.normalise_windows(windows, device=self.device)
         raw = self.frontend.raw_images(
             windows, device=self.device, batch_size=max(1, len(windows)), module=self.stft
         )
@@ -133,8 +136,8 @@ def check_amp(amp) -> None:
 
 
 def bundle_amp(amp: bool | None, bundle: Bundle) -> bool:
-    """``predict.amp``, or where it is null the bundle's ``train.amp`` (true, the default,
-    for bundles saved before it was recorded)."""
+    """``predict.amp``, or where it is null the bundle's ``train.amp`` (true, the training
+    default, for a bundle saved outside a training run, which records none)."""
     return bool(bundle.meta.get("amp", True)) if amp is None else amp
 
 
@@ -267,7 +270,8 @@ def group_pass(
         if not finite_images(images).all():
             continue  # the classifying pass reports it (overflow_reason)
         # float64 on the CPU (MPS has no float64): (channels, height)
-        out.sums[g] = out.sums.get(g, 0) + images.mean(dim=3).sum(dim=0).cpu().double()
+        if images.dim() == 4:  # images: their frequency profile (raw windows have none)
+            out.sums[g] = out.sums.get(g, 0) + images.mean(dim=3).sum(dim=0).cpu().double()
         out.files[g] = out.files.get(g, 0) + 1
         n = out.windows.get(g, 0)
         out.windows[g] = n + len(windows)
@@ -603,7 +607,8 @@ def first_pass(
 ) -> tuple[dict | None, dict | None]:
     """Each group's profile (a bundle with ``features.per_group``) and batch-norm statistics
     (``adapt_bn``), from one read of the input before the classifying one; Nones otherwise."""
-    per_group = classify.bundle.normalizer.per_group
+    # a group's profile is of images: a raw-input model's windows have none to remove
+    per_group = classify.bundle.normalizer.per_group and classify.classifier.input == "image"
     if not (per_group or adapt_bn):
         return None, None
     files = read_files(source, reader, workers=workers)
