@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m pipeline.run <overrides> progress=false`` in the repository, captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV the pipeline wrote, as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_tone_dataset(

@@ -3,7 +3,6 @@ like the SVM; without aeon, one line names the extra."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pipeline.models.minirocket import (
     load_minirocket,
     save_minirocket,
 )
-from tests.conftest import write_tone_dataset
+from tests.conftest import read_csv, write_tone_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,11 +70,6 @@ def cli(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -17,19 +16,9 @@ import torch
 from scipy.special import softmax
 
 from pipeline.errors import ConfigError
-from tests.conftest import write_tone_dataset
+from tests.conftest import cli, read_csv, write_tone_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +44,6 @@ def trained(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow

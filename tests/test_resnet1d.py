@@ -3,11 +3,7 @@ bundles, predict and export like the other networks."""
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +13,7 @@ from scipy.special import softmax
 from pipeline.errors import ConfigError
 from pipeline.frontend import WindowNorm
 from pipeline.models.resnet1d import build_resnet1d
-from tests.conftest import write_tone_dataset
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *overrides, "progress=false"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from tests.conftest import cli, read_csv, write_tone_dataset
 
 
 def wang_parameters(channels: int, classes: int) -> int:
@@ -74,11 +58,6 @@ def test_window_norm_standardises_each_window_or_by_the_training_statistics():
     assert torch.equal(again(torch.from_numpy(x)), norm(torch.from_numpy(x)))
     with pytest.raises(ConfigError, match="raw_normalize='rows' must be one of"):
         WindowNorm.fit(x, mode="rows")
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow

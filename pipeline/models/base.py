@@ -180,15 +180,51 @@ class Network:
 
 
 @dataclass
-class SVM:
-    """The RBF SVM baseline (:class:`pipeline.models.svm.SVMClassifier`) on flattened images."""
+class Estimator:
+    """A fitted scikit-learn estimator, computed on the CPU: what the SVM and MiniRocket
+    adapters share (a skops file ``model.skops``, decision scores, ``predict_proba``)."""
 
-    kind: ClassVar[str] = "svm"
+    kind: ClassVar[str]
+    input: ClassVar[str]
     adapts: ClassVar[bool] = False
     exports: ClassVar[bool] = False  # to ONNX (task=export)
     fitted: Any = None
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
+
+    def check(self) -> None:
+        """Refuse a bad setting (or a missing optional package) before any file is read."""
+        self.fitted._check_params()
+
+    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
+        return self.fitted.decision_function(x.numpy())
+
+    def n_params(self) -> int:
+        return int(self.fitted.n_params_)
+
+    def save(self, folder: Path) -> dict:
+        with atomic.atomic_path(folder / "model.skops") as tmp:
+            self.write(self.fitted, tmp)
+        return {"kind": self.kind, "model_config": self.fitted.get_params()}
+
+    @staticmethod
+    def write(model: Any, path: Path) -> None:
+        """Save ``model`` to ``path`` with skops (each adapter's own function)."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> Estimator:
+        return self  # scikit-learn computes on the CPU
+
+    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
+        return self.fitted.predict_proba(images.cpu().numpy())
+
+
+@dataclass
+class SVM(Estimator):
+    """The RBF SVM baseline (:class:`pipeline.models.svm.SVMClassifier`) on flattened images."""
+
+    kind: ClassVar[str] = "svm"
+    input: ClassVar[str] = "image"
 
     def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
         log.info(
@@ -216,49 +252,23 @@ class SVM:
         log.info("%s: best %s, fitted in %.1f s", ctx.name, best, self.train_seconds)
         return {"best_params": best}
 
-    def check(self) -> None:
-        """Refuse a bad setting before any file is read."""
-        self.fitted._check_params()
-
-    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
-        return self.fitted.decision_function(x.numpy())
-
-    def n_params(self) -> int:
-        return int(self.fitted.n_params_)
-
-    def save(self, folder: Path) -> dict:
+    @staticmethod
+    def write(model: Any, path: Path) -> None:
         from pipeline.models.svm import save_svm
 
-        with atomic.atomic_path(folder / "model.skops") as tmp:
-            save_svm(self.fitted, tmp)
-        return {"kind": self.kind, "model_config": self.fitted.get_params()}
+        save_svm(model, path)
 
     @property
     def in_channels(self) -> int:
         return int(self.fitted.image_shape_[0])
 
-    @property
-    def input(self) -> str:
-        return "image"
-
-    def to(self, device: torch.device) -> SVM:
-        return self  # scikit-learn computes on the CPU
-
-    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
-        return self.fitted.predict_proba(images.cpu().numpy())
-
 
 @dataclass
-class MiniRocket:
+class MiniRocket(Estimator):
     """MiniRocket (:class:`pipeline.models.minirocket.MiniRocketClassifier`) on raw windows."""
 
     kind: ClassVar[str] = "minirocket"
-    adapts: ClassVar[bool] = False
-    exports: ClassVar[bool] = False
     input: ClassVar[str] = "raw"
-    fitted: Any = None
-    train_seconds: float = 0.0
-    history: list = field(default_factory=list)
 
     def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
         log.info(
@@ -271,39 +281,22 @@ class MiniRocket:
         log.info("%s: ridge alpha %.3g, fitted in %.1f s", ctx.name, alpha, self.train_seconds)
         return {"best_params": {"alpha": alpha}}
 
-    def check(self) -> None:
-        """Refuse a bad setting, or a missing aeon, before any file is read."""
-        self.fitted._check_params()
-
-    def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
-        return self.fitted.decision_function(x.numpy())
-
-    def n_params(self) -> int:
-        return int(self.fitted.n_params_)
-
-    def save(self, folder: Path) -> dict:
+    @staticmethod
+    def write(model: Any, path: Path) -> None:
         from pipeline.models.minirocket import save_minirocket
 
-        with atomic.atomic_path(folder / "model.skops") as tmp:
-            save_minirocket(self.fitted, tmp)
-        return {"kind": self.kind, "model_config": self.fitted.get_params()}
+        save_minirocket(model, path)
 
     @property
     def in_channels(self) -> int:
         return int(self.fitted.n_channels_)
-
-    def to(self, device: torch.device) -> MiniRocket:
-        return self  # computed on the CPU
-
-    def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
-        return self.fitted.predict_proba(images.cpu().numpy())
 
 
 def wrap(obj: Any) -> Model:
     """The adapter of a built model (a module is a :class:`Network`, a
     ``MiniRocketClassifier`` a :class:`MiniRocket`, anything else an :class:`SVM`); an adapter
     is returned as it is."""
-    if isinstance(obj, Network | SVM | MiniRocket):
+    if isinstance(obj, Network | Estimator):
         return obj
     if isinstance(obj, nn.Module):
         return Network(obj)
