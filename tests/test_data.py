@@ -15,18 +15,7 @@ from pipeline.features.stft import STFTParams
 from pipeline.frontend import Frontend, segmenting
 
 # Reading and cutting need no image; any valid settings do.
-PARAMS = STFTParams(
-    n_fft=64,
-    hop_length=16,
-    win_length=64,
-    window="hann",
-    center=True,
-    pad_mode="reflect",
-    power=1,
-    scale="db",
-    top_db=None,
-    size=None,
-)
+PARAMS = STFTParams(n_fft=64, hop_length=16, win_length=64)
 
 
 def tone(path, freq, n=500, rate=1000):

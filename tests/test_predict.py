@@ -231,18 +231,7 @@ def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
         folder.mkdir(exist_ok=True)
         n = 3 if i == 7 else 400  # one file too short for a window
         np.save(folder / f"{i:02d}.npy", np.full(n, i + 1, np.float32))  # not all zero
-    params = STFTParams(
-        n_fft=32,
-        hop_length=8,
-        win_length=32,
-        window="hann",
-        center=True,
-        pad_mode="reflect",
-        power=1,
-        scale="db",
-        top_db=None,
-        size=None,
-    )
+    params = STFTParams(n_fft=32, hop_length=8, win_length=32)
     front = Frontend(sample_rate=100, segmenting=Segmenting(100, 100, pad=False), params=params)
     reader = WindowReader(front, channels=1)
     inline = list(read_files(tmp_path, reader, workers=0))
