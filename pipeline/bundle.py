@@ -31,7 +31,7 @@ from pipeline.frontend import Frontend
 from pipeline.values import is_whole
 
 # The one format this version writes and reads; an older bundle is refused (retrain it).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: the model's input (image or raw) and window_norm
 _PACKAGES = (
     "stft-resnet-pipeline",
     "torch",
@@ -118,7 +118,10 @@ def save_bundle(
     meta["input"] = adapter.input
     if adapter.input == "raw":
         if frontend.window_norm is None:
-            raise ValueError("a raw-input model needs a front end with window_norm")
+            raise ValueError(
+                "save_bundle: a raw-input model needs frontend.window_norm; fit it first with "
+                "Frontend.fitted_windows(training windows)"
+            )
         meta["window_norm"] = frontend.window_norm.to_dict()
     meta.update(adapter.save(path))  # its files, and its kind and model_config
     atomic.write_json(path / "bundle.json", meta)

@@ -108,6 +108,8 @@ class Windows:
 
 
 WINDOW_NORMS = ("window", "global")
+# A window whose standard deviation is below this fraction of its peak is constant.
+FLAT = 1e-5
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,11 @@ class WindowNorm:
         """Windows (n, channels, samples) standardised, on their device."""
         if self.mode == "window":
             mean = x.mean(dim=-1, keepdim=True)
-            return (x - mean) / x.std(dim=-1, keepdim=True, correction=0).clamp(min=1e-8)
+            std = x.std(dim=-1, keepdim=True, correction=0)
+            # A constant window has a float32 rounding spread of about 1e-7 of its level, not
+            # 0: below FLAT of its peak it is flat and standardises to zeros, not to noise.
+            flat = std <= FLAT * x.abs().amax(dim=-1, keepdim=True)
+            return torch.where(flat, 0.0, (x - mean) / torch.where(flat, 1.0, std))
         mean = torch.as_tensor(self.mean, device=x.device)
         return (x - mean) / torch.as_tensor(self.std, device=x.device)
 

@@ -65,7 +65,7 @@ def test_network_bundle_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(torch.from_numpy(x)), model(torch.from_numpy(x)))
     meta = json.loads((tmp_path / "net" / "bundle.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 3 and "torch" in meta["versions"]
+    assert meta["format_version"] == FORMAT_VERSION == 4 and "torch" in meta["versions"]
 
 
 def test_a_per_group_bundle_round_trips_in_the_one_format(tmp_path):
@@ -78,11 +78,11 @@ def test_a_per_group_bundle_round_trips_in_the_one_format(tmp_path):
             DATA, PARAMS, Normalizer.fit(x, mode="global", per_group="freq")
         ),
     )
-    assert json.loads((tmp_path / "net" / "bundle.json").read_text())["format_version"] == 3
+    assert json.loads((tmp_path / "net" / "bundle.json").read_text())["format_version"] == 4
     assert load_bundle(tmp_path / "net").normalizer.per_group == "freq"
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_bundle_of_an_older_format_is_refused_with_one_sentence(tmp_path, version):
     x, _ = images()
     save(tmp_path / "net", build_resnet(num_classes=3, depth=8), x)
@@ -114,7 +114,7 @@ def test_incomplete_or_foreign_bundles_are_refused(tmp_path):
     meta_path = tmp_path / "net" / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(BundleError, match=r"format_version=99, but this release reads format 3"):
+    with pytest.raises(BundleError, match=r"format_version=99, but this release reads format 4"):
         load_bundle(tmp_path / "net")
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "net" / "weights.pt").unlink()

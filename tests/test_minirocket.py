@@ -163,3 +163,9 @@ def test_the_report_answers_both_questions_in_words():
     assert (
         baselines_sentence(["resnet", "plain_cnn", "svm"], {("resnet", "svm"): (1, 9, 0.01)}) == ""
     )
+
+
+def test_windows_shorter_than_its_kernels_are_refused_in_one_line():
+    x, y = windows(length=8)
+    with pytest.raises(ValueError, match="windows of 8 samples are shorter than MiniRocket's"):
+        MiniRocketClassifier(n_kernels=84).fit(x, y)

@@ -13,7 +13,7 @@ from scipy.special import softmax
 from pipeline.errors import ConfigError
 from pipeline.frontend import WindowNorm
 from pipeline.models.resnet1d import build_resnet1d
-from tests.conftest import cli, read_csv, write_tone_dataset
+from tests.conftest import REPO, cli, read_csv, write_tone_dataset
 
 
 def wang_parameters(channels: int, classes: int) -> int:
@@ -123,3 +123,30 @@ def test_it_trains_bundles_predicts_and_exports_like_the_other_networks(tmp_path
     sidecar = json.loads(onnx.with_suffix(".json").read_text())
     assert sidecar["input"]["shape"] == ["batch", 1, meta["data"]["segment_samples"]]
     assert sidecar["window_norm"] == meta["window_norm"]
+
+
+def test_a_constant_window_standardises_to_zeros_not_to_rounding_noise():
+    norm = WindowNorm.fit(np.zeros((1, 1, 8), np.float32), mode="window")
+    for level in (0.3, 1.7, 123.456):
+        flat = norm(torch.full((1, 1, 500), level))
+        assert torch.equal(flat, torch.zeros_like(flat))
+    ramp = norm(torch.linspace(0, 1, 500).view(1, 1, 500))
+    assert abs(float(ramp.std(correction=0)) - 1) < 1e-4
+
+
+def test_a_models_own_training_settings_are_named_as_its_config_spells_them():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.tasks.compare import check_switches, train_settings
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = compose("config", ["resnet1d.train.lr=-1"])
+        with pytest.raises(ConfigError, match=r"^resnet1d\.train\.lr=-1 must be"):
+            train_settings(cfg, "resnet1d")
+        assert train_settings(cfg, "resnet").lr == 0.1  # the group's, for a model without a block
+        cfg = compose("config", ["train.lr=-1"])
+        with pytest.raises(ConfigError, match=r"^train\.lr=-1 must be"):
+            train_settings(cfg, "resnet")
+        cfg = compose("config", ["features.raw_normalize=rows"])
+        with pytest.raises(ConfigError, match=r"features\.raw_normalize='rows' must be window"):
+            check_switches(cfg)

@@ -64,7 +64,7 @@ class Model(Protocol):
     """A classifier of images (n, channels, height, width) into ``n_classes`` classes.
 
     Attributes:
-        kind: ``network`` or ``svm``: the bundle's kind.
+        kind: ``network``, ``svm`` or ``minirocket``: the bundle's kind.
         adapts: whether its batch-norm statistics can be re-estimated per test group.
         exports: whether ``task=export`` writes it as ONNX.
         input: ``image`` or ``raw``: which of the front end's outputs it takes.
@@ -275,7 +275,10 @@ class MiniRocket(Estimator):
             "%s: MiniRocket features of %d training windows, ridge classifier", ctx.name, len(x)
         )
         t0 = time.perf_counter()
-        self.fitted.fit(x.numpy(), y.numpy())
+        try:
+            self.fitted.fit(x.numpy(), y.numpy())
+        except ValueError as err:  # a window the kernels do not fit
+            raise ConfigError(f"{ctx.name}: {err}") from None
         self.train_seconds = time.perf_counter() - t0
         alpha = float(self.fitted.ridge_.alpha_)
         log.info("%s: ridge alpha %.3g, fitted in %.1f s", ctx.name, alpha, self.train_seconds)

@@ -32,6 +32,7 @@ TRUSTED_TYPES = frozenset(
         "aeon.transformations.collection.convolution_based._minirocket.MiniRocket",
     }
 )
+MIN_LENGTH = 9  # MiniRocket's kernels span 9 samples
 EXTRA = 'minirocket needs aeon, which is not installed; pip install -e ".[rocket]"'
 
 
@@ -90,6 +91,11 @@ class MiniRocketClassifier(ClassifierMixin, BaseEstimator):
 
         self._check_params()
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[-1] < MIN_LENGTH:
+            raise ValueError(
+                f"its windows of {x.shape[-1]} samples are shorter than MiniRocket's kernels "
+                f"({MIN_LENGTH} samples); use longer windows (data.segment.length_seconds)"
+            )
         self.rocket_ = MiniRocket(
             n_kernels=self.n_kernels,
             max_dilations_per_kernel=self.max_dilations_per_kernel,

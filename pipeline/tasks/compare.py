@@ -48,7 +48,7 @@ from pipeline.features.stft import (
     check_per_group,
 )
 from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings
-from pipeline.frontend import Frontend, Segmenting, segmenting
+from pipeline.frontend import WINDOW_NORMS, Frontend, Segmenting, segmenting
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
 from pipeline.models.base import Context, build
 from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
@@ -199,15 +199,19 @@ def train_settings(cfg: DictConfig, name: str | None = None) -> TrainSettings:
     ``name``'s recipe: its node's ``train`` settings over the group's (the 1-D ResNet's Adam)."""
     t = OmegaConf.to_container(cfg.train, resolve=True)
     own = cfg[name].get("train") if name is not None else None
-    if own is not None:
-        t = OmegaConf.to_container(OmegaConf.merge(t, own), resolve=True)
     known = TrainSettings.__dataclass_fields__
+    group = {}  # where each of the model's own settings is spelt, for the messages
+    if own is not None:
+        own = OmegaConf.to_container(own, resolve=True)
+        group = {k: f"{name}.train.{k}" for k in own}
+        t = OmegaConf.to_container(OmegaConf.merge(t, own), resolve=True)
     unknown = sorted(set(t) - set(known))
     if unknown:
-        raise ConfigError(f"train.{unknown[0]} is not a training setting; known: {sorted(known)}")
+        key = group.get(unknown[0], f"train.{unknown[0]}")
+        raise ConfigError(f"{key} is not a training setting; known: {sorted(known)}")
     if isinstance(t.get("milestones"), list):
         t["milestones"] = tuple(t["milestones"])
-    with config_keys("train."):
+    with config_keys("train.", names=group):
         return TrainSettings(**t)
 
 
@@ -243,6 +247,12 @@ def check_switches(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not is_whole(value):
             raise ConfigError(f"{key}={value!r} must be a whole number 0 or above")
+    norm = OmegaConf.select(cfg, "features.raw_normalize")
+    if norm is not None and norm not in WINDOW_NORMS:
+        raise ConfigError(
+            f"features.raw_normalize={norm!r} must be window (each window by its own mean and "
+            "std) or global (the training windows' mean and std per channel)"
+        )
     batch = OmegaConf.select(cfg, "features.batch_size")
     if batch is not None and not is_whole(batch, minimum=1):
         raise ConfigError(f"features.batch_size={batch!r} must be a positive number of windows")
@@ -494,6 +504,8 @@ def extract_cached(
         return ex, {"segment": asdict(frontend.segmenting), "features": frontend.params.to_dict()}
 
     timed = np.asarray(splits) == "time"
+    if keep_windows and cfg.features.cache:
+        log.info("features.cache: not used, a model takes the raw windows, which it does not hold")
     lookup = feature_cache.cached(
         compute,
         root=Path(cfg.features.cache_dir) if cfg.features.cache and not keep_windows else None,

@@ -75,7 +75,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         onnx_program(network, image).save(str(tmp))
     sidecar = {
         "input": {
-            "name": "image",
+            "name": "image",  # the graph's input name, whatever it holds (see "meaning")
             "shape": ["batch", *image],
             "meaning": MEANINGS[model.input],
         },

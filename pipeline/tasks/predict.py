@@ -371,7 +371,11 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         log.info("device %s (%s)", device, precision(device, amp))
     adapt_bn = bool(p.get("adapt_bn", False))
     if adapt_bn and not adapts:
-        log.warning("predict.adapt_bn=group is not used: %s is an SVM, without batch norm", p.model)
+        log.warning(
+            "predict.adapt_bn=group is not used: %s is a %s bundle, without batch norm",
+            p.model,
+            bundle.kind,
+        )
         adapt_bn = False
     pattern = grouping(p, bundle, adapt_bn=adapt_bn)
     summary = predict_folder(
