@@ -101,6 +101,19 @@ class Classifier:
         return self.frontend.normalise(raw)
 
     @torch.no_grad()
+    def usable(self, windows: np.ndarray, inputs: torch.Tensor) -> np.ndarray:
+        """(n,) bool: the windows training would have kept: finite inputs, and for a
+        raw-input model a finite STFT image too (training skips a file whose image is not,
+        whatever the models, so predict refuses the same files with the same words)."""
+        ok = finite_images(inputs)
+        if self.classifier.input == "raw":
+            raw = self.frontend.raw_images(
+                windows, device=self.device, batch_size=max(1, len(windows)), module=self.stft
+            )
+            ok &= finite_images(raw)
+        return ok
+
+    @torch.no_grad()
     def __call__(self, windows: np.ndarray, profiles: np.ndarray | None = None) -> np.ndarray:
         """Class probabilities (n, classes); ``profiles`` (n, channels, height, 1), when
         given, are the windows' group profiles (``features.per_group``), subtracted.
@@ -109,7 +122,7 @@ class Classifier:
         images = self.images(windows)
         if profiles is not None:
             images = images - torch.from_numpy(profiles).to(self.device)
-        ok = finite_images(images)
+        ok = self.usable(windows, images)
         if not ok.all():
             images = torch.where(torch.isfinite(images), images, 0.0)
         probs = self.classifier.probabilities(images, device=self.device, amp=self.amp)
@@ -266,8 +279,8 @@ def group_pass(
         if isinstance(windows, str) or not len(windows):
             continue
         g = file_group(path, pattern)
-        images = classify.images(windows)  # (n, channels, height, width)
-        if not finite_images(images).all():
+        images = classify.images(windows)  # (n, channels, height, width), or raw windows
+        if not classify.usable(windows, images).all():
             continue  # the classifying pass reports it (overflow_reason)
         # float64 on the CPU (MPS has no float64): (channels, height)
         if images.dim() == 4:  # images: their frequency profile (raw windows have none)
