@@ -171,3 +171,22 @@ def test_a_models_own_training_settings_are_named_as_its_config_spells_them():
         cfg = compose("config", ["features.raw_normalize=rows"])
         with pytest.raises(ConfigError, match=r"features\.raw_normalize='rows' must be window"):
             check_switches(cfg)
+
+
+def test_a_resume_fingerprint_counts_the_models_own_training_settings():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.tasks.compare import fingerprint
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        base, group_lr = compose("config"), compose("config", ["train.lr=0.5"])
+        own_lr = compose("config", ["resnet1d.train.lr=0.01"])
+    prints = {
+        "base": fingerprint(base, "resnet1d", [], ["a"]),
+        "group": fingerprint(group_lr, "resnet1d", [], ["a"]),
+        "own": fingerprint(own_lr, "resnet1d", [], ["a"]),
+    }
+    # resnet1d's own block sets lr: the group's lr is not what it trains with
+    assert prints["base"] == prints["group"]
+    assert prints["own"]["train.lr"] != prints["base"]["train.lr"]
+    assert fingerprint(base, "resnet", [], ["a"]) != fingerprint(group_lr, "resnet", [], ["a"])

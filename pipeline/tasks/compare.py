@@ -302,13 +302,19 @@ def fingerprint(cfg: DictConfig, name: str, records: list[Record], classes: list
 
     The classes, the files (their paths, sizes and labels, as one digest), the
     seed, and every data, feature, model and training setting, so resuming can
-    name the first one that differs.
+    name the first one that differs. The training settings are the model's own: the
+    train group's under the model's ``train:`` block, where it has one, so a group
+    setting the block overrides does not count.
     """
     files = [[str(r.path), r.label, feature_cache.file_identity(r.path)[1]] for r in records]
     digest = hashlib.sha256(json.dumps(files).encode("utf-8")).hexdigest()[:12]
 
     def settings(prefix: str) -> dict:
         return _flatten(OmegaConf.to_container(cfg[prefix], resolve=True), prefix)
+
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    if cfg[name].get("train") is not None:
+        train = OmegaConf.to_container(OmegaConf.merge(cfg.train, cfg[name].train), resolve=True)
 
     flat = {
         **settings("data"),
@@ -317,7 +323,7 @@ def fingerprint(cfg: DictConfig, name: str, records: list[Record], classes: list
         "data.files": f"{len(files)} files, sha256 {digest}",
         "seed": cfg.seed,
         **settings(name),
-        **settings("train"),
+        **_flatten(train, "train"),
     }
     return {
         k: json.dumps(v, sort_keys=True, default=str)
