@@ -16,7 +16,7 @@ A notebook needs no Hydra::
     front = Frontend(sample_rate=8000, segmenting=Segmenting(4000, 4000, pad=True),
                      params=STFTParams(n_fft=256, hop_length=64, win_length=256))
     windows = front.windows("clip.wav")          # (n, channels, 4000)
-    images = front.images(windows)               # (n, channels, height, width), raw
+    images = front.raw_images(windows)           # (n, channels, height, width), raw
 """
 
 from __future__ import annotations
@@ -295,9 +295,19 @@ class Frontend:
             raise ConfigError("this Frontend has no normalizer yet; fit it with fitted(images)")
         return self.normalizer.torch(images)
 
-    def images(self, windows: np.ndarray, *, device: torch.device | str = "cpu") -> Tensor:
-        """The model's input for windows (n, channels, samples): images, normalised."""
-        return self.normalise(self.raw_images(windows, device=device))
+    def images(
+        self,
+        windows: np.ndarray,
+        *,
+        device: torch.device | str = "cpu",
+        module: STFTImage | None = None,
+    ) -> Tensor:
+        """The model's input for windows (n, channels, samples): images, normalised, all
+        the windows in one batch on an accelerator (see :meth:`raw_images`)."""
+        raw = self.raw_images(
+            windows, device=device, batch_size=max(1, len(windows)), module=module
+        )
+        return self.normalise(raw)
 
     def fitted(
         self,
@@ -325,12 +335,14 @@ class Frontend:
             raise ConfigError("this Frontend has no window_norm; fit it with fitted_windows()")
         return self.window_norm(torch.as_tensor(windows).to(device).float())
 
-    def inputs(self, windows: np.ndarray, kind: str, *, device="cpu") -> Tensor:
+    def inputs(
+        self, windows: np.ndarray, kind: str, *, device="cpu", module: STFTImage | None = None
+    ) -> Tensor:
         """The model's input for windows: ``kind`` ``image`` (normalised images) or ``raw``
         (standardised windows), on ``device``."""
         if kind == "raw":
             return self.normalise_windows(windows, device=device)
-        return self.images(windows, device=device)
+        return self.images(windows, device=device, module=module)
 
     def input_shape(self, kind: str, channels: int) -> tuple[int, ...]:
         """One input's shape: (channels, height, width) or (channels, samples) for ``raw``."""

@@ -93,12 +93,8 @@ class Classifier:
         """The model's input for windows (n, channels, samples), on the device, as in
         training: normalised images (:meth:`Frontend.raw_images`), or for a raw-input
         model (the 1-D ResNet) the standardised windows."""
-        if self.classifier.input == "raw":
-            return self.frontend.normalise_windows(windows, device=self.device)
-        raw = self.frontend.raw_images(
-            windows, device=self.device, batch_size=max(1, len(windows)), module=self.stft
-        )
-        return self.frontend.normalise(raw)
+        kind = self.classifier.input
+        return self.frontend.inputs(windows, kind, device=self.device, module=self.stft)
 
     @torch.no_grad()
     def usable(self, windows: np.ndarray, inputs: torch.Tensor) -> np.ndarray:
