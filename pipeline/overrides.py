@@ -53,7 +53,8 @@ def check_overrides(args: list[str]) -> None:
                 "\"data.label_regex='^(\\d+)_'\""
             ) from None
     parsed = parser.parse_overrides(overrides)
-    multirun = any(a in ("-m", "--multirun") for a in args)
+    groups = [o for o in parsed if _is_group(o.key_or_group)]
+    multirun = any(a in ("-m", "--multirun") for a in args) or any(map(_sets_multirun, groups))
     sweep = next((o for o in parsed if o.is_sweep_override()), None)
     if sweep is not None and not multirun:
         raise ConfigError(
@@ -61,7 +62,6 @@ def check_overrides(args: list[str]) -> None:
             f'to run one job per value, or quote the value: "{sweep.key_or_group}='
             f"'{sweep.input_line.split('=', 1)[1]}'\""
         )
-    groups = [o for o in parsed if _is_group(o.key_or_group)]
     check_search(groups, args)
     keys = [
         o
@@ -190,6 +190,17 @@ def _one_line(err: Exception) -> str:
     options = [line.strip() for line in listed if line.startswith("\t")]
     first = lines[0].removeprefix("In 'config': ") if lines else str(err)
     return first + (f"; the choices are {', '.join(options)}" if options else "")
+
+
+def _sets_multirun(o) -> bool:
+    """Whether the group choice ``o`` is a preset that makes the run a multirun by itself
+    (``hydra.mode: MULTIRUN``, as ``+experiment=degradation``), so it needs no -m."""
+    if o.is_sweep_override() or "/" in o.key_or_group:
+        return False
+    path = CONF / o.key_or_group / f"{o.value()}.yaml"
+    if not path.is_file():
+        return False
+    return OmegaConf.select(OmegaConf.load(path), "hydra.mode") == "MULTIRUN"
 
 
 def _is_group(key: str) -> bool:
