@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import atomic
+from pipeline.calibration import bundle_temperature
 from pipeline.errors import BundleError, ConfigError, config_keys
 from pipeline.features.stft import Normalizer, STFTParams
 from pipeline.frontend import Frontend
@@ -187,6 +188,7 @@ def load_bundle(path: str | Path, *, key: str = "predict.model") -> Bundle:
     _check_channels(data.get("channels", "mix"), channels_in=channels, file=meta_file)
     _check_normalizer_shape(normalizer, image=(channels, height, width), file=meta_file)
     _check_input(meta, channels=channels, file=meta_file)
+    bundle_temperature(meta, file=meta_file)  # absent: 1.0; a bad one is refused here
     return Bundle(
         kind=kind,
         model=model,

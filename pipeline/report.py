@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline import atomic  # noqa: E402
+from pipeline import atomic, reliability  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +157,8 @@ def write_figures(
     for name, m in metrics["models"].items():
         fig = plot_confusion(np.asarray(m["confusion"]), metrics["dataset"]["classes"], title=name)
         written[f"confusion_{name}"] = save_figure(fig, fig_dir / f"confusion_{name}.png")
+    if (fig := reliability.plot(metrics)) is not None:  # None in runs before calibration
+        written["reliability"] = save_figure(fig, fig_dir / "reliability.png")
     if examples is not None:
         fig = plot_examples(examples, metrics)
         written["examples"] = save_figure(fig, fig_dir / "examples.png")

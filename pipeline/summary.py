@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline import atomic, report
+from pipeline import atomic, calibration, report
 from pipeline.errors import ConfigError
 from pipeline.report import HEADLINE, data_uri, html_code, md_code, templates
 
@@ -280,6 +280,7 @@ def _setting(runs: list[dict]) -> dict:
         "seeds": [r["seed"] for r in runs],
         "models": models,
         "significance": pairs,
+        "calibration": calibration.sweep_stats(runs, names, stats=_stats),  # ECE, AUC, T
     }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
+from scipy.special import softmax
 from torch import Tensor, nn
 
 from pipeline import atomic
@@ -69,6 +70,8 @@ class Model(Protocol):
         exports: whether ``task=export`` writes it as ONNX.
         input: ``image`` or ``raw``: which of the front end's outputs it takes.
         fitted: the wrapped, fitted object (an ``nn.Module``, an ``SVMClassifier``).
+        softmax_scores: whether its probabilities are the softmax of its scores; then
+            ``temperature`` divides the scores first (:mod:`pipeline.calibration`).
     """
 
     kind: ClassVar[str]
@@ -113,6 +116,8 @@ class Network:
     train_seconds: float = 0.0
     batch_size: int = 128  # the training batch, reused to adapt batch norms per group
     history: list = field(default_factory=list)
+    temperature: float = 1.0  # probabilities: softmax(logits / T) (pipeline.calibration)
+    softmax_scores: ClassVar[bool] = True  # its probabilities are a softmax of its scores
 
     def fit(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, ctx: Context) -> dict:
         log.info("%s: %s, %d parameters", ctx.name, type(self.fitted).__name__, self.n_params())
@@ -176,7 +181,7 @@ class Network:
         x = in_format(images, torch.channels_last)
         with autocast(device, amp):
             logits = self.fitted(x).float()
-        return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+        return torch.softmax(logits / self.temperature, dim=1).cpu().numpy().astype(np.float64)
 
 
 @dataclass
@@ -191,6 +196,13 @@ class Estimator:
     fitted: Any = None
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
+    temperature: float = 1.0  # where probabilities are softmax(scores / T)
+
+    @property
+    def softmax_scores(self) -> bool:
+        """Whether its probabilities are the softmax of its decision scores (MiniRocket; the
+        SVM with ``scores=decision``), so a temperature scales them."""
+        return getattr(self.fitted, "scores", "decision") == "decision"
 
     def check(self) -> None:
         """Refuse a bad setting (or a missing optional package) before any file is read."""
@@ -216,7 +228,10 @@ class Estimator:
         return self  # scikit-learn computes on the CPU
 
     def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
-        return self.fitted.predict_proba(images.cpu().numpy())
+        x = images.cpu().numpy()
+        if self.temperature == 1.0 or not self.softmax_scores:
+            return self.fitted.predict_proba(x)
+        return softmax(self.fitted.decision_function(x) / self.temperature, axis=1)
 
 
 @dataclass

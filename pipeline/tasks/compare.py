@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from pipeline import atomic, report
+from pipeline import atomic, calibration, report
 from pipeline.adapt import ADAPT_BN, Decision, adapted_logits, decide
 from pipeline.adapt import AUTO as ADAPT_AUTO
 from pipeline.bundle import package_versions, save_bundle
@@ -1124,6 +1124,11 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
     t0 = time.perf_counter()
     scores = model.scores(x_te, ctx=ctx)
     infer_seconds = time.perf_counter() - t0
+    x_val, y_val = tensors["val"]
+    val = (model.scores(x_val, ctx=ctx), y_val.numpy()) if len(x_val) else None
+    # Temperature scaling on validation; from here on the scores are divided by T
+    cal = calibrated(job, name, model, scores, y_te.numpy(), x_te, val=val, classes=classes)
+    scores = cal.scores
     if split.decision.apply and model.adapts:
         extra.update(evaluate_adapted(cfg, job, split, name, model, out))
     m, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes, files=split.segmented)
@@ -1135,14 +1140,22 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
         inference_images_per_second=len(x_te) / max(infer_seconds, 1e-9),
         **extra,
     )
-    x_val, y_val = tensors["val"]
-    if len(x_val):  # the model as tested, on validation: an Optuna search's objective
-        m["val_accuracy"] = float(np.mean(model.scores(x_val, ctx=ctx).argmax(1) == y_val.numpy()))
+    calibration.merge(m, cal)
+    if val is not None:  # the model as tested, on validation: an Optuna search's objective
+        m["val_accuracy"] = float(np.mean(val[0].argmax(1) == val[1]))
     out.results[name] = m
     out.predicted[name] = scores.argmax(1)
     log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
     if job.rank == 0:
         save_model(cfg, job, split, name, model, scores)
+
+
+def calibrated(job: Job, name: str, model, scores, y, x, **kwargs) -> calibration.Calibrated:
+    """Model ``name``'s temperature fitted and its test figures computed (its own
+    probabilities of the test inputs ``x`` where they are not a softmax of its scores)."""
+    amp = job.recipe(name).amp
+    probs = None if model.softmax_scores else model.probabilities(x, device=job.device, amp=amp)
+    return calibration.calibrate_model(model, scores, y, probs=probs, **kwargs)
 
 
 def save_model(cfg: DictConfig, job: Job, split: Split, name: str, model, scores) -> None:
@@ -1153,7 +1166,12 @@ def save_model(cfg: DictConfig, job: Job, split: Split, name: str, model, scores
         classes=split.data.classes,
         frontend=split.frontend,
         data=split.data_settings,
-        extra={"name": name, "seed": cfg.seed, "amp": job.recipe(name).amp},
+        extra={
+            "name": name,
+            "seed": cfg.seed,
+            "amp": job.recipe(name).amp,
+            **calibration.bundle_meta(model),
+        },
     )
     _write_predictions(
         job.run_dir / "predictions" / f"{name}.csv",
@@ -1184,6 +1202,7 @@ def evaluate_adapted(
         key="evaluate.adapt_bn",
         regex_key="data.group_regex",
     ).numpy()
+    scores /= model.temperature  # calibrated as the plain scores
     am, by_file = _evaluate(scores, y_te.numpy(), split.test_record, classes, files=split.segmented)
     extra = {f"adapted_{k}": am[k] for k in ADAPTED if k in am}
     extra.update(adapt_bn=job.adapt_bn, adapt_seconds=time.perf_counter() - t0)

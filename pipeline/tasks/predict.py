@@ -39,6 +39,7 @@ from pipeline.adapt import (
     use_batchnorm,
 )
 from pipeline.bundle import Bundle, load_bundle
+from pipeline.calibration import bundle_temperature
 from pipeline.data.records import compile_regex
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage, finite_images, overflow_reason
@@ -85,6 +86,8 @@ class Classifier:
         self.frontend = Frontend.from_bundle(bundle)
         self.stft = STFTImage(self.frontend.params).to(device)
         self.classifier = wrap(bundle.model).to(device)
+        # softmax(scores / T) with the temperature fitted in training (absent in older bundles)
+        self.classifier.temperature = bundle_temperature(bundle.meta, file="bundle.json")
         self.model = self.classifier.fitted  # a network's module, for batch-norm adaptation
         self.in_channels = self.classifier.in_channels
 
