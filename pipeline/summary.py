@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline import atomic, calibration, report
+from pipeline import atomic, calibration, degradation, report
 from pipeline.errors import ConfigError
 from pipeline.report import HEADLINE, data_uri, html_code, md_code, templates
 
@@ -129,6 +129,7 @@ def summarise(sweep_dir: Path) -> dict | None:
             for r in runs
         ],
         "settings": [_setting(group) for group in groups.values()],
+        "degradation": degradation.degradation(runs),
     }
 
 
@@ -379,10 +380,18 @@ def write_summary(sweep_dir: Path) -> Path | None:
         "tables": [table(setting) for setting in summary["settings"]],
         "best_table": report.headline_rows(best) if best else None,
         "figure": figure.relative_to(sweep_dir).as_posix(),
+        "pct": degradation.pct,
     }
+    images = {"image": data_uri(figure)}
+    if summary.get("degradation"):
+        curves = report.save_figure(
+            degradation.plot(summary["degradation"]), sweep_dir / "figures" / "degradation.png"
+        )
+        context["degradation_figure"] = curves.relative_to(sweep_dir).as_posix()
+        images["degradation_image"] = data_uri(curves)
     name = "summary.search" if found else "summary"
     md = templates(html=False).get_template(f"{name}.md.j2").render(**context, code=md_code)
     page = templates(html=True).get_template(f"{name}.html.j2")
-    html = page.render(**context, code=html_code, image=data_uri(figure))
+    html = page.render(**context, code=html_code, **images)
     atomic.write_text(sweep_dir / "summary.html", html)
     return atomic.write_text(sweep_dir / "summary.md", md)
