@@ -38,6 +38,7 @@ from pipeline.adapt import (
     group_states,
     use_batchnorm,
 )
+from pipeline.blocks import Assembler, Part, read_blocks, streamed
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.calibration import bundle_temperature
 from pipeline.data.records import compile_regex
@@ -47,6 +48,7 @@ from pipeline.frontend import Frontend, batches
 from pipeline.models.base import wrap
 from pipeline.runtime import precision, resolve_device
 from pipeline.signals import SUFFIXES
+from pipeline.timeline import Timeline, timeline_paths, timeline_settings
 from pipeline.values import is_whole
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,8 @@ class _File:
     n: int  # windows
     starts: np.ndarray
     group: str = ""
+    first: int = 0  # a long file read in blocks (pipeline.blocks): its first window's index
+    last: bool = True  # and whether its windows end the file
 
 
 def check_amp(amp) -> None:
@@ -179,12 +183,24 @@ class WindowReader:
 
     frontend: Frontend
     channels: int
+    block: int = 0  # an audio file of more windows is read this many at a time; 0: whole
 
     def __call__(self, path: Path) -> np.ndarray | str:
         try:
             return self.frontend.windows(path, channels=self.channels).x
         except SignalError as err:
             return str(err)
+
+    def streams(self, path: Path) -> bool:
+        """Whether ``path`` is a long audio file, read in blocks (:mod:`pipeline.blocks`)."""
+        return bool(self.block) and streamed(path, self.frontend, block=self.block)
+
+    def items(self, path: Path) -> Iterator[np.ndarray | Part | str]:
+        """The file's windows at once, or a long audio file's in :class:`Part` s."""
+        if self.streams(path):
+            yield from read_blocks(path, self.frontend, channels=self.channels, block=self.block)
+        else:
+            yield self(path)
 
 
 class _Chunks(IterableDataset):
@@ -204,7 +220,8 @@ class _Chunks(IterableDataset):
         chunk: list = []
         for i, path in enumerate(iter_files(self.source)):
             if (i // self.size) % n == k:
-                chunk.append((path, self.reader(path)))
+                # None: a long file, which the main process reads in blocks (read_files)
+                chunk.append((path, None if self.reader.streams(path) else self.reader(path)))
                 if len(chunk) == self.size:
                     yield chunk
                     chunk = []
@@ -222,10 +239,11 @@ def read_files(
     """The files under ``source`` with their windows, in order; ``workers`` processes read ahead.
 
     Each worker keeps at most a few files ready, so memory stays bounded
-    whatever the number of files.
+    whatever the number of files; a long audio file (:meth:`WindowReader.streams`) is read
+    in blocks by this process, in its place.
     """
     if workers == 0:
-        return ((path, reader(path)) for path in iter_files(source))
+        return ((path, item) for path in iter_files(source) for item in reader.items(path))
     loader = DataLoader(
         _Chunks(source, reader, size=chunk),
         batch_size=None,
@@ -233,7 +251,12 @@ def read_files(
         collate_fn=_as_is,
         prefetch_factor=4,
     )
-    return (item for chunk in loader for item in chunk)
+    return (
+        (path, part)
+        for chunk in loader
+        for path, item in chunk
+        for part in (reader.items(path) if item is None else [item])
+    )
 
 
 def file_group(path: Path, pattern: re.Pattern | None) -> str:
@@ -274,7 +297,8 @@ def group_pass(
     the classifying pass reports them."""
     rng = np.random.default_rng(0)
     out = GroupImages(keep=keep)
-    for path, windows in tqdm(files, desc="groups", unit="file", disable=not progress):
+    for path, item in tqdm(files, desc="groups", unit="file", disable=not progress):
+        windows = item.x if isinstance(item, Part) else item
         if isinstance(windows, str) or not len(windows):
             continue
         g = file_group(path, pattern)
@@ -284,7 +308,7 @@ def group_pass(
         # float64 on the CPU (MPS has no float64): (channels, height)
         if images.dim() == 4:  # images: their frequency profile (raw windows have none)
             out.sums[g] = out.sums.get(g, 0) + images.mean(dim=3).sum(dim=0).cpu().double()
-        out.files[g] = out.files.get(g, 0) + 1
+        out.files[g] = out.files.get(g, 0) + (not isinstance(item, Part) or item.first == 0)
         n = out.windows.get(g, 0)
         out.windows[g] = n + len(windows)
         if keep:
@@ -390,6 +414,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         )
         adapt_bn = False
     pattern = grouping(p, bundle, adapt_bn=adapt_bn)
+    timeline = make_timeline(p, bundle, outputs[0])
     summary = predict_folder(
         bundle,
         source,
@@ -403,10 +428,13 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         group_pattern=pattern,
         adapt_bn=adapt_bn,
         amp=amp,
+        timeline=timeline,
     )
     if adapts and not adapt_bn:
         advise_adaptation(bundle, source, pattern or _group_pattern(p.get("group_regex"), bundle))
     print_summary(summary, outputs)
+    if timeline is not None:
+        print(f"timelines: {timeline.html_path} ({timeline.timelines} file(s))")
     if summary["classified"] == 0:
         raise DataError(f"no file under predict.input={str(source)!r} could be classified")
     return summary
@@ -436,7 +464,32 @@ def check_settings(cfg: DictConfig) -> int:
             "batch-norm statistics on each group's own files)"
         )
     check_amp(p.get("amp"))
+    timeline_config(p)
     return workers
+
+
+def timeline_config(p: DictConfig):
+    """``predict.timeline*`` checked (:func:`pipeline.timeline.timeline_settings`)."""
+    return timeline_settings(
+        timeline=p.get("timeline", "auto"),
+        min_windows=p.get("timeline_min_windows", 60),
+        max_files=p.get("timeline_files", 20),
+        smooth=p.get("timeline_smooth", 3),
+    )
+
+
+def make_timeline(p: DictConfig, bundle: Bundle, output: Path) -> Timeline | None:
+    """The timeline outputs beside predict's CSV ``output`` (None: predict.timeline=false)."""
+    settings = timeline_config(p)
+    if settings is None:
+        return None
+    return Timeline(
+        settings,
+        classes=bundle.classes,
+        window_seconds=bundle.data["segment_samples"] / bundle.data["sample_rate"],
+        paths=timeline_paths(output),
+        about={"model": str(p.model), "input": str(p.input)},
+    )
 
 
 def output_paths(p: DictConfig, run_dir: Path) -> list[Path]:
@@ -449,13 +502,14 @@ def output_paths(p: DictConfig, run_dir: Path) -> list[Path]:
     outputs = [output, output.with_name(output.stem + "_errors.csv")]
     if p.segments:
         outputs.append(output.with_name(output.stem + "_segments.csv"))
-    folders = [str(o) for o in outputs if o.is_dir()]
+    timeline = [] if p.get("timeline", "auto") is False else timeline_paths(output)
+    folders = [str(o) for o in outputs + timeline if o.is_dir()]
     if folders:
         raise ConfigError(
             f"predict.output={str(output)!r}: {folders[0]} is a folder, so the CSV cannot "
             "replace it; give a file name, e.g. predict.output=<folder>/predictions.csv"
         )
-    existing = [str(o) for o in outputs if o.exists()]
+    existing = [str(o) for o in outputs + timeline if o.exists()]
     if existing and not p.overwrite:
         raise ConfigError(
             f"predict.output={str(output)!r}: {existing} exist already; choose another "
@@ -531,6 +585,7 @@ def predict_folder(
     group_pattern: re.Pattern | None = None,
     adapt_bn: bool = False,
     amp: bool = True,
+    timeline: Timeline | None = None,
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
@@ -541,14 +596,15 @@ def predict_folder(
     (files it does not match, or all of them without one, form one group); it gives each
     group's profile and the images that re-estimate a network's batch-norm statistics
     per group (:func:`adapt_batchnorm`). Each group's files are then classified with its
-    own.
+    own. An audio file of more than ``batch_size`` windows is read that many at a time
+    (:mod:`pipeline.blocks`); ``timeline`` gets each file's window probabilities.
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
     classify = Classifier(bundle, device=device or torch.device("cpu"), amp=amp)
     start_time = time.perf_counter()
-    reader = WindowReader(classify.frontend, classify.in_channels)
+    reader = WindowReader(classify.frontend, classify.in_channels, block=batch_size)
     profiles, adapted = first_pass(
         classify,
         source,
@@ -561,15 +617,23 @@ def predict_folder(
     )
     trained = batchnorm_state(classify.model) if adapted is not None else None
     with PredictionWriter(
-        outputs, classes=bundle.classes, top_k=top_k, rule=rule, rate=classify.frontend.sample_rate
+        outputs,
+        classes=bundle.classes,
+        top_k=top_k,
+        rule=rule,
+        rate=classify.frontend.sample_rate,
+        timeline=timeline,
     ) as writer:
         loaded = read_files(source, reader, workers=workers)
         loaded = tqdm(loaded, desc="predict", unit="file", disable=not progress)
         files = classifiable(loaded, writer, classify, source, group_pattern, (profiles, adapted))
         for run in batches(files, batch_size, lambda item: item[0].n):
             writer.write(run, score(classify, run, profiles, adapted, trained))
-    counts = writer.counts
-    seconds = time.perf_counter() - start_time
+    return run_summary(writer.counts, time.perf_counter() - start_time)
+
+
+def run_summary(counts: dict, seconds: float) -> dict:
+    """predict_folder's summary: the writer's counts, the accuracy, the time and rate."""
     return {
         **counts,
         "accuracy": counts["correct"] / counts["scored"] if counts["scored"] else None,
@@ -592,6 +656,8 @@ def classifiable(
     root = source if source.is_dir() else source.parent
     classes, hop = classify.bundle.classes, classify.frontend.segmenting.hop
     for path, windows in loaded:
+        if writer.refused(path):  # a later block of a long file already refused
+            continue
         if isinstance(windows, str):
             writer.error(path, windows)
             continue
@@ -606,8 +672,10 @@ def classifiable(
             continue
         parts = path.relative_to(root).parts
         true = parts[0] if len(parts) > 1 and parts[0] in classes else None
-        starts = np.arange(len(windows)) * hop
-        yield _File(path, true, len(windows), starts, group), windows
+        first, last = (windows.first, windows.last) if isinstance(windows, Part) else (0, True)
+        windows = windows.x if isinstance(windows, Part) else windows
+        starts = (first + np.arange(len(windows))) * hop
+        yield _File(path, true, len(windows), starts, group, first, last), windows
 
 
 def first_pass(
@@ -690,7 +758,14 @@ class PredictionWriter:
     """
 
     def __init__(
-        self, outputs: list[Path], *, classes: list[str], top_k: int, rule: str, rate: int
+        self,
+        outputs: list[Path],
+        *,
+        classes: list[str],
+        top_k: int,
+        rule: str,
+        rate: int,
+        timeline: Timeline | None = None,
     ) -> None:
         self.outputs, self.classes, self.top_k, self.rule, self.rate = (
             outputs,
@@ -701,6 +776,8 @@ class PredictionWriter:
         )
         self.counts = {"classified": 0, "errors": 0, "scored": 0, "correct": 0}
         self._stack = ExitStack()
+        self.timeline = timeline  # <stem>_timeline.csv and <stem>.html (pipeline.timeline)
+        self._parts = Assembler()  # a long file's blocks, back together
 
     def __enter__(self) -> PredictionWriter:
         tmps = [self._stack.enter_context(atomic.atomic_path(o)) for o in self.outputs]
@@ -717,6 +794,8 @@ class PredictionWriter:
             + [f"{k}_{i}" for i in range(1, self.top_k + 1) for k in ("label", "score")]
         )
         self._errors.writerow(["path", "reason"])
+        if self.timeline is not None:
+            self._stack.enter_context(self.timeline)
         if self._segments:
             self._segments.writerow(
                 ["path", "segment", "start_seconds", "predicted", *self.classes]
@@ -730,9 +809,16 @@ class PredictionWriter:
                 os.fsync(h.fileno())
         self._stack.__exit__(*exc)
 
+    def refused(self, path: Path) -> bool:
+        """Whether ``path`` has its error row already (its later blocks are left out)."""
+        return self._parts.skips(path)
+
     def error(self, path: Path, reason: str) -> None:
         self._errors.writerow([str(path), reason])
         self.counts["errors"] += 1
+        self._parts.drop(path)
+        if self.timeline is not None:
+            self.timeline.error(path, reason)
 
     def write(self, pending: list[tuple[_File, np.ndarray]], probs: np.ndarray) -> None:
         """The rows of the pending files from their windows' probabilities (in order)."""
@@ -740,10 +826,14 @@ class PredictionWriter:
         for f, windows in pending:
             p = probs[at : at + f.n]
             at += f.n
+            if self.refused(f.path):  # a block of a long file already refused
+                continue
             if not np.isfinite(p).all():
                 self.error(f.path, overflow_reason(f.path, windows))
                 continue
-            self._write_file(f, p)
+            whole = self._parts.add(f, p)  # None until a long file's last block
+            if whole is not None:
+                self._write_file(*whole)
 
     def _write_file(self, f: _File, p: np.ndarray) -> None:
         classes = self.classes
@@ -765,6 +855,8 @@ class PredictionWriter:
                         *(f"{v:.6g}" for v in row),
                     ]
                 )
+        if self.timeline is not None:
+            self.timeline.add(f.path, f.starts / self.rate, p, scores)
         self.counts["classified"] += 1
         if f.true is not None:
             self.counts["scored"] += 1
