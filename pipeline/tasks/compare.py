@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from pipeline import atomic, calibration, report
+from pipeline import atomic, calibration, explain, report
 from pipeline.adapt import ADAPT_BN, Decision, adapted_logits, decide
 from pipeline.adapt import AUTO as ADAPT_AUTO
 from pipeline.bundle import package_versions, save_bundle
@@ -781,6 +781,7 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
             with config_keys("features.", names=FEATURE_KEYS):
                 params.check_fits(round(d.segment.length_seconds * d.sample_rate), chosen=chosen)
     adapt_bn = check_grouping(cfg)
+    explain_settings(cfg)  # a bad explain.* setting fails before any file is read
     settings = train_settings(cfg)
     checkpoints = run_dir / "checkpoints"
     if isinstance(settings.resume, str):
@@ -1092,6 +1093,7 @@ class Outcome:
     predicted_files: dict[str, np.ndarray] = field(default_factory=dict)  # files if cut
     y_files: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=int))
     adapted: dict[str, np.ndarray] = field(default_factory=dict)  # the networks', adapted
+    explained: dict[str, dict] = field(default_factory=dict)  # maps and mistakes (explain.*)
 
 
 def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: Outcome) -> None:
@@ -1148,6 +1150,44 @@ def train_and_evaluate(cfg: DictConfig, job: Job, split: Split, name: str, out: 
     log.info("%s: test accuracy %.4f, macro-F1 %.4f", name, m["accuracy"], m["macro_f1"])
     if job.rank == 0:
         save_model(cfg, job, split, name, model, scores)
+        if (explained := explain_model(cfg, job, split, name, model, scores)) is not None:
+            out.explained[name] = explained
+
+
+def explain_settings(cfg: DictConfig) -> explain.ExplainSettings:
+    """The ``explain`` node as :class:`~pipeline.explain.ExplainSettings` (validated)."""
+    node = cfg.get("explain")
+    with config_keys("explain."):
+        return explain.settings_from(OmegaConf.to_container(node) if node is not None else None)
+
+
+def explain_model(cfg: DictConfig, job: Job, split: Split, name: str, model, scores) -> dict | None:
+    """Model ``name``'s Grad-CAM maps, occlusion check and gallery of mistakes on the test
+    split (:mod:`pipeline.explain`), its figures in the run folder; None when off."""
+    settings = explain_settings(cfg)
+    if not settings.enabled:
+        return None
+    x_te, y_te = split.inputs(model.input)["test"]
+    test = explain.TestSet(
+        inputs=x_te,
+        y=y_te.numpy(),
+        predicted=scores.argmax(1),
+        images=split.data.extracted.images[split.masks["test"]],  # before normalisation
+        paths=split.test_paths,
+        starts=split.test_starts,
+        classes=split.data.classes,
+        meta={"dataset": split.summary, "features": split.frontend.params.to_dict()},
+    )
+    return explain.explain_model(
+        model,
+        test,
+        name=name,
+        settings=settings,
+        device=job.device,
+        fig_dir=job.run_dir / "figures",
+        amp=job.recipe(name).amp,
+        seed=cfg.seed,
+    )
 
 
 def calibrated(job: Job, name: str, model, scores, y, x, **kwargs) -> calibration.Calibrated:
@@ -1246,6 +1286,7 @@ def assemble_metrics(cfg: DictConfig, job: Job, split: Split, out: Outcome) -> d
         "histories": out.histories,
         "significance": significance,
         "adaptation": adaptation_summary(split.decision, job.adapt_bn, out.results, significance),
+        "explain": explain.section(out.explained, settings=explain_settings(cfg)),
         "run": {
             "seed": cfg.seed,
             "device": str(job.device),
