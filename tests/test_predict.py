@@ -205,6 +205,7 @@ def test_export_to_onnx_matches_pytorch(trained, tmp_path):
     proc = cli(
         "task=export",
         f"export.model={trained / 'run' / 'models' / 'resnet'}",
+        "export.input=image",
         f"export.output={out}",
         f"hydra.run.dir={tmp_path / 'h'}",
     )

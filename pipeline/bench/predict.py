@@ -12,7 +12,13 @@ folder, saves an untrained ResNet-20 bundle with the default image settings
   soundfile, stack batches, STFT, normalise, forward, argmax, no output;
   in the same precision (mixed where it pays, as ``predict.amp``; ``--no-amp``: float32).
 
-The ratio ``pipeline / bare`` shows what the pipeline's bookkeeping costs.
+- ``onnx``: the bundle exported as a waveform-in graph (``task=export``'s default) and run
+  by the deployment example ``docs/examples/onnx_classify.py`` through onnxruntime on the
+  CPU (read with soundfile, cut into windows, one graph call per batch, mean of the windows'
+  probabilities; float32, no CSV written); ``--no-onnx`` leaves it out.
+
+The ratio ``pipeline / bare`` shows what the pipeline's bookkeeping costs, ``onnx /
+pipeline`` what the exported graph gives against ``task=predict`` in the same run.
 ``--adapt-bn`` also times ``predict.adapt_bn=group`` (a first pass that re-estimates the
 network's batch-norm statistics per group, here grouped by the first digit of the
 clip's number) against the plain ``pipeline`` run.
@@ -21,6 +27,8 @@ clip's number) against the plain ``pipeline`` run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import re
 import tempfile
 import time
@@ -33,11 +41,13 @@ import torch
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_images
 from pipeline.frontend import Frontend
+from pipeline.models.base import wrap
 from pipeline.models.resnet import build_resnet
 from pipeline.runtime import autocast, precision, resolve_device
 from pipeline.tasks.predict import predict_folder, reading_workers
 
 RATE = 8000
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "onnx_classify.py"
 N_CLASSES = 10
 # The image settings of conf/features/stft.yaml, written out.
 PARAMS = {
@@ -111,6 +121,36 @@ def bare_loop(
     return done
 
 
+def onnx_ready() -> bool:
+    """Whether the exporter and onnxruntime import, and the deployment example is there."""
+    found = [importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")]
+    return all(found) and EXAMPLE.is_file()
+
+
+def export_graph(bundle_path: Path, folder: Path) -> Path:
+    """The bundle as a waveform-in graph with its sidecar, as ``task=export`` writes them."""
+    from pipeline.onnx_frontend import waveform_classifier
+    from pipeline.tasks.export import input_shape, onnx_program, sidecar
+
+    bundle = load_bundle(bundle_path)
+    model = wrap(bundle.model)
+    shape = input_shape(bundle, model, "waveform")
+    path = folder / "model.onnx"
+    module = waveform_classifier(bundle, model.fitted.eval())
+    onnx_program(module, shape, graph="waveform").save(str(path))
+    meta = sidecar(bundle, model, "waveform", shape)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def onnx_example():
+    """The deployment example's module, loaded from its file (it is no package module)."""
+    spec = importlib.util.spec_from_file_location("onnx_classify", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.bench predict",
@@ -124,15 +164,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", default="auto", help="predict.workers: auto or a count")
     parser.add_argument("--adapt-bn", action="store_true", help="also time predict.adapt_bn=group")
     parser.add_argument("--no-amp", action="store_true", help="float32: predict.amp=false")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX graph")
     return parser
 
 
 def measure(
     args: argparse.Namespace, *, device: torch.device, amp: bool, workers: int
 ) -> dict[str, list[float]]:
-    """Seconds of each timed run over the same clips: ``pipeline`` (and ``adapt_bn``), ``bare``.
+    """Seconds of each timed run over the same clips: ``pipeline`` (and ``adapt_bn``), ``bare``
+    and ``onnx`` (where ``args.onnx``).
 
-    Writes the clips and the bundle into a temporary folder, warms both paths up,
+    Writes the clips and the bundle (and its graph) into a temporary folder, warms up,
     then alternates them ``args.repeats`` times.
     """
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
@@ -145,7 +187,8 @@ def measure(
         runs = {"pipeline": {}}
         if args.adapt_bn:  # 7_clip_123.wav -> group "1"
             runs["adapt_bn"] = {"adapt_bn": True, "group_pattern": re.compile(r"_clip_(\d)")}
-        times = {name: [] for name in (*runs, "bare")}
+        graph = export_graph(bundle_path, root) if args.onnx else None
+        times = {name: [] for name in (*runs, "bare", *(["onnx"] if graph else []))}
         for r in range(args.repeats):
             for name, extra in runs.items():
                 outputs = [root / f"{name}{r}.csv", root / f"{name}{r}_errors.csv"]
@@ -169,13 +212,28 @@ def measure(
             done = bare_loop(bundle_path, clips, device=device, batch_size=args.batch_size, amp=amp)
             times["bare"].append(time.perf_counter() - t0)
             assert done == args.files
+            if graph is not None:
+                times["onnx"].append(time_onnx(graph, root / "clips", args))
     return times
+
+
+def time_onnx(graph: Path, clips: Path, args: argparse.Namespace) -> float:
+    """Seconds the deployment example takes to classify ``clips`` with ``graph``."""
+    example = onnx_example()
+    t0 = time.perf_counter()
+    rows = example.classify_folder(graph, clips, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    assert len(rows) == args.files
+    return seconds
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     device = resolve_device(args.device)
     amp = not args.no_amp
+    args.onnx = not args.no_onnx and onnx_ready()
+    if not args.no_onnx and not args.onnx:
+        print('onnx: not timed: needs the onnx extra (pip install -e ".[onnx]")')
     workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
     times = measure(args, device=device, amp=amp, workers=workers)
     rate = {k: args.files / min(v) for k, v in times.items()}
@@ -190,4 +248,6 @@ def main(argv: list[str]) -> int:
     print(f"  ratio pipeline/bare: {rate['pipeline'] / rate['bare']:.2f}")
     if args.adapt_bn:
         print(f"  ratio adapt_bn/pipeline: {rate['adapt_bn'] / rate['pipeline']:.2f}")
+    if "onnx" in rate:
+        print(f"  ratio onnx/pipeline: {rate['onnx'] / rate['pipeline']:.2f}")
     return 0
