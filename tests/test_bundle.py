@@ -322,6 +322,6 @@ def test_export_without_the_onnx_extra_says_how_to_install_it(tmp_path, monkeypa
         {"export": {"model": str(bundle), "output": None, "check": False, "tolerance": 1e-4}}
     )
     monkeypatch.setitem(sys.modules, "onnx", None)  # how Python marks a module absent
-    with pytest.raises(ConfigError, match=r'task=export needs onnx .*pip install -e "\.\[onnx\]"'):
+    with pytest.raises(ConfigError, match=r'task=export needs onnx\b.*pip install -e "\.\[onnx\]"'):
         export.run(cfg, run_dir=tmp_path)
     assert not (tmp_path / "model.onnx").exists()
