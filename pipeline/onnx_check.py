@@ -48,8 +48,9 @@ class CheckWindows:
 def folder_windows(
     folder: Path, classify: Classifier, *, limit: int | None, key: str = "export.check_input"
 ) -> CheckWindows:
-    """The windows of the files under ``folder`` (sorted, so a limit is reproducible), whole
-    files until ``limit`` windows are reached; unreadable files are left out.
+    """The windows of the files under ``folder`` (sorted, so a limit is reproducible), file by
+    file until ``limit`` windows are reached (the last file's cut there); unreadable files
+    are left out.
 
     Raises:
         ConfigError: ``folder`` does not exist or none of its files gives a window.
