@@ -259,3 +259,16 @@ def test_the_sweep_summary_gives_ece_and_auc_over_seeds(tiny_run, tmp_path):
     md = (sweep / "summary.md").read_text()
     assert "| model | T | ECE before | ECE | NLL | AUC macro | AP macro |" in md
     assert "summary-calibration" in (sweep / "summary.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_from_before_calibration_renders_without_the_section(tiny_run, tmp_path):
+    from pipeline import report
+
+    metrics = json.loads((tiny_run / "run" / "metrics.json").read_text())
+    for m in metrics["models"].values():
+        del m["calibration"]  # as metrics.json was written before
+    assert report.write_figures(tmp_path, metrics).get("reliability") is None
+    md = report.write_report(tmp_path, metrics).read_text()
+    assert "Calibration" not in md and "Per-class precision" in md
+    assert 'id="calibration"' not in (tmp_path / "report.html").read_text()
