@@ -251,6 +251,41 @@ def test_a_file_read_in_blocks_gets_the_rows_of_a_file_read_whole(trained, tmp_p
     assert all("1 NaN or infinite value(s)" in rows[0]["reason"] for rows in errors)
 
 
+def test_predict_hop_seconds_sets_the_stride_and_keeps_the_window(trained, tmp_path):
+    """A 3 s recording under a bundle of 0.5 s windows: 6 windows at its own hop, 26 at
+    0.1 s, read whole or in blocks of 8; the window (and each image) stays 0.5 s."""
+    bundle = load_bundle(trained / "resnet")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_plan(folder / "a.wav", [("low", 0, 3.0)])
+    starts = {}
+    for hop, batch in ((None, 256), (0.1, 256), (0.1, 8)):
+        out = tmp_path / f"{hop}-{batch}.csv"
+        outputs = [
+            out,
+            out.with_name(out.stem + "_errors.csv"),
+            out.with_name(out.stem + "_seg.csv"),
+        ]
+        predict_folder(bundle, folder, outputs=outputs, batch_size=batch, top_k=1, hop_seconds=hop)
+        rows = read_csv(outputs[2])
+        starts[(hop, batch)] = [float(r["start_seconds"]) for r in rows]
+    assert starts[(None, 256)] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert starts[(0.1, 256)] == pytest.approx([0.1 * i for i in range(26)])
+    assert starts[(0.1, 8)] == starts[(0.1, 256)]
+
+
+def test_predict_cli_refuses_a_bad_hop(tmp_path):
+    proc = cli(
+        "task=predict",
+        f"predict.model={tmp_path}",
+        f"predict.input={tmp_path}",
+        "predict.hop_seconds=0",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    )
+    assert proc.returncode == 2
+    assert "predict.hop_seconds=0 must be a positive number of seconds" in proc.stdout + proc.stderr
+
+
 def same_row(a: dict, b: dict) -> bool:
     """Two rows of predict's CSVs alike: their text, their numbers within 1e-5."""
     for key in a.keys() | b.keys():

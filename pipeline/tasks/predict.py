@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ from pipeline.models.base import wrap
 from pipeline.runtime import precision, resolve_device
 from pipeline.signals import SUFFIXES
 from pipeline.timeline import Timeline, timeline_paths, timeline_settings
-from pipeline.values import is_whole
+from pipeline.values import is_number, is_whole
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,18 @@ def iter_files(root: Path) -> Iterator[Path]:
 class Classifier:
     """A bundle's front end and model: windows (n, channels, samples) -> probabilities."""
 
-    def __init__(self, bundle: Bundle, *, device: torch.device, amp: bool = True) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: torch.device,
+        amp: bool = True,
+        hop_seconds: float | None = None,
+    ) -> None:
         self.bundle = bundle
         self.device = device
         self.amp = amp  # mixed precision where it pays (pipeline.runtime.amp_dtype)
-        self.frontend = Frontend.from_bundle(bundle)
+        self.frontend = with_hop(Frontend.from_bundle(bundle), hop_seconds)
         self.stft = STFTImage(self.frontend.params).to(device)
         self.classifier = wrap(bundle.model).to(device)
         # softmax(scores / T) with the temperature fitted in training (absent in older bundles)
@@ -140,6 +147,21 @@ class _File:
     group: str = ""
     first: int = 0  # a long file read in blocks (pipeline.blocks): its first window's index
     last: bool = True  # and whether its windows end the file
+
+
+def with_hop(frontend: Frontend, hop_seconds: float | None) -> Frontend:
+    """``frontend`` with windows ``hop_seconds`` apart (None: the bundle's own hop); the
+    window length, and so what the model sees, stays the bundle's."""
+    if hop_seconds is None:
+        return frontend
+    hop = max(1, round(hop_seconds * frontend.sample_rate))
+    log.info(
+        "windows every %d samples (predict.hop_seconds=%s; the bundle's hop: %d)",
+        hop,
+        hop_seconds,
+        frontend.segmenting.hop,
+    )
+    return replace(frontend, segmenting=replace(frontend.segmenting, hop=hop))
 
 
 def check_amp(amp) -> None:
@@ -429,6 +451,7 @@ def run(cfg: DictConfig, *, run_dir: Path) -> dict:
         adapt_bn=adapt_bn,
         amp=amp,
         timeline=timeline,
+        hop_seconds=p.get("hop_seconds"),
     )
     if adapts and not adapt_bn:
         advise_adaptation(bundle, source, pattern or _group_pattern(p.get("group_regex"), bundle))
@@ -464,6 +487,12 @@ def check_settings(cfg: DictConfig) -> int:
             "batch-norm statistics on each group's own files)"
         )
     check_amp(p.get("amp"))
+    hop = p.get("hop_seconds")
+    if hop is not None and not (is_number(hop) and hop > 0):
+        raise ConfigError(
+            f"predict.hop_seconds={hop!r} must be a positive number of seconds between window "
+            "starts (e.g. 0.1 for a finer timeline), or null for the bundle's own hop"
+        )
     timeline_config(p)
     return workers
 
@@ -586,6 +615,7 @@ def predict_folder(
     adapt_bn: bool = False,
     amp: bool = True,
     timeline: Timeline | None = None,
+    hop_seconds: float | None = None,
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
@@ -598,11 +628,13 @@ def predict_folder(
     per group (:func:`adapt_batchnorm`). Each group's files are then classified with its
     own. An audio file of more than ``batch_size`` windows is read that many at a time
     (:mod:`pipeline.blocks`); ``timeline`` gets each file's window probabilities.
+    ``hop_seconds`` sets the distance between windows (None: the bundle's).
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
-    classify = Classifier(bundle, device=device or torch.device("cpu"), amp=amp)
+    device = device or torch.device("cpu")
+    classify = Classifier(bundle, device=device, amp=amp, hop_seconds=hop_seconds)
     start_time = time.perf_counter()
     reader = WindowReader(classify.frontend, classify.in_channels, block=batch_size)
     profiles, adapted = first_pass(
