@@ -7,7 +7,14 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.models.svm import SVMClassifier, image_features, load_svm, save_svm
+from pipeline.models.svm import (
+    SVMClassifier,
+    image_features,
+    load_svm,
+    save_svm,
+    stratified_subsample,
+)
+from tests.conftest import cli, write_tone_dataset
 
 
 def bands(n_per_class: int, seed: int, n_classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +47,7 @@ def test_init_stores_parameters_unchanged_and_clone_works():
         "scores": "calibrated",
         "random_state": 3,
         "n_jobs": 1,
+        "max_windows": 500,
     }
     model = SVMClassifier(**params)
     for name, value in params.items():
@@ -232,6 +240,8 @@ def test_bad_image_shape_is_named(data):
         ({"cv": 1}, r"cv=1 must be an integer >= 2"),
         ({"C": (1, -1)}, r"C=\(1, -1\) must hold positive numbers; got -1"),
         ({"gamma": "sometimes"}, r"gamma='sometimes' must hold positive numbers or 'scale'"),
+        ({"max_windows": 1}, r"max_windows=1 must be null \(every training window\) or a whole"),
+        ({"max_windows": 2.5}, r"max_windows=2.5 must be null"),
     ],
 )
 def test_bad_parameters_raise_value_error_at_fit(data, params, match):
@@ -259,3 +269,51 @@ def test_parameter_count_is_what_the_fitted_pipeline_stores(data):
         + svc.intercept_.size
     )
     assert model.n_params_ == expected > 0
+
+
+# -- at scale: a stratified subsample beyond max_windows ----------------------------------------
+
+
+def test_the_subsample_keeps_each_class_in_proportion_and_follows_the_seed():
+    y = np.repeat([0, 1, 2, 3], [600, 300, 99, 1])
+    keep = stratified_subsample(y, 100, seed=0)
+    assert len(keep) == 100 and len(set(keep)) == 100 and (np.diff(keep) > 0).all()
+    assert np.bincount(y[keep]).tolist() == [60, 30, 9, 1]  # the rare class keeps its one
+    assert (stratified_subsample(y, 100, seed=0) == keep).all()
+    assert not (stratified_subsample(y, 100, seed=1) == keep).all()
+
+
+def test_beyond_max_windows_the_search_and_the_fit_see_the_subsample_only(data):
+    X_train, y_train, X_test, y_test = data  # 60 training images
+    model = SVMClassifier(C=[1.0], gamma=["scale"], cv=2, max_windows=30).fit(X_train, y_train)
+    assert (model.train_windows_, model.fit_windows_) == (60, 30)
+    assert model.estimator_[-1].n_support_.sum() <= 30
+    assert np.mean(model.predict(X_test) == y_test) > 0.9
+    every = SVMClassifier(C=[1.0], gamma=["scale"], cv=2).fit(X_train, y_train)
+    assert (every.train_windows_, every.fit_windows_) == (60, 60)
+
+
+def test_the_report_names_the_subsample(tmp_path):
+    data = write_tone_dataset(tmp_path / "tones", n_per_class=8)
+    proc = cli(
+        "data=folder",
+        f"data.root={data}",
+        "models=[svm]",
+        "svm.max_windows=10",
+        "svm.C=[1.0]",
+        "svm.gamma=[scale]",
+        "svm.cv=2",
+        "features.n_fft=64",
+        "features.hop_length=16",
+        "features.win_length=64",
+        "features.size=[16,16]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fitted on a stratified subsample of 10 of the" in proc.stdout + proc.stderr
+    import json
+
+    svm = json.loads((tmp_path / "run" / "metrics.json").read_text())["models"]["svm"]
+    assert svm["fit_windows"] == 10 and svm["train_windows"] > 10
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"stratified subsample of 10 of the {svm['train_windows']:,} training windows" in report

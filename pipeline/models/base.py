@@ -265,7 +265,18 @@ class SVM(Estimator):
             for k, v in self.fitted.best_params_.items()
         }
         log.info("%s: best %s, fitted in %.1f s", ctx.name, best, self.train_seconds)
-        return {"best_params": best}
+        used, given = self.fitted.fit_windows_, self.fitted.train_windows_
+        if used == given:
+            return {"best_params": best}
+        log.warning(
+            "%s: fitted on a stratified subsample of %d of the %d training windows "
+            "(%s.max_windows; the exact RBF SVM's cost grows with about their square)",
+            ctx.name,
+            used,
+            given,
+            ctx.name,
+        )
+        return {"best_params": best, "fit_windows": used, "train_windows": given}
 
     @staticmethod
     def write(model: Any, path: Path) -> None:

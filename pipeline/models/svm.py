@@ -65,6 +65,22 @@ def image_features(X: np.ndarray, *, features: str) -> np.ndarray:
     raise ConfigError(f"features={features!r} must be one of 'flat', 'pooled'")
 
 
+def stratified_subsample(y: np.ndarray, size: int, *, seed: int) -> np.ndarray:
+    """Sorted indices of ``size`` of the labels ``y``, each class in proportion to its count
+    (largest remainders; every class keeps at least one), drawn with ``seed``."""
+    classes, counts = np.unique(y, return_counts=True)
+    share = counts * size / len(y)
+    take = np.maximum(1, np.floor(share).astype(int))
+    for i in np.argsort(take - share)[: max(0, size - int(take.sum()))]:
+        take[i] += 1
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.choice(np.flatnonzero(y == c), size=min(n, k), replace=False)
+        for c, n, k in zip(classes, take, counts, strict=True)
+    ]
+    return np.sort(np.concatenate(picked))
+
+
 def _as_grid(name: str, value: object) -> list:
     """A grid of ``C`` or ``gamma`` values as a non-empty list, validated."""
     values = list(value) if isinstance(value, list | tuple) else [value]
@@ -102,8 +118,12 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
             calibrated probabilities), or ``"calibrated"``, Platt-scaled
             probabilities from a ``CalibratedClassifierCV`` fitted on the
             training data after the search.
-        random_state: Seed of the fold shuffling.
+        random_state: Seed of the fold shuffling (and of the subsample).
         n_jobs: Parallel jobs of the grid search (``None``: one).
+        max_windows: The most training windows the search and the fit use (``None``: all):
+            an exact RBF SVM's cost grows with about the square of the windows, so beyond
+            this a stratified, seeded subsample of this many is used
+            (:func:`stratified_subsample`).
 
     Attributes:
         classes_: Class labels, sorted, shape (n_classes,).
@@ -117,6 +137,9 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
             feature vectors from :func:`image_features`, not images.
         calibrated_: The ``CalibratedClassifierCV`` for ``scores="calibrated"``,
             else ``None``.
+        train_windows_: Training windows given to :meth:`fit`.
+        fit_windows_: Training windows the search and the fit used (fewer than
+            ``train_windows_`` beyond ``max_windows``).
     """
 
     def __init__(
@@ -130,6 +153,7 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
         scores="decision",
         random_state=0,
         n_jobs=None,
+        max_windows=None,
     ):
         self.features = features
         self.pca = pca
@@ -139,6 +163,7 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
         self.scores = scores
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.max_windows = max_windows
 
     def _check_params(self) -> tuple[list, list]:
         if self.features not in FEATURES:
@@ -157,6 +182,12 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
             )
         if isinstance(self.cv, bool) or not isinstance(self.cv, Integral) or self.cv < 2:
             raise ConfigError(f"cv={self.cv!r} must be an integer >= 2 (folds of the search)")
+        m = self.max_windows
+        if m is not None and (isinstance(m, bool) or not isinstance(m, Integral) or m < 2):
+            raise ConfigError(
+                f"max_windows={m!r} must be null (every training window) or a whole number of "
+                "at least 2, e.g. 5000"
+            )
         return _as_grid("C", self.C), _as_grid("gamma", self.gamma)
 
     def _check_images(self, X) -> np.ndarray:
@@ -194,6 +225,11 @@ class SVMClassifier(ClassifierMixin, BaseEstimator):
         if X.ndim != 4:
             raise ValueError(f"X must have shape (n, channels, height, width); got shape {X.shape}")
         check_classification_targets(y)
+        self.train_windows_ = len(y)
+        if self.max_windows is not None and len(y) > self.max_windows:
+            keep = stratified_subsample(y, self.max_windows, seed=self.random_state)
+            X, y = X[keep], y[keep]
+        self.fit_windows_ = len(y)
         classes, counts = np.unique(y, return_counts=True)
         if len(classes) < 2:
             raise ValueError(
