@@ -54,6 +54,7 @@ from pipeline.values import is_number, is_whole
 log = logging.getLogger(__name__)
 
 AGGREGATES = ("mean", "vote", "max")
+CPU = torch.device("cpu")  # where predict_folder runs without a device given
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -619,22 +620,21 @@ def predict_folder(
 ) -> dict:
     """Stream ``source`` through the classifier, writing file, error and segment rows.
 
-    Files are read and cut into windows by ``workers`` processes (0: in this one),
-    a bounded number ahead of the classifier, and their rows written in the order
-    they were found. For a bundle with ``features.per_group``, or with ``adapt_bn``, a
-    first pass (:func:`group_pass`) reads every file once, grouped by ``group_pattern``
-    (files it does not match, or all of them without one, form one group); it gives each
-    group's profile and the images that re-estimate a network's batch-norm statistics
-    per group (:func:`adapt_batchnorm`). Each group's files are then classified with its
-    own. An audio file of more than ``batch_size`` windows is read that many at a time
-    (:mod:`pipeline.blocks`); ``timeline`` gets each file's window probabilities.
-    ``hop_seconds`` sets the distance between windows (None: the bundle's).
+    Files are read and cut into windows (``hop_seconds`` apart; None: the bundle's hop) by
+    ``workers`` processes (0: in this one), a bounded number ahead of the classifier, and
+    their rows written in the order they were found. For a bundle with
+    ``features.per_group``, or with ``adapt_bn``, a first pass (:func:`group_pass`) reads
+    every file once, grouped by ``group_pattern`` (files it does not match, or all of them
+    without one, form one group); it gives each group's profile and the images that
+    re-estimate a network's batch-norm statistics per group (:func:`adapt_batchnorm`).
+    Each group's files are then classified with its own. An audio file of more than
+    ``batch_size`` windows is read that many at a time (:mod:`pipeline.blocks`);
+    ``timeline`` gets each file's window probabilities.
 
     Returns:
         Counts, accuracy on files whose class folder names a bundle class, timing.
     """
-    device = device or torch.device("cpu")
-    classify = Classifier(bundle, device=device, amp=amp, hop_seconds=hop_seconds)
+    classify = Classifier(bundle, device=device or CPU, amp=amp, hop_seconds=hop_seconds)
     start_time = time.perf_counter()
     reader = WindowReader(classify.frontend, classify.in_channels, block=batch_size)
     profiles, adapted = first_pass(
@@ -656,12 +656,16 @@ def predict_folder(
         rate=classify.frontend.sample_rate,
         timeline=timeline,
     ) as writer:
-        loaded = read_files(source, reader, workers=workers)
-        loaded = tqdm(loaded, desc="predict", unit="file", disable=not progress)
+        loaded = tqdm(read_files(source, reader, workers=workers), **bar("predict", progress))
         files = classifiable(loaded, writer, classify, source, group_pattern, (profiles, adapted))
         for run in batches(files, batch_size, lambda item: item[0].n):
             writer.write(run, score(classify, run, profiles, adapted, trained))
     return run_summary(writer.counts, time.perf_counter() - start_time)
+
+
+def bar(desc: str, progress: bool) -> dict:
+    """tqdm's arguments for a bar of files, shown with ``progress``."""
+    return {"desc": desc, "unit": "file", "disable": not progress}
 
 
 def run_summary(counts: dict, seconds: float) -> dict:
