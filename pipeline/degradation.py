@@ -95,6 +95,11 @@ def degradation(runs: list[dict]) -> dict | None:
     rises = {k: _rise([r for r in rows if r["kind"] == k]) for k in KINDS}
     every = sorted(set(depths["plain"]) | set(depths["residual"]))
     by = {(r["kind"], r["depth"]): r for r in rows}
+    gaps = {
+        d: by[("plain", d)]["train_error"]["mean"] - by[("residual", d)]["train_error"]["mean"]
+        for d in every
+        if ("plain", d) in by and ("residual", d) in by
+    }
     return {
         "depths": every,
         "table": [{"depth": d, **{k: by.get((k, d)) for k in KINDS}} for d in every],
@@ -102,7 +107,8 @@ def degradation(runs: list[dict]) -> dict | None:
         "rows": rows,
         "curves": curves,
         "rises": rises,
-        "verdict": verdict(rises),
+        "gaps": {str(d): g for d, g in gaps.items()},
+        "verdict": verdict(rises) + pairs_sentence(gaps),
     }
 
 
@@ -190,6 +196,27 @@ def verdict(rises: dict) -> str:
         f"{100 * max(p['margin'], r['margin']):.1f} points (the tolerance or twice the spread "
         "over seeds); longer training may close the gap or a harder dataset may open it."
     )
+
+
+def pairs_sentence(gaps: dict[int, float]) -> str:
+    """`` At every depth ...``: how the plain nets' final training error compares with their
+    ResNet twins' at each depth both were trained (the plain one minus the ResNet's)."""
+    if not gaps:
+        return ""
+    worse = [d for d, g in gaps.items() if g > TOLERANCE]
+    low, high = 100 * min(gaps.values()), 100 * max(gaps.values())
+    if len(worse) == len(gaps):
+        return (
+            f" At every depth the plain net's final training error is above its ResNet "
+            f"twin's, by {low:.1f} to {high:.1f} points."
+        )
+    if not worse:
+        return (
+            " At no depth is the plain net's final training error more than "
+            f"{100 * TOLERANCE:.0f} point above its ResNet twin's."
+        )
+    listed = ", ".join(str(d) for d in worse)
+    return f" The plain net trains worse than its ResNet twin at {listed} layers only."
 
 
 def plot(section: dict):

@@ -85,7 +85,13 @@ def test_the_miniature_summary_has_the_figure_and_a_table_that_agrees_with_the_r
         }
     image = matplotlib.image.imread(sweep / "figures" / "degradation.png")
     assert image.shape[0] > 200 and image.shape[1] > 400
-    assert section["verdict"] == degradation.verdict(section["rises"])
+    gaps = {int(d): g for d, g in section["gaps"].items()}
+    assert section["verdict"] == degradation.verdict(section["rises"]) + (
+        degradation.pairs_sentence(gaps)
+    )
+    for t in section["table"]:
+        want = t["plain"]["train_error"]["mean"] - t["residual"]["train_error"]["mean"]
+        assert gaps[t["depth"]] == pytest.approx(want)
 
     md = (sweep / "summary.md").read_text()
     assert section["verdict"] in md
@@ -185,3 +191,13 @@ def test_a_sweep_without_both_kinds_at_two_depths_has_no_section():
         degradation.degradation(runs + fake_runs({("plain", 56): [0.1], ("residual", 56): [0.1]}))
         is None
     )
+
+
+def test_the_pairs_sentence_compares_each_depth():
+    assert degradation.pairs_sentence({20: 0.2, 56: 0.3}) == (
+        " At every depth the plain net's final training error is above its ResNet twin's, by "
+        "20.0 to 30.0 points."
+    )
+    assert "at 56 layers only" in degradation.pairs_sentence({20: 0.0, 56: 0.3})
+    assert "At no depth" in degradation.pairs_sentence({20: 0.0, 56: -0.1})
+    assert degradation.pairs_sentence({}) == ""
