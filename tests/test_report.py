@@ -393,8 +393,14 @@ def check_links(page_path: Path) -> Page:
 
 @pytest.mark.slow
 def test_html_pages_have_no_broken_links(tiny_run, tiny_sweep):
-    # learning curves, examples, reliability diagrams and a confusion matrix per model
-    assert len(check_links(tiny_run / "report.html").images) == 3 + len(MODELS)
+    # learning curves, examples, reliability diagrams and a confusion matrix per model; per
+    # network a Grad-CAM map and its frequency profile, per model with mistakes a gallery
+    explained = json.loads((tiny_run / "metrics.json").read_text())["explain"]["models"]
+    maps = sum(2 for e in explained.values() if "map" in e)
+    galleries = sum(1 for e in explained.values() if e["gallery"]["shown"])
+    assert maps == 4  # the ResNet and its plain twin
+    n = 3 + len(MODELS) + maps + galleries
+    assert len(check_links(tiny_run / "report.html").images) == n
     assert len(check_links(tiny_sweep / "summary.html").images) == 1
 
 
