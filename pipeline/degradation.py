@@ -120,16 +120,10 @@ def _row(kind: str, depth: int, group: list[dict]) -> dict:
         "depth": depth,
         "n": len(group),
         "seeds": [e["seed"] for e in group],
-        "train_error": _stats([e["train_error"] for e in group]),
-        "test_error": _stats([e["test_error"] for e in group]),
+        "train_error": report.spread([e["train_error"] for e in group]),
+        "test_error": report.spread([e["test_error"] for e in group]),
         "n_params": params[0] if len(params) == 1 else None,
     }
-
-
-def _stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=float)
-    std = float(a.std(ddof=1)) if a.size > 1 else None
-    return {"mean": float(a.mean()), "std": std, "values": a.tolist()}
 
 
 def _mean_curves(group: list[dict]) -> dict:

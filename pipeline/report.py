@@ -173,6 +173,14 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (n - 1; None for one value), n and the values, of
+    figures over runs: what sweep summaries show as ``mean ± std``."""
+    a = np.asarray(values, dtype=float)
+    std = float(a.std(ddof=1)) if a.size > 1 else None
+    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "values": a.tolist()}
+
+
 def format_number(value: float | None, fmt: str) -> str:
     """``fmt % value``, or "-" for a missing value (None or NaN: no validation set)."""
     return "-" if value is None or value != value else fmt % value

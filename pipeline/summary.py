@@ -80,12 +80,6 @@ def _split(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def _stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=float)
-    std = float(a.std(ddof=1)) if a.size > 1 else None
-    return {"mean": float(a.mean()), "std": std, "n": int(a.size), "values": a.tolist()}
-
-
 def summarise(sweep_dir: Path) -> dict | None:
     """The contents of ``summary.json`` for the runs under ``sweep_dir``; None if there are none.
 
@@ -246,7 +240,9 @@ def _setting(runs: list[dict]) -> dict:
     models = {}
     for name in names:
         per = [r["metrics"]["models"][name] for r in runs if name in r["metrics"]["models"]]
-        models[name] = {key: _stats([m[key] for m in per]) for key, *_ in HEADLINE if key in per[0]}
+        models[name] = {
+            key: report.spread([m[key] for m in per]) for key, *_ in HEADLINE if key in per[0]
+        }
     pairs = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -267,7 +263,7 @@ def _setting(runs: list[dict]) -> dict:
                 {
                     "a": a,
                     "b": b,
-                    "accuracy_difference": _stats(diff),
+                    "accuracy_difference": report.spread(diff),
                     "n_tested": len(tests),
                     "a_better": a_better,
                     "b_better": b_better,
@@ -281,7 +277,7 @@ def _setting(runs: list[dict]) -> dict:
         "seeds": [r["seed"] for r in runs],
         "models": models,
         "significance": pairs,
-        "calibration": calibration.sweep_stats(runs, names, stats=_stats),  # ECE, AUC, T
+        "calibration": calibration.sweep_stats(runs, names, stats=report.spread),  # ECE, AUC, T
     }
 
 
