@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.features.view import take
 from pipeline.fit import predict_logits
 from pipeline.precise_bn import BATCHNORMS
 from pipeline.runtime import autocast, in_format
@@ -187,7 +188,7 @@ def adapted_logits(
     try:
         for g, i in index.items():
             use_batchnorm(model, states[g])
-            part = predict_logits(model, x[torch.from_numpy(i)], device=device, amp=amp)
+            part = predict_logits(model, take(x, i), device=device, amp=amp)
             if logits.shape[1] == 0:
                 logits = torch.empty(len(x), part.shape[1])
             logits[torch.from_numpy(i)] = part

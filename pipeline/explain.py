@@ -174,6 +174,19 @@ def class_means(values: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray
     return out
 
 
+def mean_images(images, y: np.ndarray, n_classes: int, chunk: int = 2048) -> np.ndarray:
+    """Each class's mean first-channel image (n_classes, H, W), NaN for a class without any,
+    over ``images`` (n, C, H, W): an array or an :class:`~pipeline.features.view.ImageView`,
+    read ``chunk`` images at a time."""
+    sums = np.zeros((n_classes, *images.shape[2:]))
+    for i in range(0, len(images), chunk):
+        part = np.asarray(images[i : i + chunk])[:, 0]
+        np.add.at(sums, y[i : i + chunk], part)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts[:, None, None] > 0, sums / counts[:, None, None], np.nan)
+
+
 def peak_band(profile: np.ndarray) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of the band around the peak of a frequency ``profile`` (height,): the
     contiguous rows at or above half the peak's height over the profile's minimum (the full
@@ -545,7 +558,7 @@ def _maps_and_figures(module, test: TestSet, name, settings, device, fig_dir, se
     )
     bands = [summary["classes"].get(c, {}).get("peak_hz") for c in test.classes]
     fig = figures.plot_attention(
-        class_means(test.images[:, 0], test.y, len(test.classes)),
+        mean_images(test.images, test.y, len(test.classes)),
         maps,
         classes=test.classes,
         captions=[band_text(*b) if b else "no test image" for b in bands],
@@ -580,7 +593,7 @@ def _gallery_figure(shown: list[dict], test: TestSet, name: str, fig_dir) -> Non
     ]
     f = test.meta["features"]
     fig = figures.plot_gallery(
-        test.images[[e["index"] for e in shown], 0],
+        np.asarray(test.images[[e["index"] for e in shown]])[:, 0],
         captions,
         extent=extent,
         ylabel=ylabel,

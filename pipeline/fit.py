@@ -416,7 +416,8 @@ def fit(
 
     Args:
         model: a network returning logits (N, n_classes).
-        x_train: images (N, C, H, W), float32, on the CPU.
+        x_train: images (N, C, H, W), float32, on the CPU: a tensor, or an
+            :class:`~pipeline.features.view.ImageView` that reads each batch from disk.
         y_train: class indices (N,), int64.
         x_val: validation images; when empty, the last epoch is kept.
         y_val: validation class indices.
@@ -877,7 +878,9 @@ def _stage(x: Tensor, device: torch.device) -> Tensor:
     On CUDA the whole training set is copied to the device when it takes less
     than a third of the free memory: no host-to-device copy per batch and no
     loader stall. Otherwise each batch is gathered on the host into page-locked
-    memory and copied asynchronously.
+    memory and copied asynchronously. An :class:`~pipeline.features.view.ImageView`
+    (images read from disk a batch at a time) is copied to the device the same way, a
+    chunk at a time, or read a batch at a time.
     """
     if device.type != "cuda":
         return x
@@ -1066,8 +1069,11 @@ def predict_logits(
     batch_size: int = 256,
     amp: bool = True,
 ) -> Tensor:
-    """Logits (N, n_classes) of images (N, C, H, W), computed in batches; returned on the CPU."""
-    x = torch.as_tensor(x)
+    """Logits (N, n_classes) of images (N, C, H, W), computed in batches; returned on the CPU.
+
+    ``x`` is a tensor, an array or an :class:`~pipeline.features.view.ImageView` (each batch
+    read from it as it is needed)."""
+    x = x if hasattr(x, "subset") else torch.as_tensor(x)
     model.eval()
     weight = next(p for p in model.parameters() if p.dim() >= 3)  # the first convolution's
     channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)

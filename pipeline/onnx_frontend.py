@@ -109,6 +109,7 @@ class ImageFront(nn.Module):
         p = frontend.params
         norm = frontend.normalizer
         self.params, self.per_image = p, norm.per_image
+        self.float16 = p.dtype == "float16"
         self.spectrogram = ConvSpectrogram(p)
         self.band = p.uses_band and p.n_mels is None  # a linear crop
         self.lo, self.hi = p.bins()
@@ -133,6 +134,8 @@ class ImageFront(nn.Module):
             spec = torch.matmul(self.smoother, spec)  # each frame's log spectrum smoothed
         if self.rows is not None:
             spec = torch.matmul(torch.matmul(self.rows, spec), self.cols)  # (..., height, width)
+        if self.float16:  # the images the model was trained on were rounded so (the cache's)
+            spec = spec.to(torch.float16).to(torch.float32)
         if self.per_image:
             spec = standardise_each(spec, self.per_image)
         return (spec - self.mean) / self.std

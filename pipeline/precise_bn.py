@@ -109,11 +109,12 @@ def precise_batchnorm(
 
 
 def _sample(x: Tensor, *, max_windows: int, seed: int) -> Tensor:
-    """``x``, or a sorted random sample of ``max_windows`` of its images seeded by ``seed``."""
+    """``x``, or a sorted random sample of ``max_windows`` of its images seeded by ``seed``,
+    as a tensor (an :class:`~pipeline.features.view.ImageView` is read)."""
     if len(x) > max_windows:
         pick = np.sort(np.random.default_rng(seed).choice(len(x), max_windows, replace=False))
-        x = x[torch.from_numpy(pick).to(x.device)]
-    return x
+        return x[torch.from_numpy(pick).to(x.device)]
+    return x if isinstance(x, Tensor) else x[:]
 
 
 def _input_moments(

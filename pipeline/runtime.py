@@ -112,3 +112,55 @@ def in_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tens
     if x.dim() == 4:
         return x.contiguous(memory_format=memory_format)
     return x.contiguous()
+
+
+def _memory_cgroup() -> tuple[str, str, str] | None:
+    """(limit file, usage file, reclaimable page-cache field) of this process's memory
+    cgroup, v1 or v2, or None where there is none to read."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        if "memory" in controllers.split(","):  # v1
+            folder = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+            return (
+                os.path.join(folder, "memory.limit_in_bytes"),
+                os.path.join(folder, "memory.usage_in_bytes"),
+                "total_inactive_file",
+            )
+    for _, controllers, path in lines:
+        if controllers == "":  # v2's unified hierarchy
+            folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+            return (
+                os.path.join(folder, "memory.max"),
+                os.path.join(folder, "memory.current"),
+                "inactive_file",
+            )
+    return None
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the kernel's ``MemAvailable``, or less where
+    its memory cgroup (v1 or v2) allows less: the limit minus the usage, the page cache the
+    cgroup can reclaim counted as free."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    free = int(fields["MemAvailable"].split()[0]) * 1024
+    files = _memory_cgroup()
+    if files is None:
+        return free
+    limit_file, usage_file, reclaimable = files
+    try:
+        with open(limit_file, encoding="ascii") as f:
+            limit = f.read().strip()
+        with open(usage_file, encoding="ascii") as f:
+            usage = int(f.read())
+        with open(os.path.join(os.path.dirname(usage_file), "memory.stat"), encoding="ascii") as f:
+            stat = dict(line.split() for line in f if line.strip())
+    except (OSError, ValueError):
+        return free
+    if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's 2**63 rounded: no limit
+        free = min(free, int(limit) - usage + int(stat.get(reclaimable, 0)))
+    return max(free, 0)

@@ -42,7 +42,7 @@ def temp_name(name: str, pid: int) -> str:
 def test_an_entry_changed_in_place_is_computed_again_with_a_warning(tmp_path, files, caplog):
     root, ex, calls = tmp_path / "cache", extracted(), []
 
-    def compute():
+    def compute(_folder):
         calls.append(1)
         return ex, {}
 
@@ -63,7 +63,7 @@ def test_an_entry_changed_in_place_is_computed_again_with_a_warning(tmp_path, fi
 
 def test_verify_false_skips_the_check(tmp_path, files):
     root, ex = tmp_path / "cache", extracted()
-    key = cache.cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS).key
+    key = cache.cached(lambda _folder: (ex, {}), root=root, files=files, settings=SETTINGS).key
     np.save(root / key / "start.npy", ex.start + 1)  # same shape, other values
     unchecked = cache.cached(None, root=root, files=files, settings=SETTINGS, verify=False)
     assert unchecked.hit and np.array_equal(unchecked.extracted.start, ex.start + 1)
@@ -71,12 +71,12 @@ def test_verify_false_skips_the_check(tmp_path, files):
 
 def test_an_entry_without_checksums_is_not_trusted(tmp_path, files, caplog):
     root, ex = tmp_path / "cache", extracted()
-    key = cache.cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS).key
+    key = cache.cached(lambda _folder: (ex, {}), root=root, files=files, settings=SETTINGS).key
     meta = json.loads((root / key / "meta.json").read_text())
     del meta["checksums"]
     (root / key / "meta.json").write_text(json.dumps(meta))
     with caplog.at_level("WARNING", logger="pipeline.features.cache"):
-        again = cache.cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS)
+        again = cache.cached(lambda _folder: (ex, {}), root=root, files=files, settings=SETTINGS)
     assert not again.hit and "is unreadable ('checksums')" in caplog.text
 
 
@@ -112,7 +112,7 @@ def test_the_cache_removes_stale_temporary_folders_and_counts_live_ones(tmp_path
     for path in (old, old / "images.npy"):
         os.utime(path, (then, then))
     with caplog.at_level("INFO", logger="pipeline.features.cache"):
-        got = cache.cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS)
+        got = cache.cached(lambda _folder: (ex, {}), root=root, files=files, settings=SETTINGS)
     assert sorted(p.name for p in root.iterdir()) == sorted([got.key, live.name])
     assert caplog.text.count("left half-written by a run that ended") == 2
     # The live temporary counts toward the limit: with it the cache is over 1.5 entries.
@@ -120,7 +120,7 @@ def test_the_cache_removes_stale_temporary_folders_and_counts_live_ones(tmp_path
     assert cache.temporaries(root) == [(live, (live / "images.npy").stat().st_size)]
     other = {**SETTINGS, "n": 2}
     second = cache.cached(
-        lambda: (ex, {}), root=root, files=files, settings=other, max_bytes=int(2.5 * size)
+        lambda _folder: (ex, {}), root=root, files=files, settings=other, max_bytes=int(2.5 * size)
     )
     assert {f.name for f, _, _ in cache.entries(root)} == {second.key}  # first evicted
     assert live.is_dir()
@@ -179,11 +179,18 @@ def test_an_error_that_is_not_a_full_disk_is_left_alone(full_disk):
 
 
 def test_a_full_cache_carries_on_without_caching(full_disk, files, caplog):
-    ex = extracted(n=5, shape=(1, 128, 128))  # 320 kB of images: more than the disk holds
+    ex, folders = extracted(n=5, shape=(1, 128, 128)), []  # 320 kB: more than the disk holds
+
+    def compute(folder):
+        folders.append(folder)
+        return ex, {"r": 1}
+
     with caplog.at_level("WARNING", logger="pipeline.features.cache"):
-        got = cache.cached(lambda: (ex, {"r": 1}), root=full_disk, files=files, settings=SETTINGS)
+        got = cache.cached(compute, root=full_disk, files=files, settings=SETTINGS)
     assert got.key is None and not got.hit and got.info == {"r": 1}
     np.testing.assert_array_equal(got.extracted.images, ex.images)
     assert f"feature cache: {full_disk} is full (" in caplog.text
-    assert "carrying on without caching" in caplog.text
+    # what was streamed into the entry went with it: computed again, in memory
+    assert "computing the images again, held in memory" in caplog.text
+    assert folders[0] is not None and folders[1:] == [None]
     assert list(full_disk.iterdir()) == []  # no partial temporary folder

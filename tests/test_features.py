@@ -16,6 +16,7 @@ from pipeline.features.stft import (
     make_window,
     stft_image,
 )
+from pipeline.features.store import ImageFile
 from pipeline.frontend import Frontend
 from tests.conftest import extracted
 
@@ -308,11 +309,11 @@ def test_a_second_lookup_loads_the_entry_without_extracting(tmp_path, files, cap
 
     root, ex, calls = tmp_path / "cache", extracted(), []
 
-    def compute():
+    def compute(_folder):
         calls.append(1)
         return ex, {"resolved": [1, 2]}
 
-    def must_not_run():
+    def must_not_run(_folder):
         raise AssertionError("a cache hit must not extract")
 
     with caplog.at_level("INFO", logger="pipeline.features.cache"):
@@ -322,8 +323,8 @@ def test_a_second_lookup_loads_the_entry_without_extracting(tmp_path, files, cap
         second = cached(must_not_run, root=root, files=files, settings=SETTINGS)
     assert second.hit and second.key == key and f"feature cache hit {key}" in caplog.text
     assert first.info == second.info == {"resolved": [1, 2]}
-    assert isinstance(second.extracted.images, np.memmap)
-    assert second.extracted.images.dtype == np.float32
+    assert isinstance(second.extracted.images, ImageFile)  # read from disk by rows
+    assert second.extracted.images.dtype == np.float32  # the dtype it was given
     for got in (first.extracted, second.extracted):
         np.testing.assert_array_equal(got.images, ex.images)
         for name in ("record", "start", "split", "file_samples", "file_rates"):
@@ -353,6 +354,7 @@ ALTERED = {
     "mel_scale": "slaney",
     "norm": "slaney",
     "lifter": 12,
+    "dtype": "float16",
 }
 
 
@@ -404,13 +406,13 @@ def test_a_half_written_or_damaged_entry_is_never_trusted(tmp_path, files, caplo
         (root / name / "meta.json").write_text(json.dumps({"format_version": 1, "key": key}))
     old = time.time() - 2 * STALE_SECONDS
     os.utime(root / f".{key}.old.tmp", (old, old))
-    got = cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS)
+    got = cached(lambda _folder: (ex, {}), root=root, files=files, settings=SETTINGS)
     assert not got.hit and got.extracted.images.shape == ex.images.shape
     assert sorted(p.name for p in root.iterdir()) == sorted([key, f".{key}.now.tmp"])
     # an entry whose files were damaged by hand is recomputed, with a warning
     (root / key / "images.npy").write_bytes(b"\x93NUMPY garbage")
     with caplog.at_level("WARNING", logger="pipeline.features.cache"):
-        again = cached(lambda: (ex, {}), root=root, files=files, settings=SETTINGS)
+        again = cached(lambda _folder: (ex, {}), root=root, files=files, settings=SETTINGS)
     assert not again.hit and "is unreadable" in caplog.text
     np.testing.assert_array_equal(again.extracted.images, ex.images)
 
@@ -420,7 +422,12 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error(tmp_path, files):
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="features.cache_dir=.* is a file, not a folder"):
-        cached(lambda: (extracted(), {}), root=tmp_path / "file", files=files, settings=SETTINGS)
+        cached(
+            lambda _folder: (extracted(), {}),
+            root=tmp_path / "file",
+            files=files,
+            settings=SETTINGS,
+        )
 
 
 def test_prepare_data_reuses_the_images_and_applies_the_current_split(
@@ -527,7 +534,7 @@ def test_a_size_limit_evicts_the_least_recently_used_entries(tmp_path, files, ca
     def lookup(n, **kw):
         settings = {**SETTINGS, "n": n}
         return cached(
-            lambda: (extracted(seed=n), {}), root=root, files=files, settings=settings, **kw
+            lambda _folder: (extracted(seed=n), {}), root=root, files=files, settings=settings, **kw
         )
 
     keys = [lookup(n).key for n in range(3)]

@@ -2,7 +2,8 @@
 
 An entry is a folder ``<root>/<key>/``::
 
-    images.npy        float32 (n, channels, height, width), opened memory-mapped
+    images.npy        float16 or float32 (n, channels, height, width), streamed in by the
+                      extraction and read back by rows (:mod:`pipeline.features.store`)
     record.npy, start.npy, split.npy, file_samples.npy, file_rates.npy
     skipped.json      the files left out, with reasons
     meta.json         format version, key, what went into the key, the facts the
@@ -33,8 +34,8 @@ The temporary folder is named ``.<key>.<host>.<pid>.<random>.tmp``
 its own, so each write removes every temporary folder whose writer has ended
 (:func:`pipeline.atomic.is_stale`: a process of this machine that no longer runs,
 or one untouched for an hour); the others count toward the size limit. When the
-cache's device is full, :func:`cached` logs a warning and returns the images it
-computed, uncached.
+cache's device is full, :func:`cached` logs a warning and computes the images again, held
+in memory, uncached (those streamed into the entry were lost with it).
 
 A hit marks its entry as used (the mtime of its ``meta.json``); with a size limit
 (``features.cache_max_gb``) a new entry evicts the least recently used others until
@@ -52,7 +53,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,13 @@ from pipeline import atomic
 from pipeline.data.dataset import Skipped
 from pipeline.errors import ConfigError, StorageError
 from pipeline.features.extract import Extracted
+from pipeline.features.store import ImageFile, ImageWriter
 
 log = logging.getLogger(__name__)
 
 # Raise when the images, or the values resolved from the same inputs and settings, change.
-# 2: meta.json holds the checksum of every file.
-FORMAT_VERSION = 2
+# 2: meta.json holds the checksum of every file. 3: images float16 or float32 (meta "dtype").
+FORMAT_VERSION = 3
 ARRAYS = ("record", "start", "split", "file_samples", "file_rates")
 FILES = ("images.npy", *(f"{a}.npy" for a in ARRAYS), "skipped.json")  # checksummed
 # Another machine's temporary folder untouched for this long belongs to a run that was killed.
@@ -82,7 +84,7 @@ class Lookup:
     """What :func:`cached` found or computed.
 
     Attributes:
-        extracted: the images (memory-mapped when cached) and their bookkeeping.
+        extracted: the images (on disk when cached) and their bookkeeping.
         info: JSON values computed with the images (resolved settings).
         key: the entry's key, None without a cache or when its device is full.
         hit: whether the images came from the cache.
@@ -138,7 +140,8 @@ class _Mismatch(ValueError):
 
 
 def load_entry(root: Path, key: str, *, verify: bool = True) -> tuple[Extracted, dict] | None:
-    """The entry under ``key`` (images memory-mapped) and its info, or None if there is none.
+    """The entry under ``key`` (images read from disk by rows, :class:`ImageFile`) and its
+    info, or None if there is none.
 
     An entry that exists but cannot be read (files removed or damaged by hand) is
     removed with a warning, so the caller recomputes it.
@@ -156,7 +159,7 @@ def load_entry(root: Path, key: str, *, verify: bool = True) -> tuple[Extracted,
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION or meta.get("key") != key:
             raise ValueError(f"meta.json describes another entry ({meta.get('key')})")
-        images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
+        images = ImageFile(folder / "images.npy")
         arrays = {a: np.load(folder / f"{a}.npy", allow_pickle=False) for a in ARRAYS}
         skipped = json.loads((folder / "skipped.json").read_text(encoding="utf-8"))
         if list(images.shape) != meta["shape"] or len(arrays["record"]) != len(images):
@@ -192,7 +195,7 @@ def _verify(folder: Path, checksums: Mapping[str, str]) -> None:
 def save_entry(
     root: Path, key: str, ex: Extracted, *, info: Mapping, describe: Mapping
 ) -> tuple[Extracted, dict]:
-    """Write ``ex`` as the entry ``key`` (atomically) and return it read back memory-mapped.
+    """Write ``ex`` as the entry ``key`` (atomically) and return it read back from disk.
 
     Args:
         root: the cache folder.
@@ -205,6 +208,25 @@ def save_entry(
         StorageError: the cache's device is full; nothing of the entry is left.
         OSError: the entry cannot be written for another reason.
     """
+    with new_entry(root, key) as tmp:
+        _write(tmp, key, ex, info=info, describe=describe)
+    return _read_back(root, key)
+
+
+def _read_back(root: Path, key: str) -> tuple[Extracted, dict]:
+    loaded = load_entry(root, key, verify=False)  # just hashed while writing
+    assert loaded is not None, f"feature cache entry {Path(root) / key} vanished after writing"
+    return loaded
+
+
+@contextlib.contextmanager
+def new_entry(root: Path, key: str) -> Iterator[Path]:
+    """A temporary folder beside the entry ``key``, renamed into place when the block ends
+    without an exception (:func:`_rename`) and removed otherwise.
+
+    Raises:
+        StorageError: the cache's device filled up in the block; nothing of the entry is left.
+    """
     root, tmp = Path(root), None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -212,7 +234,7 @@ def save_entry(
         tmp = Path(tempfile.mkdtemp(prefix=atomic.temp_prefix(key), suffix=".tmp", dir=root))
         # mkdtemp's 0700 would hide the entry from other users
         tmp.chmod(0o777 & ~atomic.current_umask())
-        _write(tmp, key, ex, info=info, describe=describe)
+        yield tmp
         _rename(tmp, root, key)
     except Exception as err:
         full = atomic.storage_error(err, path=root / key, folder=root)
@@ -223,14 +245,17 @@ def save_entry(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    loaded = load_entry(root, key, verify=False)  # just hashed while writing
-    assert loaded is not None, f"feature cache entry {root / key} vanished after writing"
-    return loaded
 
 
 def _write(tmp: Path, key: str, ex: Extracted, *, info: Mapping, describe: Mapping) -> None:
-    """Write the entry's files into ``tmp``, each flushed to the device, ``meta.json`` last."""
-    np.save(tmp / "images.npy", np.ascontiguousarray(ex.images, dtype=np.float32))
+    """Write the entry's files into ``tmp``, each flushed to the device, ``meta.json`` last;
+    the images only if they are not already there (streamed by the extraction)."""
+    images = ex.images
+    if not (isinstance(images, ImageFile) and images.path == tmp / "images.npy"):
+        with ImageWriter(tmp / "images.npy", _stored_dtype(images)) as writer:
+            for i in range(0, len(images), 4096):
+                writer.append(images[i : i + 4096])
+            writer.close(tail=images.shape[1:])
     for a in ARRAYS:
         np.save(tmp / f"{a}.npy", getattr(ex, a), allow_pickle=False)
     skipped = [{"path": str(s.path), "reason": s.reason} for s in ex.skipped]
@@ -242,8 +267,8 @@ def _write(tmp: Path, key: str, ex: Extracted, *, info: Mapping, describe: Mappi
     meta = {
         "format_version": FORMAT_VERSION,
         "key": key,
-        "shape": list(ex.images.shape),
-        "dtype": "float32",
+        "shape": list(images.shape),
+        "dtype": str(_stored_dtype(images)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "info": dict(info),
         "checksums": checksums,
@@ -252,6 +277,11 @@ def _write(tmp: Path, key: str, ex: Extracted, *, info: Mapping, describe: Mappi
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     atomic.fsync(tmp / "meta.json")
     atomic.fsync(tmp)
+
+
+def _stored_dtype(images) -> np.dtype:
+    """float16 images stay float16; anything else is stored as float32."""
+    return np.dtype(np.float16 if images.dtype == np.float16 else np.float32)
 
 
 def _rename(tmp: Path, root: Path, key: str) -> None:
@@ -325,7 +355,7 @@ def prune(root: Path, *, max_bytes: int, keep: str | None = None) -> list[Path]:
     """Remove the least recently used entries until the cache holds at most ``max_bytes``.
 
     ``keep`` (the entry a run is using) is never removed, even when it alone is larger.
-    On POSIX a run still reading a removed entry keeps its memory-mapped images.
+    On POSIX a run still reading a removed entry keeps its open images file.
     Temporary folders count too: stale ones are removed first, and those still being
     written are never removed.
 
@@ -354,7 +384,7 @@ def prune(root: Path, *, max_bytes: int, keep: str | None = None) -> list[Path]:
 
 
 def cached(
-    compute: Callable[[], tuple[Extracted, dict]],
+    compute: Callable[[Path | None], tuple[Extracted, dict]],
     *,
     root: Path | None,
     files: Sequence[Path],
@@ -365,8 +395,11 @@ def cached(
     """``compute()``'s images and info, from the cache under ``root`` when an entry exists.
 
     Args:
-        compute: extracts the images (reading every file) and returns them with a
-            JSON-serialisable info dict; called only on a miss.
+        compute: ``compute(folder)`` extracts the images (reading every file) and returns
+            them with a JSON-serialisable info dict; called only on a miss. ``folder`` is
+            the new entry's temporary folder, where it may stream the images (as
+            ``images.npy``, an :class:`~pipeline.features.store.ImageWriter`), or None
+            (no cache, or a full one): then it returns them in memory.
         root: the cache folder, or None to compute without caching.
         files: the input files, in record order.
         settings: everything else the images depend on (JSON-serialisable).
@@ -379,7 +412,7 @@ def cached(
         ConfigError: ``root`` is not a folder, or the entry cannot be written there.
     """
     if root is None:
-        return Lookup(*compute(), key=None, hit=False)
+        return Lookup(*compute(None), key=None, hit=False)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ConfigError(
@@ -394,18 +427,30 @@ def cached(
             os.utime(root / key / "meta.json")  # most recently used
         return Lookup(*found, key=key, hit=True)
     log.info("feature cache miss %s: computing the images", key)
-    ex, info = compute()
     describe = {"n_files": len(files), "settings": dict(settings)}
     try:
-        saved = save_entry(root, key, ex, info=info, describe=describe)
-        if max_bytes is not None:
-            prune(root, max_bytes=max_bytes, keep=key)
-        return Lookup(*saved, key=key, hit=False)
+        return _fill(compute, root=root, key=key, describe=describe, max_bytes=max_bytes)
     except StorageError as err:
-        log.warning("feature cache: %s is full (%s); carrying on without caching", root, err)
-        return Lookup(ex, info, key=None, hit=False)
+        log.warning(
+            "feature cache: %s is full (%s); computing the images again, held in memory",
+            root,
+            err,
+        )
+        return Lookup(*compute(None), key=None, hit=False)
     except OSError as err:
         raise ConfigError(
             f"features.cache_dir={str(root)!r} cannot be written ({err.strerror or err}); point "
             "it at a writable folder or set features.cache=false"
         ) from err
+
+
+def _fill(compute, *, root: Path, key: str, describe: Mapping, max_bytes: int | None) -> Lookup:
+    """A miss: the entry computed into its temporary folder, renamed into place, read back;
+    then the cache pruned to ``max_bytes``."""
+    with new_entry(root, key) as tmp:
+        ex, info = compute(tmp)
+        _write(tmp, key, ex, info=info, describe=describe)
+    saved = _read_back(root, key)
+    if max_bytes is not None:
+        prune(root, max_bytes=max_bytes, keep=key)
+    return Lookup(*saved, key=key, hit=False)

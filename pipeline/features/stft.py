@@ -32,6 +32,7 @@ WINDOWS = {
     "rectangular": torch.ones,
 }
 SCALES = ("magnitude", "power", "db", "log1p")
+IMAGE_DTYPES = ("float16", "float32")
 PAD_MODES = ("reflect", "constant", "replicate", "circular")
 MEL_SCALES = ("htk", "slaney")
 MEL_NORMS = (None, "slaney")
@@ -41,6 +42,9 @@ MIN_FRAMES = 32
 # size=auto keeps the native image, shrunk by area averaging to at most this [height, width]
 # and never stretched: a 9-row spectrogram stays 9 rows.
 AUTO_SIZE_CAP = (64, 64)
+# A streaming statistic (Normalizer.fit, group_profiles) reads this many bytes of float32 images
+# at a time; its float64 temporaries take about four times as much.
+FIT_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class STFTParams:
     mel_scale: str = "htk"
     norm: str | None = None
     lifter: int | None = None
+    dtype: str = "float32"  # float16: every value rounded to float16, as the cache stores it
 
     def __post_init__(self) -> None:
         for key in ("n_fft", "hop_length", "win_length"):
@@ -125,6 +130,10 @@ class STFTParams:
         if self.scale not in SCALES:
             raise ConfigError(
                 f"scale={self.scale!r} must be one of {list(SCALES)}", keys=("scale",)
+            )
+        if self.dtype not in IMAGE_DTYPES:
+            raise ConfigError(
+                f"dtype={self.dtype!r} must be one of {list(IMAGE_DTYPES)}", keys=("dtype",)
             )
         if self.top_db is not None and not self.top_db > 0:
             raise ConfigError(f"top_db={self.top_db!r} must be positive or null", keys=("top_db",))
@@ -311,10 +320,10 @@ class STFTParams:
         Raises:
             ConfigError: a field is missing.
         """
+        d = {"dtype": "float32", **d}  # saved before images could be float16
         missing = [k for k in cls.__dataclass_fields__ if k not in d]
         if missing:
             raise ConfigError(f"{missing[0]} is missing (the saved settings hold {sorted(d)})")
-        d = dict(d)
         d["size"] = tuple(d["size"]) if d.get("size") else None
         return cls(**d)
 
@@ -478,10 +487,18 @@ def stft_image(
         if smoother is None:
             smoother = cepstral_smoother(spec.shape[-2], params.lifter, device=spec.device)
         spec = torch.matmul(smoother, spec)  # (F, F) @ (..., F, T): each frame smoothed
+    return _sized(spec, params)
+
+
+def _sized(spec: Tensor, params: STFTParams) -> Tensor:
+    """The image resized to ``params.size`` (area averaging) and rounded to ``params.dtype``
+    (float16: what the cache stores, so training, predict and export see the same values)."""
     if params.size is not None:
         lead = spec.shape[:-3]
         spec = F.adaptive_avg_pool2d(spec.reshape(-1, *spec.shape[-3:]), params.size)
         spec = spec.reshape(*lead, *spec.shape[-3:])
+    if params.dtype == "float16":
+        spec = spec.to(torch.float16).to(torch.float32)
     return spec
 
 
@@ -665,7 +682,10 @@ class Normalizer:
         per_image: bool | str = False,
         per_group: bool | str = False,
     ) -> Normalizer:
-        """Fit on (n, channels, height, width) training images."""
+        """Fit on (n, channels, height, width) training images: an array, or anything that
+        slices by rows into arrays or tensors (an :class:`~pipeline.features.store.ImageFile`,
+        an :class:`~pipeline.features.view.ImageView`), read :data:`FIT_CHUNK_BYTES` at a
+        time and their moments merged exactly (:func:`merge_moments`)."""
         if per_image not in (True, False, "freq"):
             raise ConfigError(
                 f"per_image={per_image!r} must be false, true (each image by its own mean and "
@@ -674,21 +694,24 @@ class Normalizer:
             )
         check_per_group(per_group)
         per_group = per_group or False
-        if per_image:
-            images = _standardise_each(images, per_image)
         if mode == "global":
             axes: tuple[int, ...] = (0, 1, 2, 3)
         elif mode == "per_freq":
             axes = (0, 3)
         else:
             raise ConfigError(f"mode={mode!r} must be 'global' or 'per_freq'", keys=("mode",))
-        mean = images.mean(axis=axes, dtype=np.float64)
-        std = images.std(axis=axes, dtype=np.float64)
+        moments, step = None, chunk_rows(images)
+        for i in range(0, len(images), step):
+            x = np.asarray(images[i : i + step], dtype=np.float32)
+            if per_image:
+                x = _standardise_each(x, per_image)
+            moments = merge_moments(moments, _moments(x, axes))
+        count, mean, m2 = moments
         shape = (1, 1, 1) if mode == "global" else (images.shape[1], images.shape[2], 1)
         return cls(
             mode,
             mean.reshape(shape).astype(np.float32),
-            np.maximum(std, 1e-6).reshape(shape).astype(np.float32),
+            np.maximum(np.sqrt(m2 / count), 1e-6).reshape(shape).astype(np.float32),
             per_image,
             per_group,
         )
@@ -727,6 +750,30 @@ class Normalizer:
         )
 
 
+def chunk_rows(images) -> int:
+    """Images per read of a streaming statistic: :data:`FIT_CHUNK_BYTES` of float32, at least 1."""
+    return max(1, FIT_CHUNK_BYTES // (4 * math.prod(images.shape[1:])))
+
+
+def _moments(x: np.ndarray, axes: tuple[int, ...]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, sum of squared deviations) of ``x`` over ``axes``, in float64."""
+    count = math.prod(x.shape[a] for a in axes)
+    mean = x.mean(axis=axes, dtype=np.float64, keepdims=True)
+    m2 = np.square(x - mean, dtype=np.float64).sum(axis=axes, keepdims=True)
+    return count, mean, m2
+
+
+def merge_moments(a, b):
+    """Two parts' (count, mean, sum of squared deviations) merged into the whole's, exactly
+    (Chan, Golub and LeVeque's pairwise update); ``a`` may be None (nothing yet)."""
+    if a is None:
+        return b
+    (na, ma, m2a), (nb, mb, m2b) = a, b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta**2 * (na * nb / n)
+
+
 def check_per_group(value) -> None:
     """``per_group`` (of :meth:`Normalizer.fit`) is false (or null) or freq."""
     if value not in (False, None, "freq"):
@@ -737,17 +784,19 @@ def check_per_group(value) -> None:
         )
 
 
-def group_profiles(images: np.ndarray, groups: np.ndarray) -> dict:
+def group_profiles(images, groups: np.ndarray) -> dict:
     """Each group's mean frequency profile: {group: (channels, height, 1)} over its images and time.
 
     Args:
-        images: normalised images (n, channels, height, width).
+        images: normalised images (n, channels, height, width): an array, or anything that
+            slices by rows into arrays or tensors (read :data:`FIT_CHUNK_BYTES` at a time).
         groups: the group of each image (n,), any hashable values.
     """
     names, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    rows = images.mean(axis=3, dtype=np.float64)  # (n, channels, height)
-    sums = np.zeros((len(names), *rows.shape[1:]))
-    np.add.at(sums, index, rows)
+    sums, step = np.zeros((len(names), *images.shape[1:3])), chunk_rows(images)
+    for i in range(0, len(images), step):
+        rows = np.asarray(images[i : i + step]).mean(axis=3, dtype=np.float64)
+        np.add.at(sums, index[i : i + step], rows)  # (n, channels, height) per group
     counts = np.bincount(index, minlength=len(names))
     return {
         name: (sums[i] / counts[i])[..., None].astype(np.float32)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from pipeline import atomic
 from pipeline.errors import ConfigError
+from pipeline.features.view import ImageView, as_numpy, chunked
 from pipeline.fit import TrainSettings, fit, predict_logits
 from pipeline.models.minirocket import MiniRocketClassifier
 from pipeline.runtime import autocast, in_format
@@ -209,7 +210,7 @@ class Estimator:
         self.fitted._check_params()
 
     def scores(self, x: Tensor, *, ctx: Context) -> np.ndarray:
-        return self.fitted.decision_function(x.numpy())
+        return chunked(self.fitted.decision_function, x)
 
     def n_params(self) -> int:
         return int(self.fitted.n_params_)
@@ -228,10 +229,10 @@ class Estimator:
         return self  # scikit-learn computes on the CPU
 
     def probabilities(self, images: Tensor, *, device: torch.device, amp: bool) -> np.ndarray:
-        x = images.cpu().numpy()
         if self.temperature == 1.0 or not self.softmax_scores:
-            return self.fitted.predict_proba(x)
-        return softmax(self.fitted.decision_function(x) / self.temperature, axis=1)
+            return chunked(self.fitted.predict_proba, images)
+        scores = chunked(self.fitted.decision_function, images)
+        return softmax(scores / self.temperature, axis=1)
 
 
 @dataclass
@@ -248,8 +249,9 @@ class SVM(Estimator):
             type(self.fitted).__name__,
         )
         t0 = time.perf_counter()
+        x, y, given = self._subsampled(x, y)
         try:
-            self.fitted.fit(x.numpy(), y.numpy())
+            self.fitted.fit(as_numpy(x), y.numpy())
         except ValueError as err:  # a setting the data cannot satisfy (pca beyond a fold's size)
             # A failed grid search quotes every fit's traceback: keep its last error alone.
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -265,7 +267,8 @@ class SVM(Estimator):
             for k, v in self.fitted.best_params_.items()
         }
         log.info("%s: best %s, fitted in %.1f s", ctx.name, best, self.train_seconds)
-        used, given = self.fitted.fit_windows_, self.fitted.train_windows_
+        used = self.fitted.fit_windows_
+        self.fitted.train_windows_ = given
         if used == given:
             return {"best_params": best}
         log.warning(
@@ -277,6 +280,18 @@ class SVM(Estimator):
             ctx.name,
         )
         return {"best_params": best, "fit_windows": used, "train_windows": given}
+
+    def _subsampled(self, x, y: Tensor) -> tuple[Any, Tensor, int]:
+        """``(x, y, len(y))``; for images read from disk (an ImageView) beyond ``max_windows``,
+        only the rows of the stratified subsample the fit would draw anyway, so the others
+        are never read into memory."""
+        from pipeline.models.svm import stratified_subsample
+
+        m, given = self.fitted.max_windows, len(y)
+        if isinstance(x, ImageView) and m is not None and given > m:
+            keep = stratified_subsample(y.numpy(), m, seed=self.fitted.random_state)
+            return x.subset(keep), y[torch.from_numpy(keep)], given
+        return x, y, given
 
     @staticmethod
     def write(model: Any, path: Path) -> None:

@@ -8,6 +8,7 @@ report.md and report.html.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -16,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -44,14 +46,22 @@ from pipeline.features.stft import (
     STFTParams,
     auto_size,
     auto_sizes,
-    centre_groups,
     check_per_group,
+    group_profiles,
 )
+from pipeline.features.store import ImageFile, ImageWriter, storage_dtype
+from pipeline.features.view import ImageView
 from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings
 from pipeline.frontend import WINDOW_NORMS, Frontend, Segmenting, segmenting
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
 from pipeline.models.base import Context, build
-from pipeline.runtime import precision, rank_and_world, resolve_device, setup_distributed
+from pipeline.runtime import (
+    available_memory,
+    precision,
+    rank_and_world,
+    resolve_device,
+    setup_distributed,
+)
 from pipeline.signals import AUDIO_SUFFIXES, read_signal
 from pipeline.tracking import NullTracker, Tracker, open_tracker
 from pipeline.values import is_number, is_whole
@@ -59,6 +69,9 @@ from pipeline.values import is_number, is_whole
 log = logging.getLogger(__name__)
 
 # The figures of a network's adapted test evaluation (evaluate.adapt_bn), as adapted_<key>.
+# features.in_memory=auto holds the normalised images when they take less than this share of
+# the memory available: the rest is for the models, their batches and the evaluation.
+MEMORY_SHARE = 0.25
 ADAPTED = ("accuracy", "balanced_accuracy", "macro_f1", "file_accuracy")
 
 
@@ -168,6 +181,7 @@ def feature_params(
         mel_scale=f.mel_scale,
         norm=f.norm,
         lifter=f.lifter,
+        dtype=str(storage_dtype(f.get("dtype", "auto"), scale=f.scale)),
     )
 
 
@@ -258,6 +272,36 @@ def check_switches(cfg: DictConfig) -> None:
         raise ConfigError(f"features.batch_size={batch!r} must be a positive number of windows")
 
 
+def check_storage(f: DictConfig) -> None:
+    """``features.in_memory`` is a value it takes (``features.dtype`` is checked with the
+    other feature settings).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    held = f.get("in_memory", "auto")
+    if held != "auto" and not isinstance(held, bool):
+        raise ConfigError(
+            f"features.in_memory={held!r} must be auto (hold the normalised images when they "
+            f"take under {MEMORY_SHARE:g} of the memory available), true or false (read each "
+            "batch from the feature cache on disk)"
+        )
+
+
+def feature_summary(data: Prepared, held: bool) -> dict:
+    """The ``dataset.features`` section of metrics.json: how the images were made and kept."""
+    images = data.extracted.images
+    on_disk = isinstance(images, ImageFile)
+    return {
+        "seconds": data.seconds,
+        "cache_hit": data.cache_hit,
+        "files_per_second": None if data.cache_hit else len(data.records) / max(data.seconds, 1e-9),
+        "dtype": str(images.dtype),
+        "cache_bytes": images.nbytes if on_disk else None,
+        "in_memory": held,
+    }
+
+
 def check_data_settings(d: DictConfig) -> None:
     """The ``data`` group's numbers are numbers, before any file is read.
 
@@ -286,6 +330,7 @@ def check_data_settings(d: DictConfig) -> None:
 
 # Settings that change where or how fast the images are made, not what the weights learn.
 UNFINGERPRINTED = (
+    "features.in_memory",
     "features.cache",
     "features.cache_dir",
     "features.cache_max_gb",
@@ -489,7 +534,7 @@ def extract_cached(
     front end (:func:`build_frontend`), with the current split applied."""
     d = cfg.data
 
-    def compute() -> tuple[Extracted, dict]:
+    def compute(folder: Path | None) -> tuple[Extracted, dict]:
         frontend = build_frontend(cfg, records, rate=rate, read=read)
         source = iter_windows(
             records,
@@ -506,25 +551,41 @@ def extract_cached(
             device=device,
             batch_size=cfg.features.batch_size,
             keep_windows=keep_windows,
+            sink=ImageWriter(folder / "images.npy", frontend.params.dtype) if folder else None,
         )
         return ex, {"segment": asdict(frontend.segmenting), "features": frontend.params.to_dict()}
 
     timed = np.asarray(splits) == "time"
     if keep_windows and cfg.features.cache:
         log.info("features.cache: not used, a model takes the raw windows, which it does not hold")
-    lookup = feature_cache.cached(
-        compute,
-        root=Path(cfg.features.cache_dir) if cfg.features.cache and not keep_windows else None,
-        files=[r.path for r in records],
-        settings=cache_settings(cfg, rate, read, timed),
-        max_bytes=cache_limit(cfg.features),
-        verify=bool(cfg.features.get("cache_verify", True)),
-    )
+    root = Path(cfg.features.cache_dir) if cfg.features.cache and not keep_windows else None
+    with rank_zero_first(root is not None):
+        lookup = feature_cache.cached(
+            compute,
+            root=root,
+            files=[r.path for r in records],
+            settings=cache_settings(cfg, rate, read, timed),
+            max_bytes=cache_limit(cfg.features),
+            verify=bool(cfg.features.get("cache_verify", True)),
+        )
     ex = lookup.extracted
     # Only the time split decides which windows a file gives (it is in the key); any other
     # split is a label per file, applied here, so a new split seed reuses the entry.
     ex.split = np.where(timed[ex.record], ex.split, np.asarray(splits)[ex.record])
     return lookup
+
+
+@contextlib.contextmanager
+def rank_zero_first(shared: bool) -> Iterator[None]:
+    """Under torchrun, with a ``shared`` result (the feature cache), rank 0 runs the block
+    while the other ranks wait, then they run it (and find its entry)."""
+    rank, world = rank_and_world()
+    wait = shared and world > 1
+    if wait and rank != 0:
+        torch.distributed.barrier()
+    yield
+    if wait and rank == 0:
+        torch.distributed.barrier()
 
 
 def split_strategy(split: str, records: list[Record]) -> str:
@@ -773,6 +834,7 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
     names = model_names(cfg)
     check_data_settings(cfg.data)
     check_switches(cfg)
+    check_storage(cfg.features)
     params = stft_params(cfg)  # a bad feature setting fails now; auto sizes come with the data
     d = cfg.data
     if d.sample_rate is not None and d.segment.length_seconds is not None:
@@ -845,8 +907,9 @@ class Split:
         masks: {split: (n,) bool}.
         summary: the dataset section of metrics.json.
         frontend: the run's front end, its normaliser fitted on the training images.
-        images: the normalised images of every window.
-        tensors: {split: (images, labels)}.
+        images: the normalised images of every window, a view read a batch at a time.
+        tensors: {split: (images, labels)}: the images held in a tensor, or a view of them
+            on disk (``features.in_memory``, :func:`hold_in_memory`).
         raw: {split: (standardised windows, labels)} where a model takes raw windows.
         test_groups: each test window's group ("" for none).
         decision: whether the networks are also evaluated adapted.
@@ -858,8 +921,8 @@ class Split:
     masks: dict[str, np.ndarray]
     summary: dict
     frontend: Frontend
-    images: np.ndarray
-    tensors: dict[str, tuple[Tensor, Tensor]]
+    images: ImageView
+    tensors: dict[str, tuple[Tensor | ImageView, Tensor]]
     test_groups: np.ndarray
     decision: Decision
     data_settings: dict
@@ -920,9 +983,12 @@ def prepare(cfg: DictConfig, job: Job) -> Split:
         "loaded from the feature cache" if data.cache_hit else "computed",
         data.seconds,
     )
-    tensors = {
-        s: (torch.from_numpy(images[masks[s]]), torch.from_numpy(y[masks[s]])) for s in SPLITS
-    }
+    held = hold_in_memory(cfg, images, on_disk=isinstance(ex.images, ImageFile))
+    tensors = {}
+    for s in SPLITS:
+        x = images.subset(np.flatnonzero(masks[s]))
+        tensors[s] = (x.materialise() if held else x, torch.from_numpy(y[masks[s]]))
+    summary["features"] = feature_summary(data, held)
     raw = None
     if job.raw:
         frontend, raw = raw_inputs(cfg, frontend, ex, masks, tensors)
@@ -1036,9 +1102,10 @@ def split_masks(
 
 def normalise(
     cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]
-) -> tuple[Frontend, np.ndarray]:
-    """The front end with its normaliser fitted on the training images, and every image
-    normalised with it (each group's frequency profile removed for ``features.per_group``).
+) -> tuple[Frontend, ImageView]:
+    """The front end with its normaliser fitted on the training images (read a chunk at a
+    time), and a view of every image normalised with it (each group's frequency profile
+    removed for ``features.per_group``); nothing of the images is held.
 
     Raises:
         ConfigError: ``features.per_group`` and a file without a group.
@@ -1046,13 +1113,13 @@ def normalise(
     records, ex = data.records, data.extracted
     with config_keys("features.", names={"mode": "features.normalize"}):
         frontend = data.frontend.fitted(
-            ex.images[masks["train"]],
+            ImageView(ex.images, np.flatnonzero(masks["train"])),
             mode=cfg.features.normalize,
             per_image=cfg.features.get("per_image", False),
             per_group=cfg.features.get("per_group", False),
         )
     normalizer = frontend.normalizer
-    images = normalizer(ex.images)
+    images = ImageView(ex.images, np.arange(len(ex.images)), normalizer)
     if normalizer.per_group:
         groups = np.array([records[i].group for i in ex.record], dtype=object)
         missing = sorted({str(records[i].path) for i in ex.record[groups == None]})  # noqa: E711
@@ -1062,12 +1129,39 @@ def normalise(
                 f"{missing[0]} has none ({len(missing)} file(s)); set data.group_regex "
                 "(e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav) or a manifest group column"
             )
-        centre_groups(images, groups)
+        profiles = group_profiles(images, groups)
+        names = {name: i for i, name in enumerate(profiles)}
+        group = np.array([names[g] for g in groups.astype(str)], dtype=np.int64)
+        images = replace(images, group=group, profiles=np.stack(list(profiles.values())))
         log.info(
-            "features.per_group: each of %d groups' mean frequency profile removed",
-            len(set(groups.tolist())),
+            "features.per_group: each of %d groups' mean frequency profile removed", len(names)
         )
     return frontend, images
+
+
+def hold_in_memory(cfg: DictConfig, images: ImageView, *, on_disk: bool) -> bool:
+    """``features.in_memory``: whether the normalised images are held (auto: when they take
+    under :data:`MEMORY_SHARE` of the memory available, counting a memory cgroup's limit),
+    or read a batch at a time from the feature cache on disk; logged with the reason.
+    Without the cache (or a raw-window model's run) the images are in memory already."""
+    setting = cfg.features.get("in_memory", "auto")
+    need, free = images.nbytes, available_memory()
+    if not on_disk:
+        held, why = True, "the images are in memory already (features.cache=false)"
+    elif setting == "auto":
+        held = need < MEMORY_SHARE * free
+        why = (
+            f"features.in_memory=auto: {need / 2**20:.0f} MB {'<' if held else '>='} "
+            f"{MEMORY_SHARE:g} x {free / 2**20:.0f} MB available"
+        )
+    else:
+        held, why = bool(setting), f"features.in_memory={str(setting).lower()}"
+    log.info(
+        "normalised images %s (%s)",
+        "held in memory" if held else "read a batch at a time from the feature cache",
+        why,
+    )
+    return held
 
 
 def bundle_data_settings(cfg: DictConfig, data: Prepared, masks: dict[str, np.ndarray]) -> dict:
@@ -1172,7 +1266,7 @@ def explain_model(cfg: DictConfig, job: Job, split: Split, name: str, model, sco
         inputs=x_te,
         y=y_te.numpy(),
         predicted=scores.argmax(1),
-        images=split.data.extracted.images[split.masks["test"]],  # before normalisation
+        images=ImageView(split.data.extracted.images, np.flatnonzero(split.masks["test"])),
         paths=split.test_paths,
         starts=split.test_starts,
         classes=split.data.classes,
