@@ -40,9 +40,13 @@ def trained(tmp_path_factory) -> Path:
         "svm.gamma=[scale]",
         "svm.cv=2",
         "train.amp=false",
+        # trained and tested from the feature cache on disk, a batch at a time: the predict
+        # tests below check its bundle and predictions against predict's own images
+        "features.in_memory=false",
         f"hydra.run.dir={tmp / 'run'}",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "read a batch at a time from the feature cache" in (tmp / "run" / "run.log").read_text()
     return tmp
 
 

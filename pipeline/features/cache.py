@@ -451,6 +451,7 @@ def _fill(compute, *, root: Path, key: str, describe: Mapping, max_bytes: int | 
         ex, info = compute(tmp)
         _write(tmp, key, ex, info=info, describe=describe)
     saved = _read_back(root, key)
+    log.info("feature cache entry %s written (%.1f MB)", key, _size(root / key) / 1e6)
     if max_bytes is not None:
         prune(root, max_bytes=max_bytes, keep=key)
     return Lookup(*saved, key=key, hit=False)
