@@ -246,15 +246,21 @@ class Frontend:
         """
         sig = self.signal(path)
         n_channels, n = sig.samples.shape
+        self.check_channels(path, n_channels, channels)
+        spans = regions(n) if regions is not None else {"all": (0, n)}
+        x, start, split = self.cut(sig.samples, path, regions=spans)
+        return Windows(x, start, split, n, sig.source_rate)
+
+    @staticmethod
+    def check_channels(path: str | Path, n_channels: int, channels: int | None) -> None:
+        """Raise :class:`SignalError` when a file's ``n_channels`` are not ``channels`` (the
+        model's, or the first file's; None for any)."""
         if channels is not None and n_channels != channels:
             raise SignalError(
                 f"{path}: has {n_channels} channel(s) where the windows have {channels}; "
                 "read the same channels from every file (channels=mix, or channel indices "
                 "every file has)"
             )
-        spans = regions(n) if regions is not None else {"all": (0, n)}
-        x, start, split = self.cut(sig.samples, path, regions=spans)
-        return Windows(x, start, split, n, sig.source_rate)
 
     # -- windows -> images ---------------------------------------------------------------
 

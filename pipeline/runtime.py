@@ -114,6 +114,28 @@ def in_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tens
     return x.contiguous()
 
 
+def reading_workers(workers: int | str, *, key: str) -> int:
+    """``key`` (``predict.workers``, ``data.workers``): a count of processes that read files
+    ahead of the model, or ``auto``: the cores beyond two, at most 8.
+
+    The model's own threads use two cores; on a 2-core machine reading in the
+    main process is fastest (measured), on larger ones worker processes read
+    ahead of the model.
+
+    Raises:
+        ConfigError: neither auto nor a whole number 0 or above.
+    """
+    if workers == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(0, min(8, (cores or 1) - 2))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(
+            f"{key}={workers!r} must be auto or a whole number of reading processes "
+            "(0: read in the main process)"
+        )
+    return workers
+
+
 def _memory_cgroup() -> tuple[str, str, str] | None:
     """(limit file, usage file, reclaimable page-cache field) of this process's memory
     cgroup, v1 or v2, or None where there is none to read."""

@@ -297,6 +297,14 @@ def test_broken_short_and_odd_files_are_skipped_with_reasons(tone_dataset):
     assert "has 2 channel(s)" in skipped["stereo.wav"]
     assert "NaN" in skipped["nan.npy"]
     assert sum(len(i.x) for i in items if isinstance(i, FileWindows)) == 18 * 4
+    # read ahead by two worker processes (data.workers): the same files, windows and reasons
+    ahead = list(iter_windows(found.records, splits, front, progress=False, workers=2))
+    assert [type(i) for i in ahead] == [type(i) for i in items]
+    for a, b in zip(items, ahead, strict=True):
+        if isinstance(a, Skipped):
+            assert a == b
+        else:
+            assert a.index == b.index and np.array_equal(a.x, b.x)
 
 
 def test_records_need_a_folder_with_two_classes(tmp_path):

@@ -229,7 +229,8 @@ def test_export_to_onnx_matches_pytorch(trained, tmp_path):
 def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
     from pipeline.features.stft import STFTParams
     from pipeline.frontend import Frontend, Segmenting
-    from pipeline.tasks.predict import WindowReader, read_files, reading_workers
+    from pipeline.runtime import reading_workers
+    from pipeline.tasks.predict import WindowReader, read_files
 
     for i in range(23):
         folder = tmp_path / f"c{i % 3}"
@@ -248,9 +249,10 @@ def test_reading_workers_keep_the_order_and_report_errors(tmp_path):
         else:
             assert np.array_equal(a, b) and b.shape == (4, 1, 100)
             assert b[0, 0, 0] == int(path.stem) + 1
-    assert reading_workers("auto") >= 0 and reading_workers(3) == 3
+    assert reading_workers("auto", key="predict.workers") >= 0
+    assert reading_workers(3, key="predict.workers") == 3
     with pytest.raises(ConfigError, match="predict.workers=-1 must be auto or a whole number"):
-        reading_workers(-1)
+        reading_workers(-1, key="predict.workers")
 
 
 def write_speaker_dataset(root: Path, *, rate: int = 1000) -> Path:

@@ -193,4 +193,6 @@ def test_the_images_are_held_only_when_they_take_under_a_quarter_of_the_memory(
     assert compare.hold_in_memory(cfg, view, on_disk=True)
     cfg.features.in_memory = "maybe"
     with pytest.raises(ConfigError, match="features.in_memory='maybe' must be auto"):
-        compare.check_storage(cfg.features)
+        compare.check_storage(OmegaConf.merge(cfg, {"data": {"workers": 0}}))
+    with pytest.raises(ConfigError, match="data.workers=-1 must be auto or a whole number"):
+        compare.check_storage(OmegaConf.create({"data": {"workers": -1}, "features": {}}))

@@ -43,8 +43,8 @@ from pipeline.features.stft import Normalizer, STFTImage, STFTParams, compute_im
 from pipeline.frontend import Frontend
 from pipeline.models.base import wrap
 from pipeline.models.resnet import build_resnet
-from pipeline.runtime import autocast, precision, resolve_device
-from pipeline.tasks.predict import predict_folder, reading_workers
+from pipeline.runtime import autocast, precision, reading_workers, resolve_device
+from pipeline.tasks.predict import predict_folder
 
 RATE = 8000
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "onnx_classify.py"
@@ -234,7 +234,9 @@ def main(argv: list[str]) -> int:
     args.onnx = not args.no_onnx and onnx_ready()
     if not args.no_onnx and not args.onnx:
         print('onnx: not timed: needs the onnx extra (pip install -e ".[onnx]")')
-    workers = reading_workers(args.workers if args.workers == "auto" else int(args.workers))
+    workers = reading_workers(
+        args.workers if args.workers == "auto" else int(args.workers), key="--workers"
+    )
     times = measure(args, device=device, amp=amp, workers=workers)
     rate = {k: args.files / min(v) for k, v in times.items()}
     print(

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.data.records import Record
 from pipeline.errors import SignalError
-from pipeline.frontend import Frontend, ShortSignal
+from pipeline.frontend import Frontend, ShortSignal, Windows
 from pipeline.signals import AUDIO_SUFFIXES, read_signal
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ def iter_windows(
     val_fraction: float = 0.0,
     test_fraction: float = 0.0,
     progress: bool = True,
+    workers: int = 0,
 ) -> Iterator[FileWindows | Skipped]:
-    """Yield each file's windows (or why it was skipped), one file at a time.
+    """Yield each file's windows (or why it was skipped), one file at a time, in order.
 
     Args:
         records: the files.
@@ -112,28 +114,102 @@ def iter_windows(
         val_fraction: share of each recording for validation under the time split.
         test_fraction: share of each recording for testing under the time split.
         progress: show a progress bar.
+        workers: processes reading files ahead (:func:`read_ahead`); 0 reads here.
     """
+    reader = _FileReader(frontend, val_fraction=val_fraction, test_fraction=test_fraction)
+    items = [(rec.path, split) for rec, split in zip(records, splits, strict=True)]
+    read = read_ahead(items, reader, workers=workers)
+    bar = tqdm(read, total=len(items), desc="read", unit="file", disable=not progress)
     channels = None  # the first usable file's, which every other file must have
-    length = frontend.segmenting.length
-    for i, rec in enumerate(tqdm(records, desc="read", unit="file", disable=not progress)):
+    for i, (rec, w) in enumerate(zip(records, bar, strict=True)):
+        if not isinstance(w, str) and channels is not None:
+            try:
+                frontend.check_channels(rec.path, w.x.shape[1], channels)
+            except SignalError as err:
+                w = str(err)
+        if isinstance(w, str):
+            log.warning("skipped %s", w)
+            yield Skipped(rec.path, w)
+            continue
+        channels = w.x.shape[1]
+        yield FileWindows(i, rec.path, w.x, w.start, w.split, w.n_samples, w.source_rate)
+
+
+@dataclass(frozen=True)
+class _FileReader:
+    """One file's windows through the front end, or why it cannot be used (a string); a
+    plain object, so worker processes can run it."""
+
+    frontend: Frontend
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+
+    def __call__(self, path: Path, split: str) -> Windows | str:
+        length = self.frontend.segmenting.length
         regions = (
             partial(
-                time_regions, length=length, val_fraction=val_fraction, test_fraction=test_fraction
+                time_regions,
+                length=length,
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
             )
-            if splits[i] == "time"
-            else partial(_whole, name=splits[i])
+            if split == "time"
+            else partial(_whole, name=split)
         )
         try:
-            w = frontend.windows(rec.path, channels=channels, regions=regions)
+            return self.frontend.windows(path, regions=regions)
         except SignalError as err:
             reason = str(err)
             if isinstance(err, ShortSignal):
                 reason += "; set data.segment.pad=true to zero-pad it, or shorten the window"
-            log.warning("skipped %s", reason)
-            yield Skipped(rec.path, reason)
-            continue
-        channels = w.x.shape[1]
-        yield FileWindows(i, rec.path, w.x, w.start, w.split, w.n_samples, w.source_rate)
+            return reason
+
+
+class _Ahead(IterableDataset):
+    """Lists of ``read(*item)`` for runs of ``size`` items; worker k reads every n-th run.
+
+    Each worker walks the whole of ``items`` (so it must be iterable again, a list or a
+    listing that lists afresh) and reads only its own runs. A DataLoader takes one list from
+    each worker in turn, so with this sharding the runs arrive in order. Runs rather than
+    single items: each crossing from a worker costs about 0.1 ms.
+    """
+
+    def __init__(self, items: Iterable[tuple], read: Callable, size: int) -> None:
+        self.items, self.read, self.size = items, read, size
+
+    def __iter__(self) -> Iterator[list]:
+        info = get_worker_info()
+        n, k = (info.num_workers, info.id) if info is not None else (1, 0)
+        run: list = []
+        for i, item in enumerate(self.items):
+            if (i // self.size) % n == k:
+                run.append(self.read(*item))
+                if len(run) == self.size:
+                    yield run
+                    run = []
+        if run:
+            yield run
+
+
+def _as_is(item):
+    return item
+
+
+def read_ahead(
+    items: Iterable[tuple], read: Callable, *, workers: int, chunk: int = 8, prefetch: int = 2
+) -> Iterator:
+    """``read(*item)`` for every item, in order; ``workers`` processes read ahead of the
+    caller (each keeps at most ``prefetch`` runs of ``chunk`` ready), or none for 0."""
+    if workers == 0:
+        return (read(*item) for item in items)
+    loader = DataLoader(
+        _Ahead(items, read, chunk),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=prefetch,
+    )
+    return (got for run in loader for got in run)
 
 
 def _whole(n: int, *, name: str) -> dict[str, tuple[int, int]]:

@@ -59,6 +59,7 @@ from pipeline.runtime import (
     available_memory,
     precision,
     rank_and_world,
+    reading_workers,
     resolve_device,
     setup_distributed,
 )
@@ -272,13 +273,15 @@ def check_switches(cfg: DictConfig) -> None:
         raise ConfigError(f"features.batch_size={batch!r} must be a positive number of windows")
 
 
-def check_storage(f: DictConfig) -> None:
-    """``features.in_memory`` is a value it takes (``features.dtype`` is checked with the
-    other feature settings).
+def check_storage(cfg: DictConfig) -> None:
+    """``features.in_memory`` and ``data.workers`` are values they take (``features.dtype``
+    is checked with the other feature settings).
 
     Raises:
         ConfigError: naming the key.
     """
+    reading_workers(cfg.data.get("workers", "auto"), key="data.workers")
+    f = cfg.features
     held = f.get("in_memory", "auto")
     if held != "auto" and not isinstance(held, bool):
         raise ConfigError(
@@ -330,6 +333,7 @@ def check_data_settings(d: DictConfig) -> None:
 
 # Settings that change where or how fast the images are made, not what the weights learn.
 UNFINGERPRINTED = (
+    "data.workers",
     "features.in_memory",
     "features.cache",
     "features.cache_dir",
@@ -543,6 +547,7 @@ def extract_cached(
             val_fraction=d.val_fraction,
             test_fraction=d.test_fraction,
             progress=progress,
+            workers=reading_workers(d.get("workers", "auto"), key="data.workers"),
         )
         ex = extract_images(
             source,
@@ -834,7 +839,7 @@ def validate(cfg: DictConfig, *, run_dir: Path) -> Job:
     names = model_names(cfg)
     check_data_settings(cfg.data)
     check_switches(cfg)
-    check_storage(cfg.features)
+    check_storage(cfg)
     params = stft_params(cfg)  # a bad feature setting fails now; auto sizes come with the data
     d = cfg.data
     if d.sample_rate is not None and d.segment.length_seconds is not None:

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import atomic
@@ -41,12 +40,13 @@ from pipeline.adapt import (
 from pipeline.blocks import Assembler, Part, read_blocks, streamed
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.calibration import bundle_temperature
+from pipeline.data.dataset import read_ahead
 from pipeline.data.records import compile_regex
 from pipeline.errors import ConfigError, DataError, SignalError
 from pipeline.features.stft import STFTImage, finite_images, overflow_reason
 from pipeline.frontend import Frontend, batches
 from pipeline.models.base import wrap
-from pipeline.runtime import precision, resolve_device
+from pipeline.runtime import precision, reading_workers, resolve_device
 from pipeline.signals import SUFFIXES
 from pipeline.timeline import Timeline, timeline_paths, timeline_settings
 from pipeline.values import is_number, is_whole
@@ -180,24 +180,6 @@ def bundle_amp(amp: bool | None, bundle: Bundle) -> bool:
     return bool(bundle.meta.get("amp", True)) if amp is None else amp
 
 
-def reading_workers(workers: int | str) -> int:
-    """``predict.workers``: a count, or ``auto``: the cores beyond two, at most 8.
-
-    The model's own threads use two cores; on a 2-core machine reading in the
-    main process is fastest (measured), on larger ones worker processes read
-    ahead of the model.
-    """
-    if workers == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(0, min(8, (cores or 1) - 2))
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(
-            f"predict.workers={workers!r} must be auto or a whole number of reading processes "
-            "(0: read in the main process)"
-        )
-    return workers
-
-
 @dataclass(frozen=True)
 class WindowReader:
     """Reads one file through a bundle's front end into the model's windows (n, channels,
@@ -225,35 +207,20 @@ class WindowReader:
         else:
             yield self(path)
 
-
-class _Chunks(IterableDataset):
-    """Lists of ``(path, reader(path))`` for runs of ``size`` files; worker k reads every n-th run.
-
-    A DataLoader takes one item from each worker in turn, so with this sharding
-    the runs arrive in the order the files were found. Runs rather than single
-    files: each item crossing from a worker costs about 0.1 ms.
-    """
-
-    def __init__(self, source: Path, reader: WindowReader, size: int) -> None:
-        self.source, self.reader, self.size = source, reader, size
-
-    def __iter__(self) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
-        info = get_worker_info()
-        n, k = (info.num_workers, info.id) if info is not None else (1, 0)
-        chunk: list = []
-        for i, path in enumerate(iter_files(self.source)):
-            if (i // self.size) % n == k:
-                # None: a long file, which the main process reads in blocks (read_files)
-                chunk.append((path, None if self.reader.streams(path) else self.reader(path)))
-                if len(chunk) == self.size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
+    def ahead(self, path: Path) -> tuple[Path, np.ndarray | str | None]:
+        """``(path, windows or reason)`` for a reading process; None for a long file, which
+        the main process reads in blocks (:func:`read_files`)."""
+        return path, None if self.streams(path) else self(path)
 
 
-def _as_is(item):
-    return item
+class _Listing:
+    """The files under ``source``, as 1-tuples, listed afresh by each reading process."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[tuple[Path]]:
+        return ((path,) for path in iter_files(self.source))
 
 
 def read_files(
@@ -267,17 +234,10 @@ def read_files(
     """
     if workers == 0:
         return ((path, item) for path in iter_files(source) for item in reader.items(path))
-    loader = DataLoader(
-        _Chunks(source, reader, size=chunk),
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_as_is,
-        prefetch_factor=4,
-    )
+    ahead = read_ahead(_Listing(source), reader.ahead, workers=workers, chunk=chunk, prefetch=4)
     return (
         (path, part)
-        for chunk in loader
-        for path, item in chunk
+        for path, item in ahead
         for part in (reader.items(path) if item is None else [item])
     )
 
@@ -473,7 +433,7 @@ def check_settings(cfg: DictConfig) -> int:
     p = cfg.predict
     if p.aggregate not in AGGREGATES:
         raise ConfigError(f"predict.aggregate={p.aggregate!r} must be one of {list(AGGREGATES)}")
-    workers = reading_workers(p.workers)
+    workers = reading_workers(p.workers, key="predict.workers")
     for key in ("top_k", "batch_size"):
         if not is_whole(p[key], minimum=1):
             raise ConfigError(f"predict.{key}={p[key]!r} must be a positive integer")
