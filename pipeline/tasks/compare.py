@@ -69,10 +69,11 @@ from pipeline.values import is_number, is_whole
 
 log = logging.getLogger(__name__)
 
-# The figures of a network's adapted test evaluation (evaluate.adapt_bn), as adapted_<key>.
 # features.in_memory=auto holds the normalised images when they take less than this share of
-# the memory available: the rest is for the models, their batches and the evaluation.
+# the memory available (shared by torchrun's processes on one machine): the rest is for the
+# models, their batches and the evaluation.
 MEMORY_SHARE = 0.25
+# The figures of a network's adapted test evaluation (evaluate.adapt_bn), as adapted_<key>.
 ADAPTED = ("accuracy", "balanced_accuracy", "macro_f1", "file_accuracy")
 
 
@@ -1146,18 +1147,21 @@ def normalise(
 
 def hold_in_memory(cfg: DictConfig, images: ImageView, *, on_disk: bool) -> bool:
     """``features.in_memory``: whether the normalised images are held (auto: when they take
-    under :data:`MEMORY_SHARE` of the memory available, counting a memory cgroup's limit),
-    or read a batch at a time from the feature cache on disk; logged with the reason.
-    Without the cache (or a raw-window model's run) the images are in memory already."""
+    under :data:`MEMORY_SHARE` of the memory available, counting a memory cgroup's limit,
+    divided among torchrun's processes on this machine), or read a batch at a time from the
+    feature cache on disk; logged with the reason. Without the cache (or a raw-window
+    model's run) the images are in memory already."""
     setting = cfg.features.get("in_memory", "auto")
     need, free = images.nbytes, available_memory()
+    share = MEMORY_SHARE / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not on_disk:
-        held, why = True, "the images are in memory already (features.cache=false)"
+        held = True
+        why = "no cache entry on disk: features.cache=false, a raw-window model or a full cache"
     elif setting == "auto":
-        held = need < MEMORY_SHARE * free
+        held = need < share * free
         why = (
             f"features.in_memory=auto: {need / 2**20:.0f} MB {'<' if held else '>='} "
-            f"{MEMORY_SHARE:g} x {free / 2**20:.0f} MB available"
+            f"{share:g} x {free / 2**20:.0f} MB available"
         )
     else:
         held, why = bool(setting), f"features.in_memory={str(setting).lower()}"
