@@ -659,12 +659,12 @@ class Normalizer:
             deviation divides. ``False``: neither.
         per_group: ``"freq"`` (``features.per_group``): after standardising, remove from
             every image the mean frequency profile of its group (speaker, microphone,
-            machine), taken over all that group's images and time, by
-            :func:`centre_groups`. A group's own images give its profile, test groups'
-            included (they need no labels), as per-speaker cepstral mean normalisation does
-            in speech recognition: what a speaker's voice and microphone add to every
-            recording goes, what differs between the classes stays, provided each group
-            holds a mix of classes. ``False``: off.
+            machine), taken over all that group's images and time (:func:`group_profiles`,
+            applied by :func:`pipeline.features.view.centred_by_group`). A group's own
+            images give its profile, test groups' included (they need no labels), as
+            per-speaker cepstral mean normalisation does in speech recognition: what a
+            speaker's voice and microphone add to every recording goes, what differs
+            between the classes stays, provided each group holds a mix of classes. ``False``: off.
     """
 
     mode: str
@@ -802,18 +802,6 @@ def group_profiles(images, groups: np.ndarray) -> dict:
         name: (sums[i] / counts[i])[..., None].astype(np.float32)
         for i, name in enumerate(names.tolist())
     }
-
-
-def centre_groups(images: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Subtract from each image (n, channels, height, width) its group's profile, in place.
-
-    Returns:
-        ``images``, every group's mean over its images and time now 0 in every row.
-    """
-    keys = np.asarray(groups, dtype=object).astype(str)
-    for name, profile in group_profiles(images, keys).items():
-        images[keys == name] -= profile
-    return images
 
 
 def _standardise_each(images, how: bool | str = True):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.features.stft import Normalizer
+from pipeline.features.stft import Normalizer, group_profiles
 from pipeline.features.store import ImageFile
 
 CHUNK = 2048  # images per read when a whole view is walked through
@@ -110,6 +110,17 @@ class ImageView:
 
     def numpy(self) -> np.ndarray:
         return self.materialise().numpy()
+
+
+def centred_by_group(view: ImageView, groups: np.ndarray) -> ImageView:
+    """``view`` with each image's group profile subtracted as it is read (``features.per_group``):
+    the profiles (:func:`~pipeline.features.stft.group_profiles`) come from a chunked pass
+    over ``view``; ``groups`` holds the group of each of its source rows."""
+    keys = np.asarray(groups, dtype=object).astype(str)
+    profiles = group_profiles(view, keys[view.rows])
+    names = {name: i for i, name in enumerate(profiles)}
+    group = np.array([names.get(g, -1) for g in keys], dtype=np.int64)
+    return replace(view, group=group, profiles=np.stack(list(profiles.values())))
 
 
 def take(x: Tensor | ImageView, index: np.ndarray) -> Tensor | ImageView:

@@ -47,10 +47,9 @@ from pipeline.features.stft import (
     auto_size,
     auto_sizes,
     check_per_group,
-    group_profiles,
 )
 from pipeline.features.store import ImageFile, ImageWriter, storage_dtype
-from pipeline.features.view import ImageView
+from pipeline.features.view import ImageView, centred_by_group
 from pipeline.fit import MIN_VAL_PER_CLASS, TrainSettings
 from pipeline.frontend import WINDOW_NORMS, Frontend, Segmenting, segmenting
 from pipeline.metrics import classification_metrics, file_level_predictions, pairwise_mcnemar
@@ -1135,12 +1134,10 @@ def normalise(
                 f"{missing[0]} has none ({len(missing)} file(s)); set data.group_regex "
                 "(e.g. '^\\d+_([a-z]+)_' for 7_jackson_32.wav) or a manifest group column"
             )
-        profiles = group_profiles(images, groups)
-        names = {name: i for i, name in enumerate(profiles)}
-        group = np.array([names[g] for g in groups.astype(str)], dtype=np.int64)
-        images = replace(images, group=group, profiles=np.stack(list(profiles.values())))
+        images = centred_by_group(images, groups)
         log.info(
-            "features.per_group: each of %d groups' mean frequency profile removed", len(names)
+            "features.per_group: each of %d groups' mean frequency profile removed",
+            len(images.profiles),
         )
     return frontend, images
 
