@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.features.stft import AUTO, IMAGE_DTYPES
 
 HEADER_BYTES = 256  # reserved for the .npy header: magic, version, length, dict, padding
-DTYPES = ("auto", "float16", "float32")
+DTYPES = (AUTO, *IMAGE_DTYPES)  # features.dtype: auto resolves to one of the image dtypes
 LOG_SCALES = ("db", "log1p")  # bounded, log-compressed values: float16 holds them
 
 
@@ -48,7 +49,7 @@ def storage_dtype(setting: str, *, scale: str) -> np.dtype:
             "else float32), float16 or float32",
             keys=("dtype",),
         )
-    if setting == "auto":
+    if setting == AUTO:
         setting = "float16" if scale in LOG_SCALES else "float32"
     return np.dtype(setting)
 
