@@ -164,27 +164,17 @@ def first_per_class(y: np.ndarray, n_classes: int, k: int) -> np.ndarray:
     return np.concatenate([np.flatnonzero(y == c)[:k] for c in range(n_classes)]).astype(int)
 
 
-def class_means(values: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+def class_means(values, y: np.ndarray, n_classes: int, chunk: int = 2048) -> np.ndarray:
     """The mean of ``values`` (n, ...) over each class's items: (n_classes, ...), NaN for a
-    class without any."""
-    out = np.full((n_classes, *values.shape[1:]), np.nan, dtype=np.float64)
-    for c in range(n_classes):
-        if (y == c).any():
-            out[c] = values[y == c].mean(axis=0)
-    return out
-
-
-def mean_images(images, y: np.ndarray, n_classes: int, chunk: int = 2048) -> np.ndarray:
-    """Each class's mean first-channel image (n_classes, H, W), NaN for a class without any,
-    over ``images`` (n, C, H, W): an array or an :class:`~pipeline.features.view.ImageView`,
-    read ``chunk`` images at a time."""
-    sums = np.zeros((n_classes, *images.shape[2:]))
-    for i in range(0, len(images), chunk):
-        part = np.asarray(images[i : i + chunk])[:, 0]
-        np.add.at(sums, y[i : i + chunk], part)
+    class without any. ``values`` is an array or an :class:`~pipeline.features.view.ImageView`,
+    read ``chunk`` items at a time."""
+    sums = np.zeros((n_classes, *values.shape[1:]))
+    for i in range(0, len(values), chunk):
+        np.add.at(sums, y[i : i + chunk], np.asarray(values[i : i + chunk]))
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    counts = counts.reshape(-1, *([1] * (sums.ndim - 1)))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts[:, None, None] > 0, sums / counts[:, None, None], np.nan)
+        return np.where(counts > 0, sums / counts, np.nan)
 
 
 def peak_band(profile: np.ndarray) -> tuple[int, int]:
@@ -558,7 +548,7 @@ def _maps_and_figures(module, test: TestSet, name, settings, device, fig_dir, se
     )
     bands = [summary["classes"].get(c, {}).get("peak_hz") for c in test.classes]
     fig = figures.plot_attention(
-        mean_images(test.images, test.y, len(test.classes)),
+        class_means(test.images, test.y, len(test.classes))[:, 0],
         maps,
         classes=test.classes,
         captions=[band_text(*b) if b else "no test image" for b in bands],
