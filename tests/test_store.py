@@ -143,7 +143,9 @@ PEAK_SCRIPT = textwrap.dedent(
     x = view if mode == "streamed" else view.materialise()
     y = torch.from_numpy(rng.integers(0, 2, n))
     model = build_resnet(num_classes=2, depth=8, width=0.25)
-    s = TrainSettings(epochs=1, batch_size=256, min_steps=0, precise_bn=False, amp=False)
+    # a few steps of shuffled batches (training's reads), then every row (evaluation's)
+    s = TrainSettings(epochs=1, batch_size=256, min_steps=0, max_steps=6, precise_bn=False,
+                      amp=False)
     fit(model, x, y, x[:0], y[:0], settings=s, device=torch.device("cpu"), seed=0,
         progress=False)
     logits = predict_logits(model, x, device=torch.device("cpu"), amp=False)

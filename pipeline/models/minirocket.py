@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import skops.io as sio
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import RidgeClassifierCV
@@ -136,6 +135,8 @@ def save_minirocket(model: MiniRocketClassifier, path: str | os.PathLike) -> Non
     if not isinstance(model, MiniRocketClassifier):
         raise TypeError(f"model={type(model).__name__} must be a MiniRocketClassifier")
     check_is_fitted(model)
+    import skops.io as sio  # 2 s to import (it scans scikit-learn): only when saving
+
     sio.dump(model, path)
 
 
@@ -146,6 +147,8 @@ def load_minirocket(path: str | os.PathLike) -> MiniRocketClassifier:
         ValueError: the file holds another type; or aeon is not installed.
     """
     require_aeon()
+    import skops.io as sio
+
     untrusted = sio.get_untrusted_types(file=path)
     unexpected = sorted(set(untrusted) - TRUSTED_TYPES)
     if unexpected:

@@ -17,7 +17,6 @@ import os
 from numbers import Integral, Real
 
 import numpy as np
-import skops.io as sio
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -412,6 +411,8 @@ def save_svm(model: SVMClassifier, path: str | os.PathLike) -> None:
     if not isinstance(model, SVMClassifier):
         raise TypeError(f"model={type(model).__name__} must be an SVMClassifier")
     check_is_fitted(model)
+    import skops.io as sio  # 2 s to import (it scans scikit-learn): only when saving
+
     sio.dump(model, path)
 
 
@@ -429,6 +430,8 @@ def load_svm(path: str | os.PathLike) -> SVMClassifier:
             was not written by :func:`save_svm` of this version), or is not an
             :class:`SVMClassifier`.
     """
+    import skops.io as sio
+
     untrusted = sio.get_untrusted_types(file=path)
     unexpected = sorted(set(untrusted) - TRUSTED_TYPES)
     if unexpected:

@@ -6,7 +6,7 @@
 A run folder (it holds ``metrics.json``) gets its figures from ``metrics.json``
 (the example images are kept as saved), ``report.md`` and ``report.html``; a
 sweep folder (run folders below it hold ``metrics.json``) gets ``summary.json``,
-``summary.md`` and ``summary.html``. Nothing is trained. :class:`SweepSummary`
+``summary.md`` and ``summary.html``. Nothing is trained. :class:`pipeline.callbacks.SweepSummary`
 writes the sweep summary by itself at the end of every ``-m`` run.
 """
 
@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import report, summary
 from pipeline.errors import ConfigError
@@ -86,21 +84,3 @@ def rerender_run(run_dir: Path) -> dict:
     report.write_figures(run_dir, metrics)
     report.write_report(run_dir, metrics)
     return metrics
-
-
-class SweepSummary(Callback):
-    """Hydra callback: after a multirun, write the sweep summary into the sweep folder.
-
-    Registered in ``conf/config.yaml`` under ``hydra.callbacks``. Sweeps of tasks that
-    write no ``metrics.json`` (predict, export) are left alone. After an Optuna search
-    (``-m hparams_search=...``) it runs once the sweeper has written
-    ``optimization_results.yaml``, which the summary compares with its own best trial.
-    """
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
-        if not sweep_dir.is_dir():
-            return
-        path = summary.write_summary(sweep_dir)
-        if path is not None:
-            print(f"sweep summary: {path} and {path.with_suffix('.html')}")
