@@ -15,6 +15,13 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One thread per process where pytest-xdist runs as many workers as there are cores: each
+# worker's CLI child would otherwise start a thread per core, and torch's threads slow down
+# many times over when another process holds a core. Children inherit the setting; a test
+# that needs more threads sets its own.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m pipeline.run <overrides> progress=false`` in the repository, captured."""
