@@ -116,8 +116,9 @@ def grad_cam(
 ) -> np.ndarray:
     """Grad-CAM maps of ``images`` for the classes ``targets``, upsampled to the image.
 
-    A forward hook keeps ``layer``'s activations A (C, h, w) and a hook on them their
-    gradient from the target class's logit; each channel is weighted by its gradient's mean
+    A forward hook makes ``layer``'s activations A (C, h, w) where the graph starts (the
+    layers before it keep nothing for a backward pass, so the memory is the head's), and A's
+    gradient is taken from the target class's logit; each channel is weighted by its gradient's mean
     over (h, w), and the map is ReLU(sum_k alpha_k A_k) (Selvaraju et al., eqs. 1 and 2),
     upsampled bilinearly to (height, width) and divided by its maximum, so every image
     counts alike in a class mean (an all-zero map stays zero). Computed in float32, in
@@ -133,28 +134,34 @@ def grad_cam(
     """
     kept: dict[str, Tensor] = {}
 
-    def keep(_module, _inputs, output: Tensor) -> None:
-        kept["a"] = output
-        output.register_hook(lambda grad: kept.__setitem__("g", grad))
+    def keep(_module, _inputs, output: Tensor) -> Tensor:
+        # The graph starts at A: with no weight or input needing a gradient, the layers
+        # before it keep no activations (at 128x64 images a batch's whole graph took 2 GB).
+        kept["a"] = output.detach().float().requires_grad_(True)
+        return kept["a"]
 
     handle = layer.register_forward_hook(keep)
     was_training = module.training
+    needs_grad = [p.requires_grad for p in module.parameters()]
     module.eval()
+    module.requires_grad_(False)
     maps = []
     try:
         for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device, torch.float32).requires_grad_(True)
+            x = images[i : i + batch_size].to(device, torch.float32)
             t = torch.as_tensor(targets[i : i + batch_size], device=device, dtype=torch.long)
             with torch.enable_grad():
                 score = module(x).float().gather(1, t[:, None]).sum()
-                torch.autograd.backward(score, inputs=[kept["a"]])
-            a, g = kept.pop("a").detach(), kept.pop("g")  # (b, C, h, w) both
-            cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True))
-            cam = F.interpolate(cam.float(), size=x.shape[-2:], mode="bilinear")[:, 0]
+                a = kept.pop("a")
+                (g,) = torch.autograd.grad(score, a)  # (b, C, h, w), as a
+            cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * a.detach()).sum(1, keepdim=True))
+            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear")[:, 0]
             peak = cam.amax(dim=(1, 2), keepdim=True)  # (b, 1, 1)
             maps.append((cam / torch.where(peak > 0, peak, 1.0)).cpu())
     finally:
         handle.remove()
+        for param, flag in zip(module.parameters(), needs_grad, strict=True):
+            param.requires_grad_(flag)
         module.train(was_training)
     return torch.cat(maps).numpy()
 
