@@ -97,6 +97,31 @@ def test_grad_cam_leaves_the_weights_gradients_and_mode_alone(trained):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
 
 
+def test_grad_cam_keeps_only_the_explained_layers_head_for_its_backward_pass(trained):
+    net, x, y = trained
+    layer = explain.cam_layer(net)
+    sizes = {}
+
+    def measure(_module, _inputs, out):
+        sizes.setdefault("a", out.nbytes)
+
+    hook = layer.register_forward_hook(measure)
+    saved = []
+
+    def pack(t):
+        saved.append(t.nbytes)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        maps = explain.grad_cam(net, layer, x[:8], y[:8], device=CPU, batch_size=8)
+    hook.remove()
+    assert maps.shape == (8, HEIGHT, WIDTH)
+    # The pool and the classifier save about A itself; the layers before it saved nothing
+    # (their whole graph was many times A: at 128x64 images, 2 GB for a batch of 64).
+    assert sum(saved) <= 2 * sizes["a"], (sum(saved), sizes["a"])
+    assert all(p.requires_grad for p in net.parameters())
+
+
 def test_network_maps_give_each_class_its_peak_band_in_hz(trained):
     net, x, y = trained
     edges = np.linspace(0.0, 100.0 * HEIGHT, HEIGHT + 1)  # 100 Hz a row
