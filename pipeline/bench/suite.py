@@ -74,6 +74,10 @@ def datasets(args, runs: Path) -> list[Dataset]:
     gunpoint = Path(args.gunpoint).resolve()
     fsdd_data = ["data=folder", f"data.root={fsdd}", "data.label_regex='^(\\d+)_'"]
     speakers = [*fsdd_data, "data.group_regex='^\\d+_([a-z]+)_'", "data.split=group"]
+
+    def fsdd_row(name: str, what: str, overrides: list[str], **kw) -> Dataset:
+        return Dataset(name, what, overrides, slow=True, needs=fsdd, skip=RAW, **kw)
+
     return [
         Dataset(
             "default",
@@ -105,38 +109,24 @@ def datasets(args, runs: Path) -> list[Dataset]:
             needs=fsdd,
             skip=RAW,
         ),
-        Dataset(
+        fsdd_row(
             "fsdd-official",
             "FSDD official split (whole clips, 8 kHz)",
             [*fsdd_data, *FSDD_OFFICIAL],
-            slow=True,
-            needs=fsdd,
-            skip=RAW,
             published="preset: 0.993 (BENCHMARKS.md below)",
         ),
-        Dataset(
-            "fsdd-theo",
-            "FSDD, speaker theo held out",
-            [*speakers, "data.test_groups=[theo]"],
-            slow=True,
-            needs=fsdd,
-            skip=RAW,
+        *(
+            fsdd_row(
+                f"fsdd-{who}",
+                f"FSDD, speaker {who} held out",
+                [*speakers, f"data.test_groups=[{who}]"],
+            )
+            for who in ("theo", "nicolas")
         ),
-        Dataset(
-            "fsdd-nicolas",
-            "FSDD, speaker nicolas held out",
-            [*speakers, "data.test_groups=[nicolas]"],
-            slow=True,
-            needs=fsdd,
-            skip=RAW,
-        ),
-        Dataset(
+        fsdd_row(
             "fsdd-preset",
             "FSDD official split with the tuned preset (+experiment=fsdd)",
             ["+experiment=fsdd", f"data.root={fsdd}"],
-            slow=True,
-            needs=fsdd,
-            skip=RAW,
         ),
     ]
 
@@ -298,6 +288,18 @@ def _same_config(run_dir: Path, overrides: list[str]) -> bool:
     return used == precision(resolve_device(now.device), now.train.amp)
 
 
+def run_row(d: Dataset, args, runs: Path) -> tuple[list[dict], str]:
+    """Row ``d``'s runs, one per seed (their metrics), and the command they ran."""
+    seeds = [int(s) for s in (args.slow_seeds if d.slow else args.seeds).split(",")]
+    trained = ",".join(m for m in args.models.split(",") if m not in d.skip)
+    per_seed = []
+    for seed in seeds:
+        over = [*d.overrides, f"models=[{trained}]", *args.overrides, f"seed={seed}"]
+        per_seed.append(run_cli(over, runs / f"{d.name}-s{seed}", log=lambda c: None))
+    models = f"'models=[{trained}]'"
+    return per_seed, " ".join(["python -m pipeline.run", *d.overrides, models, *args.overrides])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.bench suite",
@@ -335,14 +337,8 @@ def main(argv: list[str]) -> int:
         if d.needs is not None and not d.needs.exists():
             print(f"{name}: skipped, {d.needs} does not exist")
             continue
-        seeds = [int(s) for s in (args.slow_seeds if d.slow else args.seeds).split(",")]
-        trained = ",".join(m for m in args.models.split(",") if m not in d.skip)
-        per_seed = []
-        for seed in seeds:
-            over = [*d.overrides, f"models=[{trained}]", *args.overrides, f"seed={seed}"]
-            per_seed.append(run_cli(over, runs / f"{name}-s{seed}", log=lambda c: None))
-        models = f"'models=[{trained}]'"
-        commands.append(" ".join(["python -m pipeline.run", *d.overrides, models, *args.overrides]))
+        per_seed, command = run_row(d, args, runs)
+        commands.append(command)
         rows[name] = summarise(per_seed)
         machine = machine or _device_line(per_seed[0])
         print(
