@@ -100,9 +100,7 @@ def precise_batchnorm(
     for layer in layers:
         if layer.running_mean is None:  # track_running_stats=False: batch statistics always
             continue
-        mean, var = _input_moments(
-            model, layer, batches, on_device=on_device, autocast=autocast, device=device
-        )
+        mean, var = _input_moments(model, layer, batches, on_device=on_device, autocast=autocast)
         layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
         layer.running_var.copy_(var.to(layer.running_var.dtype))
     seconds = time.perf_counter() - t0
@@ -125,7 +123,6 @@ def _input_moments(
     *,
     on_device,
     autocast,
-    device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """Per-channel mean and unbiased variance (float64, (C,)) of ``layer``'s input.
 
